@@ -1,0 +1,260 @@
+"""The ClientApp: a participant's private data, local training and evaluation.
+
+Flower calls these handlers with a :class:`flwr.app.Message` from the server:
+
+- ``query``: reply with freshly initialised model weights (the server holds
+  no model, so round 1 starts from a client-built initialisation).
+- ``train``: load the global weights, train ``local-epochs`` on local data,
+  reply with the new weights and ``num-examples``.
+- ``evaluate``: load the global weights, re-estimate BatchNorm statistics on
+  local training images, evaluate on local held-out data, reply with loss,
+  accuracy and the re-estimated statistics.
+
+Only weights and metrics leave the client; the data never does.
+
+Which data a client holds comes from its node config (``flower-supernode
+--node-config``, set by ``pollen client``; or Flower's simulation engine):
+``data-dir`` (else the run config's ``data-dir``; else CIFAR-10) and, if
+``num-partitions`` is present, ``partition-id`` of ``num-partitions``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pollen.config import RunConfig
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """Which slice of which dataset this client trains on."""
+
+    data_dir: str
+    partition_id: int | None
+    num_partitions: int | None
+    method: str
+    alpha: float
+    seed: int
+
+
+def client_data_spec(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
+    """Resolve the client's data from its node config and the run config."""
+    num_partitions = node_config.get("num-partitions")
+    partition_id = node_config.get("partition-id")
+    return ClientData(
+        data_dir=str(node_config.get("data-dir") or cfg.data_dir or ""),
+        partition_id=None if num_partitions is None else int(partition_id or 0),
+        num_partitions=None if num_partitions is None else int(num_partitions),
+        method=cfg.partition,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def load_client_data(spec: ClientData):
+    """Load (once per process) the client's own train/test arrays."""
+    from pollen.data import load_dataset
+    from pollen.partition import partition_dataset
+
+    ds = load_dataset(spec.data_dir or None)
+    if spec.num_partitions is not None:
+        ds = partition_dataset(
+            ds,
+            spec.num_partitions,
+            spec.partition_id or 0,
+            method=spec.method,
+            alpha=spec.alpha,
+            seed=spec.seed,
+        )
+    return ds
+
+
+@functools.lru_cache(maxsize=2)
+def get_model(name: str, num_classes: int, seed: int, threads: int, sharing: int):
+    """Build (once per process) the compiled registry model.
+
+    The model object is reused across rounds: each round overwrites its
+    weights with the global ones and gives it a fresh optimizer.
+    """
+    from pollen.models import build_model, compile_model
+    from pollen.training import configure_threads
+
+    configure_threads(threads, sharing)
+    return compile_model(build_model(name, num_classes, seed), 1e-3)
+
+
+def _setup(msg: Message, context: Context):
+    cfg = RunConfig.from_mapping(context.run_config)
+    node_config = dict(context.node_config)
+    sharing = int(node_config.get("num-partitions", 1)) if "partition-id" in node_config else 1
+    model = get_model(cfg.model, cfg.num_classes, cfg.seed, cfg.client_threads, sharing)
+    data = load_client_data(client_data_spec(cfg, node_config))
+    if data.y_train.size and int(data.y_train.max()) >= cfg.num_classes:
+        from pollen.errors import PollenError
+
+        raise PollenError(
+            f"This client's data has {len(data.class_names)} classes but the federation's "
+            f"model predicts {cfg.num_classes}: use data with the federation's classes."
+        )
+    if "arrays" in msg.content:
+        weights = msg.content["arrays"].to_numpy_ndarrays()
+        check_architecture(model, weights)
+        model.set_weights(weights)
+    return cfg, model, data
+
+
+def client_name(node_config: dict[str, Any]) -> str:
+    """A readable name for this client in the server's history."""
+    import socket
+
+    if node_config.get("name"):
+        return str(node_config["name"])
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        return f"partition-{node_config['partition-id']}"
+    return socket.gethostname()
+
+
+def check_architecture(model, weights: list) -> None:
+    """Raise a PollenError if ``weights`` do not fit ``model``."""
+    from pollen.errors import PollenError
+
+    own = [tuple(w.shape) for w in model.get_weights()]
+    got = [tuple(w.shape) for w in weights]
+    if own == got:
+        return
+    if len(own) != len(got):
+        detail = f"{len(got)} arrays received, {len(own)} expected"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(own, got, strict=True)) if a != b)
+        detail = f"array {i} has shape {got[i]}, expected {own[i]}"
+    raise PollenError(
+        f"The federation's model does not match this client's model ({model.name}): {detail}. "
+        "Every client must build the same architecture: check the run config's model and "
+        "num-classes."
+    )
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the server's questions that are not training or evaluation.
+
+    ``request="initial-arrays"``: reply with freshly initialised weights and
+    the class names of the local data. ``request="run-over"``: the run is
+    finished; touch the node's done file so ``pollen client`` can exit.
+    """
+    from pathlib import Path
+
+    request = msg.content["config"].get("request", "")
+    if request == "run-over":
+        done = context.node_config.get("pollen-done-file")
+        if done:
+            Path(str(done)).touch()
+        return Message(RecordDict({"config": ConfigRecord({"ok": True})}), reply_to=msg)
+    cfg, model, data = _setup(msg, context)
+    info = ConfigRecord(
+        {"name": client_name(dict(context.node_config)), "classes": list(data.class_names)}
+    )
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.get_weights()), "client": info}), reply_to=msg
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on local data; reply with the update."""
+    import math
+
+    from pollen.models import MODELS
+    from pollen.training import RunSchedule, fit, reset_optimizer
+
+    cfg, model, data = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 1))
+    lr = float(msg.content["config"].get("learning-rate", cfg.learning_rate))
+    reset_optimizer(model, lr)
+    steps_per_round = cfg.local_epochs * math.ceil(len(data.y_train) / cfg.batch_size)
+    schedule = RunSchedule(
+        lr, (server_round - 1) * steps_per_round, cfg.num_rounds * steps_per_round, cfg.lr_schedule
+    )
+
+    result = fit(
+        model,
+        data.x_train,
+        data.y_train,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed * 1000 + server_round,
+        augment=MODELS[cfg.model].augment,
+        verbose=cfg.keras_verbose,
+        schedule=schedule,
+    )
+    metrics = MetricRecord(
+        {
+            "train_loss": result.loss,
+            "train_accuracy": result.accuracy,
+            "fit_seconds": result.seconds,
+            "num-examples": result.num_examples,
+        }
+    )
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(model.get_weights()),
+                "metrics": metrics,
+                "client": ConfigRecord({"name": client_name(dict(context.node_config))}),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on local held-out data.
+
+    Before evaluating, BatchNorm statistics are re-estimated on local training
+    images (see :func:`pollen.training.calibrate_batchnorm`) and sent back
+    so the server can combine them into the global model.
+    """
+    import time
+
+    from pollen.training import calibrate_batchnorm
+    from pollen.training import evaluate as evaluate_model
+
+    cfg, model, data = _setup(msg, context)
+    start = time.perf_counter()
+    indices, stats, n_cal = calibrate_batchnorm(
+        model, data.x_train, max_examples=cfg.bn_calibration_examples, seed=cfg.seed
+    )
+    loss, accuracy = evaluate_model(model, data.x_test, data.y_test)
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {
+                    "eval_loss": loss,
+                    "eval_accuracy": accuracy,
+                    "eval_seconds": time.perf_counter() - start,
+                    "calibration-examples": n_cal,
+                    "num-examples": len(data.y_test),
+                }
+            ),
+            "client": ConfigRecord({"name": client_name(dict(context.node_config))}),
+        }
+    )
+    if stats:
+        content["bn-stats"] = _indexed_record(indices, stats)
+    return Message(content, reply_to=msg)
+
+
+def _indexed_record(indices: list[int], arrays: list) -> ArrayRecord:
+    """ArrayRecord keyed like the global model's record (``"0"``, ``"1"``, ...)."""
+    from flwr.app import Array
+
+    return ArrayRecord(array_dict={str(i): Array(a) for i, a in zip(indices, arrays, strict=True)})

@@ -1,0 +1,626 @@
+"""A gate in front of the SuperLink that lets only federation clients through.
+
+Why this exists:
+    Flower 1.42's SuperLink (``flower-superlink``) is a single FastAPI/uvicorn
+    HTTP server. On the one ``--host``/``--port`` it is given it serves the
+    Fleet API (``/v1/fleet/*``, what SuperNodes call to register, pull work and
+    push results), the Control API (``/v1/control/*``: ``start-run``,
+    ``list-runs``, ``stop-run``, ...), the Runtime API (``/v1/runtime/*``, used by
+    ServerApp processes) and ``/health`` and ``/docs``. The clients must reach
+    that port, so anyone who can reach it can also call
+    ``/v1/control/start-run``: submit a Flower App and run code on the server.
+
+    Pollen closes that hole: the SuperLink listens on 127.0.0.1 on a private
+    port, and this small reverse proxy listens on the public address (by default
+    0.0.0.0:8080). It passes through exactly the Fleet API endpoints (``POST``,
+    exact paths from :data:`FLEET_ENDPOINTS`) and answers everything else with
+    HTTP 403 and a WARNING log line naming the caller.
+
+Why it is hand-written:
+    Flower 1.42 has no option to serve the Fleet API alone on its own listener:
+    the routers are fixed in ``flwr.superlink.main.create_app`` and the
+    deprecated ``--fleet-api-address``/``--control-api-address`` options no
+    longer move the HTTP APIs. A general-purpose proxy (nginx, Caddy) would do,
+    but would be one more thing to install and configure. This module needs only
+    starlette, httpx and uvicorn, which Flower already depends on.
+
+What is forwarded:
+    Every Fleet endpoint is a unary protobuf-over-HTTP call
+    (``content-type: application/protobuf``); none streams. Request bodies are
+    buffered (up to ``max_body_bytes``), responses are streamed back as raw
+    bytes (any content encoding passes through untouched). All headers pass
+    except hop-by-hop ones, so the SuperNode authentication headers
+    (``flwr-public-key``, ``flwr-timestamp``, ``flwr-signature``) and the
+    version headers reach the SuperLink unchanged. Forwarding headers sent by the
+    client (``x-forwarded-for`` and friends) are replaced with the real peer
+    address, because the SuperLink's uvicorn trusts them from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import posixpath
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pollen.errors import PollenError
+
+__all__ = [
+    "FLEET_ENDPOINTS",
+    "FLEET_PATHS",
+    "FleetProxy",
+    "create_app",
+    "is_allowed",
+]
+
+#: The Fleet API endpoints, as in ``flwr/superlink/routers/fleet/router.py`` (Flower 1.42).
+#: Every one is ``POST /v1/fleet/<name>``. Nothing else passes the proxy.
+FLEET_ENDPOINTS: tuple[str, ...] = (
+    "register-node",
+    "activate-node",
+    "deactivate-node",
+    "unregister-node",
+    "send-node-heartbeat",
+    "pull-messages",
+    "push-messages",
+    "get-run",
+    "get-fab",
+    "push-object",
+    "pull-object",
+    "confirm-message-received",
+)
+
+FLEET_PATHS: frozenset[str] = frozenset(f"/v1/fleet/{name}" for name in FLEET_ENDPOINTS)
+
+REFUSAL_TEXT = "pollen: this port serves federation clients only\n"
+UNREACHABLE_TEXT = "pollen: the federation server behind this port is not reachable\n"
+TIMEOUT_TEXT = "pollen: the federation server behind this port did not answer in time\n"
+TOO_LARGE_TEXT = "pollen: request body too large\n"
+BAD_REQUEST_TEXT = "pollen: malformed request\n"
+
+DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
+
+# RFC 9110 section 7.6.1 hop-by-hop headers, plus the ones the proxy recomputes.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers that are not passed upstream: hop-by-hop, recomputed by httpx
+# (host, content-length), handled by the proxy itself (expect), or spoofable
+# forwarding information (replaced with the real peer address).
+_REQUEST_DROP = _HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"x-forwarded-port",
+    b"x-real-ip",
+}
+
+_UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=300.0, pool=30.0)
+_UPSTREAM_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+_LOG_PATH_MAX = 200
+_REFUSED_KEYS_MAX = 1024
+
+_default_log = logging.getLogger(__name__)
+
+
+def is_allowed(method: str, path: str) -> bool:
+    """Return whether a request with this method and path may pass to the SuperLink.
+
+    Only ``POST`` to one of the exact Fleet API paths passes. The path must be
+    the same raw, percent-decoded and dot-segment-normalized, so encoded or
+    dotted variants (``/v1/fleet/../control/start-run``, ``%2e%2e``, ``//``),
+    trailing slashes and query strings are all refused.
+
+    Args:
+        method: The HTTP method, as sent (methods are case-sensitive).
+        path: The request path, raw or decoded.
+
+    Returns:
+        True if the request is a Fleet API call.
+    """
+    if method != "POST" or path not in FLEET_PATHS:
+        return False
+    # The exact match above already rejects every variant; these checks keep
+    # the rule true even if the allow-list ever gained an odd entry.
+    decoded = unquote(path)
+    return decoded == path and posixpath.normpath(decoded) == path
+
+
+def _printable(text: str) -> str:
+    """Shorten and escape a client-supplied string for a log line."""
+    if len(text) > _LOG_PATH_MAX:
+        text = text[:_LOG_PATH_MAX] + "..."
+    return ascii(text)[1:-1]
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    if not client:
+        return "unknown"
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _verify_arg(upstream_verify: ssl.SSLContext | str | bool) -> ssl.SSLContext | bool:
+    """Turn a CA bundle path into an SSL context (httpx 0.28 deprecates str)."""
+    if isinstance(upstream_verify, str):
+        return ssl.create_default_context(cafile=upstream_verify)
+    return upstream_verify
+
+
+class _Upstream:
+    """The SuperLink address and a lazily created, shared HTTP client for it."""
+
+    def __init__(self, base_url: str, verify: ssl.SSLContext | str | bool) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"upstream must be an http(s) URL like http://127.0.0.1:9093, got {base_url!r}"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"upstream must not have a query or fragment: {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._verify = _verify_arg(verify)
+        self._client: httpx.AsyncClient | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                verify=self._verify,
+                timeout=_UPSTREAM_TIMEOUT,
+                limits=_UPSTREAM_LIMITS,
+                trust_env=False,  # never route the loopback hop through an env proxy
+                follow_redirects=False,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+
+async def _send_text(send: Send, status: int, text: str, *, close: bool = False) -> None:
+    body = text.encode("utf-8")
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode("ascii")),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+class _FleetGate:
+    """Pure ASGI middleware: forwards Fleet API calls, refuses everything else.
+
+    It answers every HTTP request itself and never calls the wrapped app,
+    except for the lifespan protocol, which Starlette's router handles.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        upstream: _Upstream,
+        state: Any,
+        max_body_bytes: int,
+        log: logging.Logger,
+    ) -> None:
+        self.app = app
+        self.upstream = upstream
+        self.state = state
+        self.max_body_bytes = max_body_bytes
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            self._refused(scope, "WEBSOCKET", scope.get("path", ""))
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await self.app(scope, receive, send)
+
+    def _refused(self, scope: Scope, method: str, path: str) -> None:
+        refused = self.state.refused
+        key = (method[:_LOG_PATH_MAX], path[:_LOG_PATH_MAX])
+        if key not in refused and len(refused) >= _REFUSED_KEYS_MAX:
+            key = ("*", "*")  # scanners send endless distinct paths: keep memory bounded
+        refused[key] += 1
+        self.log.warning(
+            "pollen: refused %s %s from %s: this port serves federation clients only",
+            _printable(method),
+            _printable(path),
+            _peer(scope),
+        )
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        path: str = scope["path"]
+        raw = scope.get("raw_path")
+        raw_path = raw.decode("latin-1") if raw else path
+        query = scope.get("query_string", b"")
+        if query or not (is_allowed(method, raw_path) and is_allowed(method, path)):
+            shown = raw_path + ("?" + query.decode("latin-1") if query else "")
+            self._refused(scope, method, shown)
+            await _send_text(send, 403, REFUSAL_TEXT)
+            return
+        await self._forward(scope, receive, send, path)
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """Read the whole request body; answer 413/400 and return None on trouble."""
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_text(send, 400, BAD_REQUEST_TEXT, close=True)
+                    return None
+                if declared > self.max_body_bytes:
+                    await _send_text(send, 413, TOO_LARGE_TEXT, close=True)
+                    return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await _send_text(send, 413, TOO_LARGE_TEXT, close=True)
+                return None
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        dropped = _REQUEST_DROP | _connection_tokens(raw_headers)
+        headers = [(n, v) for n, v in raw_headers if n.lower() not in dropped]
+        client = scope.get("client")
+        if client:
+            headers.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))
+        headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode("latin-1")))
+
+        # `path` equals an allow-list entry, so the upstream URL is one of twelve fixed ones.
+        request = httpx.Request(
+            "POST", self.upstream.base_url + path, headers=headers, content=body
+        )
+        try:
+            response = await self.upstream.client().send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self.log.warning(
+                "pollen: cannot reach the federation server at %s: %s", self.upstream.base_url, exc
+            )
+            await _send_text(send, 502, UNREACHABLE_TEXT)
+            return
+        except httpx.TimeoutException as exc:
+            self.log.warning(
+                "pollen: the federation server at %s timed out on %s: %r",
+                self.upstream.base_url,
+                path,
+                exc,
+            )
+            await _send_text(send, 504, TIMEOUT_TEXT)
+            return
+        except httpx.TransportError as exc:
+            self.log.warning(
+                "pollen: error talking to the federation server at %s: %r",
+                self.upstream.base_url,
+                exc,
+            )
+            await _send_text(send, 502, UNREACHABLE_TEXT)
+            return
+
+        try:
+            self.state.forwarded[(path, response.status_code)] += 1
+            up_headers = response.headers.raw
+            drop = _HOP_BY_HOP | _connection_tokens(up_headers)
+            out_headers = [(n.lower(), v) for n, v in up_headers if n.lower() not in drop]
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": out_headers,
+                }
+            )
+            async for chunk in response.aiter_raw():
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+
+def create_app(
+    upstream: str,
+    *,
+    upstream_verify: ssl.SSLContext | str | bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    log: logging.Logger | None = None,
+) -> Starlette:
+    """Build the ASGI app that forwards the Fleet API to ``upstream`` and refuses the rest.
+
+    Args:
+        upstream: Base URL of the SuperLink, e.g. ``http://127.0.0.1:9093``.
+        upstream_verify: TLS verification for an ``https`` upstream: True (system
+            CAs), False, a CA bundle path, or an :class:`ssl.SSLContext`.
+        max_body_bytes: Larger request bodies are answered with HTTP 413.
+        log: Logger for refusals and upstream errors (default: this module's).
+
+    Returns:
+        A Starlette app. ``app.state.forwarded`` counts forwarded calls by
+        ``(path, upstream status)``; ``app.state.refused`` counts refusals by
+        ``(method, path)`` (at most 1024 distinct keys, then under ``("*", "*")``).
+    """
+    target = _Upstream(upstream, upstream_verify)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await target.aclose()
+
+    app = Starlette(lifespan=lifespan)
+    app.state.forwarded = Counter()
+    app.state.refused = Counter()
+    app.state.upstream = target.base_url
+    app.add_middleware(
+        _FleetGate,
+        upstream=target,
+        state=app.state,
+        max_body_bytes=max_body_bytes,
+        log=log or _default_log,
+    )
+    return app
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Create the listening socket, translating failures into a PollenError."""
+    address = _format_address(host, port)
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise PollenError(
+            f"cannot listen on {address}: {host!r} is not an address or host name this "
+            f"machine knows ({exc.strerror}); use 0.0.0.0 to listen on all network "
+            "interfaces, or one of this machine's own addresses, with --address"
+        ) from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if sys.platform == "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:
+            # Allows a restart while old connections linger in TIME_WAIT; on POSIX it
+            # does not allow two listeners on the same port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+            raise PollenError(
+                f"address {address} is already in use: another program (perhaps another "
+                "pollen server) listens there; stop it or choose another --address"
+            ) from exc
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PollenError(
+                f"cannot listen on {address}: permission denied; ports below 1024 need "
+                "administrator rights, so choose a port above 1024 with --address"
+            ) from exc
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise PollenError(
+                f"cannot listen on {address}: this machine has no address {host}; use "
+                "0.0.0.0 to listen on all network interfaces, or one of this machine's "
+                "own addresses, with --address"
+            ) from exc
+        raise PollenError(
+            f"cannot listen on {address}: {exc.strerror or exc}; choose another --address"
+        ) from exc
+    return sock
+
+
+class FleetProxy:
+    """Runs the Fleet-only proxy (:func:`create_app`) with uvicorn in a background thread.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`::
+
+        with FleetProxy("0.0.0.0", 8080, "http://127.0.0.1:9093") as proxy:
+            ...  # clients dial port proxy.port
+
+    The listening socket is bound in :meth:`start` (so ``listen_port=0`` picks a
+    free port, see :attr:`port`), and bind errors surface there as
+    :class:`~pollen.errors.PollenError`. With ``certfile``/``keyfile`` the proxy
+    serves HTTPS.
+    """
+
+    def __init__(
+        self,
+        listen_host: str,
+        listen_port: int,
+        upstream: str,
+        *,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        upstream_verify: ssl.SSLContext | str | bool = True,
+    ) -> None:
+        if keyfile and not certfile:
+            raise PollenError(
+                "a TLS key file was given without a certificate file; pass both (or a "
+                "certificate file that also holds the key) to serve HTTPS"
+            )
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.upstream = upstream
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.app = create_app(upstream, upstream_verify=upstream_verify)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._port: int | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the proxy listens on (the real one once started, even with port 0)."""
+        return self._port if self._port is not None else self.listen_port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the proxy listens on."""
+        return _format_address(self.listen_host, self.port)
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Bind the port and serve in a background thread; return once it accepts connections.
+
+        Args:
+            timeout: Seconds to wait for the server to come up.
+
+        Raises:
+            PollenError: The address is in use or cannot be bound, the TLS files
+                cannot be loaded, or the server did not start in time.
+        """
+        if self._thread is not None:
+            raise RuntimeError("FleetProxy already started")
+        sock = _bind(self.listen_host, self.listen_port)
+        self._port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,  # leave the process's logging setup alone
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,  # the peer address is the real client: trust no header
+            server_header=False,  # upstream's server/date headers pass through
+            date_header=False,
+            ws="none",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            ssl_certfile=self.certfile,
+            ssl_keyfile=self.keyfile,
+        )
+        try:
+            config.load()
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            self._port = None
+            raise PollenError(
+                f"cannot load the TLS certificate {self.certfile!r} / key {self.keyfile!r}: "
+                f"{exc}; check that both files exist, are readable PEM files and belong "
+                "together"
+            ) from exc
+        server = uvicorn.Server(config)
+        self._sock, self._server, self._error = sock, server, None
+        thread = threading.Thread(
+            target=self._run,
+            args=(server, sock),
+            name=f"pollen-fleet-proxy-{self._port}",
+            daemon=True,
+        )
+        self._thread = thread
+        thread.start()
+
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive():
+                error = self._error
+                self._cleanup()
+                raise PollenError(
+                    f"the federation port {self.address} stopped while starting"
+                    + (f": {error!r}" if error else "")
+                    + "; see the log above"
+                ) from error
+            if time.monotonic() > deadline:
+                self.stop()
+                raise PollenError(
+                    f"the federation port {self.address} did not start within {timeout:g} s"
+                )
+            time.sleep(0.01)
+
+    def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        try:
+            # Not the main thread, so uvicorn installs no signal handlers.
+            server.run(sockets=[sock])
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and close the port. Safe to call more than once."""
+        server, thread = self._server, self._thread
+        if server is not None and thread is not None:
+            server.should_exit = True
+            thread.join(timeout)
+            if thread.is_alive():
+                server.force_exit = True
+                thread.join(5.0)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        self._sock = None
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> FleetProxy:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

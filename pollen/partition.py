@@ -1,0 +1,285 @@
+"""Split a dataset into per-client partitions for federated learning.
+
+In a federated run every client trains on its own share of the data. This module decides
+which examples each client (partition) gets:
+
+* ``"iid"``: a random, equally sized share of every split (sizes differ by at most one), the
+  textbook baseline where every client sees the same label distribution;
+* ``"dirichlet"``: label proportions drawn per class from a Dirichlet distribution with
+  concentration ``alpha``, the standard way to simulate non-IID clients (small ``alpha``,
+  e.g. 0.1, gives each client only a few dominant classes; large ``alpha`` approaches IID).
+
+The splitting itself is done by Flower's own partitioners from ``flwr-datasets``
+(:class:`~flwr_datasets.partitioner.IidPartitioner` and
+:class:`~flwr_datasets.partitioner.DirichletPartitioner`) rather than hand-written code, so
+Pollen's partitions are the ones the Flower community uses, compares against and
+documents. Those partitioners work on Hugging Face ``datasets.Dataset`` objects; we give them
+a tiny one holding only the labels and an ``idx`` column, and read back indices into the
+original arrays, so the images themselves never leave numpy.
+
+Partitioning is deterministic for a given seed, and every partition id gets disjoint indices
+whose union is the whole split. All partitions of a label array are computed once and kept in
+a small in-process cache, so asking for each partition id in turn costs one split in all.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import numpy as np
+
+from pollen.data import Dataset
+from pollen.errors import PollenError
+
+__all__ = ["METHODS", "label_histogram", "partition_dataset", "partition_indices"]
+
+METHODS = ("iid", "dirichlet")
+"""Accepted values of ``method``."""
+
+
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    partition_id: int,
+    *,
+    method: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 42,
+    min_partition_size: int | None = None,
+) -> np.ndarray:
+    """Return the indices of the examples that belong to one partition.
+
+    Args:
+        labels: Integer class labels of the whole split, shape ``(N,)``.
+        num_partitions: Number of partitions (clients), at least 1 and at most ``N``.
+        partition_id: Which partition to return, in ``[0, num_partitions)``.
+        method: ``"iid"`` (default) or ``"dirichlet"``.
+        alpha: Dirichlet concentration, > 0; only used by ``"dirichlet"``. Default 0.5.
+        seed: Seed of the random split; the same seed gives the same partitions. Default 42.
+        min_partition_size: Only for ``"dirichlet"``: the smallest acceptable partition
+            (the Dirichlet draw is repeated, up to 10 times, until every partition is at
+            least this big). ``None`` (default) means ``min(10, N // (2 * num_partitions))``,
+            which keeps clients from ending up empty yet is always reachable on small data.
+
+    Returns:
+        ``int64`` indices into ``labels``, sorted ascending. Across all partition ids they
+        are disjoint and together cover ``range(N)``.
+
+    Raises:
+        PollenError: If an argument is invalid, or the Dirichlet split cannot give every
+            partition ``min_partition_size`` examples.
+    """
+    labels = _check_labels(labels)
+    parts = _partitions_for(
+        labels, num_partitions, partition_id, method, alpha, seed, min_partition_size, "data"
+    )
+    return parts[partition_id].copy()
+
+
+def partition_dataset(
+    ds: Dataset,
+    num_partitions: int,
+    partition_id: int,
+    *,
+    method: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 42,
+) -> Dataset:
+    """Return one client's view of a dataset: its partition of both train and test.
+
+    The test split is partitioned independently with the same method, ``alpha`` and
+    ``seed``, so each client evaluates on held-out data of its own. With ``"dirichlet"`` the
+    same seed draws the same class proportions for both splits (unless the draw had to be
+    repeated to satisfy the minimum partition size), so a client's test data looks like its
+    training data.
+
+    Args:
+        ds: The full dataset.
+        num_partitions: Number of partitions (clients); each split needs at least this many
+            examples.
+        partition_id: Which partition to return, in ``[0, num_partitions)``.
+        method: ``"iid"`` (default) or ``"dirichlet"``.
+        alpha: Dirichlet concentration, > 0; only used by ``"dirichlet"``. Default 0.5.
+        seed: Seed of the random split. Default 42.
+
+    Returns:
+        A :class:`~pollen.data.Dataset` with the selected rows of ``x_train``/``y_train``
+        and ``x_test``/``y_test`` (in their original order) and the same ``class_names``.
+
+    Raises:
+        PollenError: If an argument is invalid or a split is too small to partition.
+    """
+    train_labels = _check_labels(ds.y_train)
+    test_labels = _check_labels(ds.y_test)
+    train = _partitions_for(
+        train_labels, num_partitions, partition_id, method, alpha, seed, None, "training data"
+    )[partition_id]
+    test = _partitions_for(
+        test_labels, num_partitions, partition_id, method, alpha, seed, None, "test data"
+    )[partition_id]
+    return Dataset(
+        x_train=ds.x_train[train],
+        y_train=ds.y_train[train],
+        x_test=ds.x_test[test],
+        y_test=ds.y_test[test],
+        class_names=ds.class_names,
+    )
+
+
+def label_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Count the examples of each class.
+
+    Args:
+        labels: Integer labels, shape ``(N,)``, values in ``[0, num_classes)``.
+        num_classes: Number of classes.
+
+    Returns:
+        ``int64`` array of shape ``(num_classes,)``; entry ``k`` is the number of ``k`` labels.
+
+    Raises:
+        ValueError: If a label is negative or not below ``num_classes``.
+    """
+    labels = np.asarray(labels).reshape(-1).astype(np.int64, copy=False)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}); got {labels.min()}..{labels.max()}"
+        )
+    return np.bincount(labels, minlength=num_classes).astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Internals
+# --------------------------------------------------------------------------------------------
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise PollenError(
+            f"Labels to partition must be a one-dimensional array of whole numbers; got an "
+            f"array of shape {arr.shape} and type {arr.dtype}."
+        )
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _partitions_for(
+    labels: np.ndarray,
+    num_partitions: int,
+    partition_id: int,
+    method: str,
+    alpha: float,
+    seed: int,
+    min_partition_size: int | None,
+    what: str,
+) -> tuple[np.ndarray, ...]:
+    """Validate the arguments, then return all partitions (cached) of ``labels``."""
+    method = str(method).strip().lower()
+    n = len(labels)
+    if not _is_number(num_partitions) or int(num_partitions) != num_partitions:
+        raise PollenError(
+            f"The number of partitions must be a whole number, not {num_partitions!r}."
+        )
+    if num_partitions < 1:
+        raise PollenError(
+            f"The number of partitions (clients) must be at least 1, not {num_partitions}."
+        )
+    if not _is_number(partition_id) or not 0 <= partition_id < num_partitions:
+        raise PollenError(
+            f"The partition id {partition_id} is out of range: with {num_partitions} partitions "
+            f"the ids are 0 to {num_partitions - 1}. Give each client a distinct id in that range."
+        )
+    if method not in METHODS:
+        raise PollenError(
+            f"Unknown partitioning method {method!r}. Use 'iid' (random equal shares) or "
+            "'dirichlet' (non-IID label skew controlled by alpha)."
+        )
+    if method == "dirichlet" and not (_is_number(alpha) and math.isfinite(alpha) and alpha > 0):
+        raise PollenError(
+            f"The Dirichlet alpha must be a positive number, not {alpha}. Small values such as "
+            "0.1 give strongly skewed clients; large ones such as 100 are close to IID."
+        )
+    if num_partitions > n:
+        raise PollenError(
+            f"Cannot split the {what} ({n} examples) into {num_partitions} partitions: there "
+            "are more partitions than examples. Use fewer clients or more data."
+        )
+    if method == "dirichlet":
+        if min_partition_size is None:
+            min_partition_size = min(10, n // (2 * num_partitions))
+        if min_partition_size < 0:
+            raise PollenError(
+                f"The minimum partition size must be 0 or more, not {min_partition_size}."
+            )
+        alpha, min_size = float(alpha), int(min_partition_size)
+    else:
+        alpha, min_size = 0.0, 0  # unused: keep the cache key independent of them
+    try:
+        return _partitions(
+            labels.tobytes(), int(num_partitions), method, alpha, int(seed), min_size
+        )
+    except ValueError as exc:
+        raise PollenError(
+            f"Could not split the {what} ({n} examples) into {num_partitions} Dirichlet "
+            f"partitions with alpha={alpha} so that each gets at least {min_size} examples "
+            f"({exc}). Use a larger alpha, fewer partitions, or method 'iid'."
+        ) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _partitions(
+    labels_bytes: bytes,
+    num_partitions: int,
+    method: str,
+    alpha: float,
+    seed: int,
+    min_partition_size: int,
+) -> tuple[np.ndarray, ...]:
+    """Compute every partition of a label array with flwr-datasets.
+
+    The label array travels as ``bytes`` (of ``int64``) so that the whole call is hashable
+    and :func:`functools.lru_cache` can reuse the split for every partition id.
+
+    Returns:
+        One sorted, read-only ``int64`` index array per partition id.
+    """
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    labels = np.frombuffer(labels_bytes, dtype=np.int64)
+    # Arrow format: the partitioners then read columns without a Python-level row loop
+    # (about 50x faster than the default format on 50,000 labels).
+    table = datasets.Dataset.from_dict(
+        {"label": labels, "idx": np.arange(len(labels), dtype=np.int64)}
+    ).with_format("arrow")
+    if method == "iid":
+        # IidPartitioner cuts the dataset into contiguous shards, so shuffle it first (the
+        # "idx" column remembers where each row came from).
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+        partitioner.dataset = table.shuffle(seed=seed)
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            shuffle=False,
+            seed=seed,
+        )
+        partitioner.dataset = table
+    parts = []
+    with warnings.catch_warnings():
+        # DirichletPartitioner warns on every redraw; a final failure raises ValueError.
+        warnings.simplefilter("ignore")
+        for pid in range(num_partitions):
+            column = partitioner.load_partition(pid)["idx"]  # a pyarrow ChunkedArray
+            idx = np.sort(np.asarray(column.to_numpy(), dtype=np.int64))
+            idx.flags.writeable = False
+            parts.append(idx)
+    return tuple(parts)

@@ -1,0 +1,273 @@
+"""Plumbing for Flower's runtime: processes, ports, connections, run submission.
+
+``pollen simulate`` and ``pollen server`` both start a ``flower-superlink``,
+point a private ``flwr`` CLI configuration at it and submit this app with
+``flwr run``; this module holds what they share. Every Flower process gets
+the environment of :func:`flower_env` (offline, quiet, its own ``FLWR_HOME``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pollen.errors import PollenError
+
+#: Variables that keep Flower and Ray offline and quiet.
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "PYTHONUNBUFFERED": "1",
+}
+
+#: Name of the connection in the private ``config.toml``.
+CONNECTION = "pollen"
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower process with its own ``FLWR_HOME``."""
+    env = dict(os.environ)
+    env.update(QUIET_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower console script installed beside this Python."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def split_address(address: str, default_port: int = 8080) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` too) into host and port.
+
+    Raises:
+        PollenError: The address is not of that form.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        host, port = address, str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PollenError(
+            f"Invalid address {address!r}: write it as HOST:PORT, for example "
+            "0.0.0.0:8080 or 192.0.2.10:8080."
+        )
+    return host, int(port)
+
+
+def write_connection(
+    flwr_home: Path, address: str, *, insecure: bool = True, root_cert: str | None = None
+) -> None:
+    """Write the ``flwr`` CLI's ``config.toml`` with one connection, the default."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{address}"',
+        f"insecure = {'true' if insecure else 'false'}",
+    ]
+    if root_cert:
+        lines.append(f'root-certificates = "{root_cert}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def app_dir() -> Path:
+    """The Flower App folder (the one holding ``pyproject.toml``) for ``flwr run``.
+
+    From a source checkout (``pip install -e .``) that is the checkout; from
+    an installed wheel it is a generated folder whose ``pyproject.toml``
+    names the same components (the code is imported from the environment).
+    """
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "pollen" / "server_app.py").is_file():
+        return root
+    from pollen.config import RunConfig
+
+    gen = Path(tempfile.gettempdir()) / "pollen-app"
+    gen.mkdir(exist_ok=True)
+    config_lines = [f"{k} = {toml_value(v)}" for k, v in RunConfig().to_mapping().items()]
+    (gen / "pyproject.toml").write_text(
+        "\n".join(
+            [
+                "[project]",
+                'name = "pollen"',
+                'version = "0.1.0"',
+                "[tool.flwr.app]",
+                'publisher = "pollen"',
+                "[tool.flwr.app.components]",
+                'serverapp = "pollen.server_app:app"',
+                'clientapp = "pollen.client_app:app"',
+                "[tool.flwr.app.config]",
+                *config_lines,
+            ]
+        )
+        + "\n"
+    )
+    return gen
+
+
+def toml_value(value: Any) -> str:
+    """Render a scalar as a TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_run_config(path: Path, values: Mapping[str, Any]) -> Path:
+    """Write run-config overrides as a TOML file for ``flwr run --run-config``."""
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
+class ManagedProcess:
+    """A child process in its own process group, stopped with everything it spawned."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log: Path | None):
+        self.name = name
+        self.log_path = log
+        self._log = open(log, "ab") if log else None  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=self._log or None,
+            stderr=subprocess.STDOUT if self._log else None,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        """The last lines of the process's log, for error messages."""
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+
+def start_superlink(
+    flwr_home: Path,
+    host: str,
+    port: int,
+    *,
+    simulation: bool = False,
+    extra_args: Sequence[str] = (),
+    log: Path | None = None,
+    timeout: float = 60.0,
+) -> ManagedProcess:
+    """Start ``flower-superlink`` on ``host:port`` and wait until it listens.
+
+    Raises:
+        PollenError: It exited or did not listen within ``timeout`` seconds.
+    """
+    argv = [
+        flower_bin("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+        *(["--simulation"] if simulation else []),
+        *extra_args,
+    ]
+    if "--ssl-certfile" not in extra_args:
+        argv.append("--insecure")
+    proc = ManagedProcess("superlink", argv, flower_env(flwr_home), log)
+    deadline = time.monotonic() + timeout
+    while not port_open(host, port):
+        if not proc.alive() or time.monotonic() > deadline:
+            tail = proc.tail()
+            proc.stop()
+            raise PollenError(
+                f"Flower's SuperLink did not start on {host}:{port}. Its last output:\n{tail}"
+            )
+        time.sleep(0.2)
+    return proc
+
+
+@contextlib.contextmanager
+def temporary_home(prefix: str) -> Iterator[Path]:
+    """A throwaway ``FLWR_HOME`` folder."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def submit_run(
+    flwr_home: Path,
+    overrides: Mapping[str, Any],
+    *,
+    federation_config: str | None = None,
+    stream: bool = True,
+) -> int:
+    """``flwr run`` this app against the connection in ``flwr_home``.
+
+    Output (the ServerApp's log, and in simulation the clients' too) goes to
+    this process's stdout while the run lasts.
+
+    Returns:
+        ``flwr run``'s exit code (0 even when the run itself failed: read the
+        run folder's ``status.json`` for that).
+    """
+    run_config = write_run_config(flwr_home / "run-config.toml", overrides)
+    argv = [flower_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(run_config)]
+    if federation_config:
+        argv += ["--federation-config", federation_config]
+    if stream:
+        argv.append("--stream")
+    return subprocess.call(argv, env=flower_env(flwr_home), stdin=subprocess.DEVNULL)

@@ -1,0 +1,159 @@
+"""The ServerApp: coordinates rounds and writes the run folder.
+
+The server holds no model. It asks one client for initial weights, then
+runs :func:`pollen.rounds.run_rounds` with the configured strategy, which
+aggregates ``ArrayRecord`` s without knowing the architecture. Only the
+optional central evaluation and the final ``model.keras`` build the model
+from :mod:`pollen.models`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import traceback
+from datetime import datetime
+from logging import ERROR, INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from pollen.config import RunConfig
+from pollen.deployment import announce_run_over
+from pollen.errors import PollenError
+from pollen.history import (
+    History,
+    RoundRecord,
+    atomic_write,
+    plot_history,
+    save_model,
+    write_history,
+    write_status,
+)
+from pollen.rounds import request_initial_arrays, run_rounds, wait_for_clients
+from pollen.strategy import make_strategy
+
+app = ServerApp()
+
+#: Seconds to wait for ``min-clients`` to connect before giving up.
+CONNECT_TIMEOUT = 600.0
+
+
+def resolve_run_dir(cfg: RunConfig) -> Path:
+    """The run folder: ``cfg.out`` or ``./runs/<timestamp>``, made absolute."""
+    out = cfg.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(out).expanduser().resolve()
+
+
+class ModelFiles:
+    """Builds the model lazily, only for central evaluation and model files."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    @functools.cached_property
+    def model(self):
+        """The compiled registry model (built on first use)."""
+        from pollen.models import build_model, compile_model
+
+        return compile_model(build_model(self.cfg.model, self.cfg.num_classes), 1e-3)
+
+    @functools.cached_property
+    def test_set(self):
+        """The central test split ``(x, y)`` (loaded on first use)."""
+        from pollen.data import load_dataset
+
+        ds = load_dataset(self.cfg.server_data_dir or None)
+        return ds.x_test, ds.y_test
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        """Central evaluation of the global arrays on the test split."""
+        from pollen.training import evaluate
+
+        self.model.set_weights(arrays.to_numpy_ndarrays())
+        x, y = self.test_set
+        loss, accuracy = evaluate(self.model, x, y)
+        return {"loss": loss, "accuracy": accuracy, "examples": len(y)}
+
+    def save(self, run_dir: Path, arrays: ArrayRecord) -> Path:
+        """Write ``model.keras`` holding ``arrays``."""
+        self.model.set_weights(arrays.to_numpy_ndarrays())
+        return save_model(run_dir, self.model)
+
+
+class RunFolderWriter:
+    """Writes history, plot and model into the run folder after every round."""
+
+    def __init__(self, run_dir: Path, files: ModelFiles) -> None:
+        self.run_dir = run_dir
+        self.files = files
+        self.started = time.perf_counter()
+
+    def round_done(self, record: RoundRecord, arrays: ArrayRecord, history: History) -> None:
+        """Persist everything a reader needs after ``record``'s round."""
+        history.elapsed_seconds = time.perf_counter() - self.started
+        write_history(self.run_dir, history)
+        plot_history(self.run_dir, history)
+        self.files.save(self.run_dir, arrays)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run a whole federation as configured by ``context.run_config``."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_status(run_dir, "running")
+    log(INFO, "Pollen run folder: %s", run_dir)
+    try:
+        history = run_federation(grid, cfg, run_dir)
+    except PollenError as err:
+        write_status(run_dir, "failed", str(err))
+        log(ERROR, "%s", err)
+        announce_run_over(grid)
+        raise
+    except Exception as err:
+        write_status(run_dir, "failed", f"{type(err).__name__}: {err}")
+        log(ERROR, "%s", traceback.format_exc())
+        announce_run_over(grid)
+        raise
+    final = history.rounds[-1] if history.rounds else None
+    write_status(
+        run_dir,
+        "completed",
+        rounds=len(history.rounds),
+        elapsed_seconds=round(history.elapsed_seconds, 2),
+        final_server_accuracy=final.server.get("accuracy") if final else None,
+    )
+    announce_run_over(grid)
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
+    """Initialise from a client, run all rounds, write outputs; return the history."""
+    files = ModelFiles(cfg)
+    writer = RunFolderWriter(run_dir, files)
+    history = History(config=cfg.replace(out=str(run_dir)).to_mapping())
+    nodes = wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
+    arrays, client_info = request_initial_arrays(grid, nodes[0], cfg.round_timeout)
+    if "classes" in client_info:
+        atomic_write(run_dir / "classes.json", json.dumps(list(client_info["classes"])) + "\n")
+    evaluate_fn = files.evaluate if cfg.server_eval else None
+    if evaluate_fn is not None:
+        history.initial_server = evaluate_fn(0, arrays)
+        log(INFO, "Initial global model: server test acc %.4f", history.initial_server["accuracy"])
+    run_rounds(
+        grid,
+        make_strategy(cfg),
+        arrays,
+        num_rounds=cfg.num_rounds,
+        history=history,
+        timeout=cfg.round_timeout,
+        train_config={"learning-rate": cfg.learning_rate},
+        evaluate_fn=evaluate_fn,
+        observer=writer,
+        target_accuracy=cfg.target_accuracy,
+    )
+    return history

@@ -1,0 +1,259 @@
+"""Local training and evaluation on one client: input pipelines, fit, evaluate.
+
+Everything here works on in-memory ``uint8`` image arrays of shape
+``(N, 32, 32, 3)`` and ``int64`` labels of shape ``(N,)``, and on a compiled
+Keras model from :mod:`pollen.models`. Input pipelines use ``tf.data`` with
+prefetching so the next batch is ready while the current one trains.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from pollen.models import batchnorm_stat_indices
+
+
+def configure_threads(threads: int, sharing_clients: int = 1) -> int:
+    """Set TensorFlow's thread pools for a process that shares the machine.
+
+    Two Keras clients on two cores, each with TensorFlow's default pools of
+    ``cores`` threads, oversubscribe the CPU and slow each other down. Each
+    client gets ``cores // sharing_clients`` intra-op threads (at least one)
+    and one inter-op thread unless ``threads`` says otherwise.
+
+    Must run before TensorFlow executes its first op in this process; later
+    calls are ignored (TensorFlow refuses to resize running pools).
+
+    Args:
+        threads: Intra-op threads; 0 = derive from the core count.
+        sharing_clients: Clients running on this machine at the same time.
+
+    Returns:
+        The intra-op thread count in force.
+    """
+    import tensorflow as tf
+
+    cores = os.cpu_count() or 1
+    if threads <= 0:
+        threads = max(1, cores // max(1, min(sharing_clients, cores)))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1 if sharing_clients > 1 else 2)
+    except RuntimeError:  # pools already initialised in this process
+        return tf.config.threading.get_intra_op_parallelism_threads() or cores
+    return threads
+
+
+def make_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    augment: bool = False,
+):
+    """Build a batched, prefetching ``tf.data.Dataset`` over in-memory arrays.
+
+    Args:
+        x: ``uint8`` images, ``(N, H, W, C)``.
+        y: ``int64`` labels, ``(N,)``.
+        batch_size: Examples per batch; the last batch may be smaller.
+        shuffle: Reshuffle the whole array every epoch (seeded).
+        seed: Shuffle and augmentation seed.
+        augment: Random horizontal flips and random shifts of up to 4 px.
+
+    Returns:
+        Dataset of ``(float32 images (B, H, W, C) in 0-255, int64 labels (B,))``.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def to_float(xb, yb):
+        return tf.cast(xb, tf.float32), yb
+
+    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment:
+        h, w = int(x.shape[1]), int(x.shape[2])
+        rng = tf.random.Generator.from_seed(seed)
+
+        def aug(xb, yb):
+            xb = tf.where(
+                rng.uniform([tf.shape(xb)[0], 1, 1, 1]) < 0.5, tf.reverse(xb, axis=[2]), xb
+            )
+            padded = tf.pad(xb, [[0, 0], [4, 4], [4, 4], [0, 0]], mode="REFLECT")
+            shift = rng.uniform([2], 0, 9, dtype=tf.int32)  # one 0-8 px shift per batch
+            return padded[:, shift[0] : shift[0] + h, shift[1] : shift[1] + w, :], yb
+
+        ds = ds.map(aug)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def schedule_value(base_lr: float, step: int, total_steps: int, schedule: str = "cosine") -> float:
+    """Learning rate at global local step ``step`` of ``total_steps``.
+
+    ``"cosine"`` decays from ``base_lr`` to 0 over the whole run (all rounds),
+    so late rounds take small steps: clients then drift apart less before
+    their weights are averaged. ``"constant"`` keeps ``base_lr``.
+    """
+    if schedule == "constant" or total_steps <= 0:
+        return base_lr
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RunSchedule(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate before every batch from a run-wide schedule.
+
+    Args:
+        base_lr: Peak learning rate.
+        first_step: Local steps taken in earlier rounds (this round's offset).
+        total_steps: Local steps of the whole run.
+        schedule: ``"cosine"`` or ``"constant"``.
+    """
+
+    def __init__(self, base_lr: float, first_step: int, total_steps: int, schedule: str):
+        super().__init__()
+        self.base_lr, self.first_step = base_lr, first_step
+        self.total_steps, self.schedule = total_steps, schedule
+        self.step = first_step
+
+    def on_train_batch_begin(self, batch: int, logs=None) -> None:  # noqa: D102
+        self.model.optimizer.learning_rate = schedule_value(
+            self.base_lr, self.step, self.total_steps, self.schedule
+        )
+        self.step += 1
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What one local training pass produced.
+
+    Attributes:
+        loss: Mean training loss of the last epoch.
+        accuracy: Training accuracy of the last epoch, in [0, 1].
+        num_examples: Training examples seen per epoch.
+        seconds: Wall time of ``fit``.
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    seconds: float
+
+
+def fit(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    augment: bool = False,
+    verbose: int = 2,
+    schedule: RunSchedule | None = None,
+) -> FitResult:
+    """Train a compiled model on local data for ``epochs`` epochs.
+
+    Args:
+        model: Compiled model; trained in place.
+        x: ``uint8`` images, ``(N, H, W, C)``.
+        y: ``int64`` labels, ``(N,)``.
+        epochs: Passes over the data.
+        batch_size: Examples per step.
+        seed: Shuffle (and augmentation) seed.
+        augment: Random flips and shifts.
+        verbose: Keras progress output (0 silent, 1 bar, 2 one line per epoch).
+        schedule: Per-step learning-rate callback; None keeps the current rate.
+    """
+    ds = make_dataset(x, y, batch_size, shuffle=True, seed=seed, augment=augment)
+    start = time.perf_counter()
+    callbacks = [schedule] if schedule is not None else []
+    history = model.fit(ds, epochs=epochs, verbose=verbose, shuffle=False, callbacks=callbacks)
+    seconds = time.perf_counter() - start
+    return FitResult(
+        loss=float(history.history["loss"][-1]),
+        accuracy=float(history.history["accuracy"][-1]),
+        num_examples=len(x),
+        seconds=seconds,
+    )
+
+
+def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
+    """Give a compiled model a fresh optimizer state and a new learning rate.
+
+    Each round starts from new global weights, so the optimizer's moments of
+    the previous round describe another point; zeroing them in place (rather
+    than compiling a new optimizer) keeps the traced train step, which saves
+    seconds per round.
+    """
+    optimizer = model.optimizer
+    for variable in optimizer.variables:
+        if variable is not getattr(optimizer, "_learning_rate", None):
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+    optimizer.learning_rate = learning_rate
+
+
+def evaluate(
+    model: keras.Model, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256
+) -> tuple[float, float]:
+    """Return ``(loss, accuracy)`` of a compiled model on ``(x, y)``."""
+    loss, accuracy = model.evaluate(make_dataset(x, y, batch_size), verbose=0)
+    return float(loss), float(accuracy)
+
+
+def calibrate_batchnorm(
+    model: keras.Model, x: np.ndarray, *, max_examples: int = 2000, seed: int = 0
+) -> tuple[list[int], list[np.ndarray], int]:
+    """Re-estimate BatchNorm moving statistics for the model's current weights.
+
+    Averaging the weights of several clients also averages their BatchNorm
+    moving statistics, but those described each client's own weights, not
+    the averaged ones: the averaged model then scores far below either
+    client. One forward pass in training mode over ``max_examples`` local
+    images (no weight update) gives every BatchNorm layer the exact batch
+    mean and variance of its inputs under the new weights; those become the
+    moving statistics.
+
+    Args:
+        model: Model whose BatchNorm statistics are replaced in place.
+        x: ``uint8`` local training images, ``(N, H, W, C)``.
+        max_examples: Images used (a seeded random subset if ``N`` is larger).
+        seed: Subset seed.
+
+    Returns:
+        ``(indices, arrays, n)``: positions in ``model.get_weights()`` of the
+        statistics, their new values, and the number of images used.
+    """
+    indices = batchnorm_stat_indices(model)
+    if not indices or max_examples <= 0 or len(x) == 0:
+        return indices, [], 0
+    if len(x) > max_examples:
+        pick = np.random.default_rng(seed).choice(len(x), max_examples, replace=False)
+        x = x[np.sort(pick)]
+    bn_layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False)  # noqa: SLF001
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    saved = [layer.momentum for layer in bn_layers]
+    try:
+        for layer in bn_layers:  # momentum 0: moving stats := this batch's stats
+            layer.momentum = 0.0
+        model(x.astype("float32"), training=True)
+    finally:
+        for layer, momentum in zip(bn_layers, saved, strict=True):
+            layer.momentum = momentum
+    weights = model.get_weights()
+    return indices, [weights[i] for i in indices], len(x)

@@ -1,0 +1,642 @@
+"""Tests for pollen.fleet_proxy: only the Fleet API passes; everything else is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import inspect
+import ipaddress
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pollen.errors import PollenError
+from pollen.fleet_proxy import (
+    FLEET_ENDPOINTS,
+    FLEET_PATHS,
+    REFUSAL_TEXT,
+    FleetProxy,
+    create_app,
+    is_allowed,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serve(app, **config_kwargs) -> Iterator[int]:
+    """Serve an ASGI app with uvicorn on 127.0.0.1:<free port> in a thread; yield the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_config=None, log_level="warning", access_log=False, ws="none", **config_kwargs
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "test server did not start"
+        time.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+class FakeSuperLink:
+    """A tiny upstream that records every call and echoes the request body."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.app = Starlette(
+            routes=[
+                Route(
+                    "/{rest:path}",
+                    self.handle,
+                    methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"],
+                )
+            ]
+        )
+
+    async def handle(self, request: Request) -> Response:
+        body = await request.body()
+        self.calls.append(
+            {
+                "method": request.method,
+                "path": request.url.path,
+                "headers": list(request.headers.raw),
+                "body": body,
+            }
+        )
+        path = request.url.path
+        if path == "/v1/fleet/get-fab":  # an error answer, like Flower's node-auth failure
+            return JSONResponse({"detail": "Invalid SuperNode authentication"}, status_code=401)
+        if path == "/v1/fleet/pull-object":  # a chunked (streamed) answer
+
+            async def chunks():
+                for i in range(0, len(body), 65536):
+                    yield body[i : i + 65536]
+
+            return StreamingResponse(chunks(), media_type="application/protobuf")
+        response = Response(body, media_type="application/protobuf")
+        response.raw_headers.append((b"x-echo-path", path.encode()))
+        response.raw_headers.append((b"x-multi", b"one"))
+        response.raw_headers.append((b"x-multi", b"two"))
+        return response
+
+    def headers_of(self, call: dict) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, value in call["headers"]:
+            out.setdefault(name.decode().lower(), []).append(value.decode())
+        return out
+
+
+@pytest.fixture(scope="module")
+def _shared_upstream() -> Iterator[tuple[FakeSuperLink, int]]:
+    fake = FakeSuperLink()
+    with _serve(fake.app) as port:
+        yield fake, port
+
+
+@pytest.fixture(scope="module")
+def _shared_proxy(_shared_upstream) -> Iterator[FleetProxy]:
+    _, port = _shared_upstream
+    with FleetProxy("127.0.0.1", 0, f"http://127.0.0.1:{port}") as p:
+        yield p
+
+
+@pytest.fixture
+def upstream(_shared_upstream) -> tuple[FakeSuperLink, int]:
+    """The fake SuperLink, with an empty call record."""
+    _shared_upstream[0].calls.clear()
+    return _shared_upstream
+
+
+@pytest.fixture
+def proxy(_shared_proxy, upstream) -> FleetProxy:
+    """A FleetProxy in front of the fake SuperLink, with zeroed counters."""
+    _shared_proxy.app.state.forwarded.clear()
+    _shared_proxy.app.state.refused.clear()
+    return _shared_proxy
+
+
+def _raw_request(port: int, method: str, target: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send one HTTP/1.1 request byte-for-byte (no client-side URL normalization)."""
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/protobuf\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("latin-1")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+# --------------------------------------------------------------------------- is_allowed
+
+
+def test_allow_list_matches_flowers_fleet_router():
+    from flwr.superlink.routers.fleet.router import router
+
+    served = {(m, r.path) for r in router.routes for m in r.methods}
+    assert served == {("POST", p) for p in FLEET_PATHS}
+    assert len(FLEET_ENDPOINTS) == len(FLEET_PATHS) == 12
+
+
+def test_allow_list_covers_every_path_the_supernode_calls():
+    from flwr.supernode import fleet_http_client
+
+    called = set(re.findall(r'"(/v1/[a-z0-9/-]+)"', inspect.getsource(fleet_http_client)))
+    assert called and called <= FLEET_PATHS
+
+
+@pytest.mark.parametrize("path", sorted(FLEET_PATHS))
+def test_is_allowed_fleet_paths(path):
+    assert is_allowed("POST", path)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/control/list-nodes"),
+        ("POST", "/v1/control/register-node"),
+        ("POST", "/v1/runtime/acquire-task"),
+        ("POST", "/v1/runtime/push-messages"),
+        ("POST", "/v1/runtime/pull-object"),
+        ("GET", "/health"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("POST", "/"),
+        ("POST", ""),
+        ("POST", "/v1/fleet"),
+        ("POST", "/v1/fleet/"),
+        ("POST", "/v1/fleet/../control/start-run"),
+        ("POST", "/v1/fleet/pull-messages/../../control/list-runs"),
+        ("POST", "/v1/fleet/./pull-messages"),
+        ("POST", "//v1/fleet/pull-messages"),
+        ("POST", "/v1//fleet/pull-messages"),
+        ("POST", "/v1/fleet//pull-messages"),
+        ("POST", "/v1/fleet/%2e%2e/control/start-run"),
+        ("POST", "/v1/fleet/%2E%2E/control/start-run"),
+        ("POST", "/v1/fleet/pull%2dmessages"),
+        ("POST", "/v1%2ffleet%2fpull-messages"),
+        ("POST", "/v1/fleet/pull-messages/"),
+        ("POST", "/v1/fleet/pull-messages?x=1"),
+        ("POST", "/v1/fleet/pull-messages;x"),
+        ("POST", "/v1/fleet/pull-messages%00"),
+        ("POST", "/v1/fleet/pull-messages/x"),
+        ("POST", "/V1/FLEET/PULL-MESSAGES"),
+        ("POST", "http://127.0.0.1/v1/fleet/pull-messages"),
+        ("GET", "/v1/fleet/pull-messages"),
+        ("PUT", "/v1/fleet/push-messages"),
+        ("post", "/v1/fleet/push-messages"),
+        ("OPTIONS", "/v1/fleet/push-messages"),
+    ],
+)
+def test_is_allowed_refuses(method, path):
+    assert not is_allowed(method, path)
+
+
+# --------------------------------------------------------------------------- fake upstream
+
+
+def test_fleet_call_passes_with_body_and_headers(upstream, proxy):
+    fake, up_port = upstream
+    sent_headers = {
+        "content-type": "application/protobuf",
+        "accept": "application/protobuf",
+        "flwr-public-key": "AAAAC3NzaC1lZDI1NTE5AAAA+/=",
+        "flwr-timestamp": "2026-01-01T00:00:00+00:00",
+        "flwr-signature": "c2lnbmF0dXJl+/==",
+        "flwr-component-name": "SuperNode",
+        "x-forwarded-for": "6.6.6.6",  # spoofed: must be replaced by the real peer
+    }
+    body = b"\x0a\x03abc\x00\xff" * 7
+    r = httpx.post(
+        f"http://127.0.0.1:{proxy.port}/v1/fleet/pull-messages", content=body, headers=sent_headers
+    )
+    assert r.status_code == 200
+    assert r.content == body
+    assert r.headers["content-type"] == "application/protobuf"
+    assert r.headers["x-echo-path"] == "/v1/fleet/pull-messages"
+    assert r.headers.get_list("x-multi") == ["one", "two"]
+
+    [call] = fake.calls
+    assert call["method"] == "POST" and call["path"] == "/v1/fleet/pull-messages"
+    assert call["body"] == body
+    got = fake.headers_of(call)
+    for name, value in sent_headers.items():
+        if name != "x-forwarded-for":
+            assert got[name] == [value], name
+    assert got["host"] == [f"127.0.0.1:{up_port}"]
+    assert got["content-length"] == [str(len(body))]
+    assert got["x-forwarded-for"] == ["127.0.0.1"]
+    assert proxy.app.state.forwarded[("/v1/fleet/pull-messages", 200)] == 1
+
+
+def test_large_binary_body_passes_intact(upstream, proxy):
+    fake, _ = upstream
+    body = os.urandom(5 * 1024 * 1024)
+    r = httpx.post(
+        f"http://127.0.0.1:{proxy.port}/v1/fleet/push-object",
+        content=body,
+        headers={"content-type": "application/protobuf"},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    assert hashlib.sha256(r.content).digest() == hashlib.sha256(body).digest()
+    assert hashlib.sha256(fake.calls[0]["body"]).digest() == hashlib.sha256(body).digest()
+
+
+def test_streamed_response_and_chunked_request(upstream, proxy):
+    fake, _ = upstream
+    body = os.urandom(300_000)
+
+    def gen():  # no content-length: the client sends chunked
+        for i in range(0, len(body), 50_000):
+            yield body[i : i + 50_000]
+
+    r = httpx.post(f"http://127.0.0.1:{proxy.port}/v1/fleet/pull-object", content=gen())
+    assert r.status_code == 200
+    assert r.content == body
+    assert fake.calls[0]["body"] == body
+    assert fake.headers_of(fake.calls[0]).get("transfer-encoding") is None
+
+
+def test_upstream_error_status_and_body_pass_through(upstream, proxy):
+    r = httpx.post(f"http://127.0.0.1:{proxy.port}/v1/fleet/get-fab", content=b"")
+    assert r.status_code == 401
+    assert r.json() == {"detail": "Invalid SuperNode authentication"}
+    assert proxy.app.state.forwarded[("/v1/fleet/get-fab", 401)] == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/runtime/acquire-task"),
+        ("GET", "/health"),
+        ("GET", "/docs"),
+        ("GET", "/v1/fleet/pull-messages"),
+        ("POST", "/v1/fleet/pull-messages/"),
+        ("POST", "/v1/fleet/pull-messages?a=b"),
+    ],
+)
+def test_everything_else_is_refused_and_logged(upstream, proxy, caplog, method, path):
+    fake, _ = upstream
+    with caplog.at_level(logging.WARNING, logger="pollen.fleet_proxy"):
+        r = httpx.request(
+            method,
+            f"http://127.0.0.1:{proxy.port}{path}",
+            headers={"content-type": "application/protobuf"},
+            content=b"" if method == "POST" else None,
+        )
+    assert r.status_code == 403
+    assert r.text == REFUSAL_TEXT
+    assert fake.calls == []
+    assert not proxy.app.state.forwarded
+    [record] = [rec for rec in caplog.records if rec.name == "pollen.fleet_proxy"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert method in message and path.split("?")[0] in message and "127.0.0.1:" in message
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/fleet/../control/start-run",
+        "/v1/fleet/pull-messages/../../control/list-runs",
+        "/v1/fleet/%2e%2e/control/start-run",
+        "/v1/fleet/%2E%2E/control/list-runs",
+        "/v1/fleet/pull-messages/%2e%2e/%2e%2e/control/list-runs",
+        "/v1%2ffleet%2fpull-messages",
+        "/v1/fleet/pull%2dmessages",
+        "//v1/fleet/pull-messages",
+        "/v1//fleet/pull-messages",
+        "/v1/fleet/./pull-messages",
+        "/v1/fleet/pull-messages/",
+        "/v1/fleet/pull-messages;x",
+        "/v1/fleet/pull-messages?x=1",
+        "http://127.0.0.1/v1/control/list-runs",
+        "*",
+    ],
+)
+def test_path_tricks_over_the_wire_never_reach_upstream(upstream, proxy, target):
+    fake, _ = upstream
+    status, body = _raw_request(proxy.port, "POST", target)
+    assert status in (400, 403), (status, body)  # 400: uvicorn rejected it before the app
+    assert fake.calls == []
+    assert not proxy.app.state.forwarded
+
+
+def test_path_tricks_with_the_h11_parser(upstream):
+    # uvicorn picks httptools when installed; the pure-Python h11 parser fills raw_path
+    # differently (fragments and absolute-form targets stay in it). Both must be safe.
+    fake, up_port = upstream
+    app = create_app(f"http://127.0.0.1:{up_port}")
+    tricks = [
+        "/v1/fleet/../control/start-run",
+        "/v1/fleet/%2e%2e/control/start-run",
+        "/v1/fleet/pull-messages/%2e%2e/%2e%2e/control/list-runs",
+        "//v1/fleet/pull-messages",
+        "/v1/fleet/pull-messages?x=1",
+        "http://127.0.0.1/v1/control/list-runs",
+    ]
+    with _serve(app, http="h11", lifespan="on") as port:
+        for target in tricks:
+            status, _ = _raw_request(port, "POST", target)
+            assert status in (400, 403), target
+        assert fake.calls == []
+        status, _ = _raw_request(port, "POST", "/v1/fleet/pull-messages", b"ok")
+        assert status == 200
+    assert [c["path"] for c in fake.calls] == ["/v1/fleet/pull-messages"]
+
+
+@pytest.mark.parametrize(
+    "target", ["/v1/fleet/pull-messages#../../control/list-runs", "http://evil/v1/fleet/get-run"]
+)
+def test_fragments_and_absolute_form_reach_only_the_canonical_path(upstream, proxy, target):
+    # uvicorn drops the fragment and the scheme/host; what is left must be an exact Fleet path,
+    # and upstream receives that fixed path on its own address.
+    fake, _ = upstream
+    status, _ = _raw_request(proxy.port, "POST", target)
+    assert status == 200
+    [call] = fake.calls
+    assert call["path"] in FLEET_PATHS
+    assert call["path"] == target.split("#")[0].removeprefix("http://evil")
+
+
+def test_upstream_down_gives_502():
+    with FleetProxy("127.0.0.1", 0, f"http://127.0.0.1:{_free_port()}") as p:
+        r = httpx.post(f"http://127.0.0.1:{p.port}/v1/fleet/pull-messages", content=b"x")
+    assert r.status_code == 502
+    assert "not reachable" in r.text
+
+
+def test_body_limit_gives_413(upstream):
+    fake, up_port = upstream
+    app = create_app(f"http://127.0.0.1:{up_port}", max_body_bytes=1024)
+    with _serve(app, lifespan="on") as port:
+        url = f"http://127.0.0.1:{port}/v1/fleet/push-object"
+        assert httpx.post(url, content=b"x" * 1024).status_code == 200
+        assert httpx.post(url, content=b"x" * 1025).status_code == 413  # by content-length
+        r = httpx.post(url, content=iter([b"x" * 700, b"x" * 700]))  # chunked, no length
+        assert r.status_code == 413
+    assert len(fake.calls) == 1
+
+
+def test_port_in_use_raises_pollen_error(proxy):
+    other = FleetProxy("127.0.0.1", proxy.port, "http://127.0.0.1:1")
+    with pytest.raises(PollenError, match=r"127\.0\.0\.1:\d+ is already in use"):
+        other.start()
+    other.stop()  # harmless when never started
+
+
+def test_unbindable_address_raises_pollen_error():
+    with pytest.raises(PollenError, match="cannot listen"):
+        FleetProxy("192.0.2.1", 0, "http://127.0.0.1:1").start()  # TEST-NET: not ours
+
+
+def test_stop_frees_the_port_and_start_reports_port(upstream):
+    _, up_port = upstream
+    p = FleetProxy("127.0.0.1", 0, f"http://127.0.0.1:{up_port}")
+    assert p.port == 0
+    p.start()
+    port = p.port
+    assert port != 0
+    p.stop()
+    p.stop()
+    with FleetProxy("127.0.0.1", port, f"http://127.0.0.1:{up_port}") as again:
+        assert again.port == port
+
+
+def _self_signed(tmp_path: Path) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pollen-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(certfile), str(keyfile)
+
+
+def test_tls(upstream, tmp_path):
+    fake, up_port = upstream
+    certfile, keyfile = _self_signed(tmp_path)
+    upstream_url = f"http://127.0.0.1:{up_port}"
+    with FleetProxy("127.0.0.1", 0, upstream_url, certfile=certfile, keyfile=keyfile) as p:
+        import ssl
+
+        verify = ssl.create_default_context(cafile=certfile)
+        r = httpx.post(f"https://127.0.0.1:{p.port}/v1/fleet/get-run", content=b"t", verify=verify)
+        assert r.status_code == 200 and r.content == b"t"
+        refused = httpx.post(f"https://127.0.0.1:{p.port}/v1/control/list-runs", verify=verify)
+        assert refused.status_code == 403
+    assert [c["path"] for c in fake.calls] == ["/v1/fleet/get-run"]
+
+
+def test_bad_tls_files_raise_pollen_error(tmp_path):
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(PollenError, match="TLS certificate"):
+        FleetProxy("127.0.0.1", 0, "http://127.0.0.1:1", certfile=missing, keyfile=missing).start()
+
+
+# --------------------------------------------------------------------------- real Flower
+
+_FLWR_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def _flwr_bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@contextlib.contextmanager
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """Start a process in its own process group; kill the whole group afterwards."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    pytest.fail(f"{what} (exit code {proc.poll()}); log tail:\n{tail}")
+
+
+def _protobuf_post(url: str) -> httpx.Response:
+    return httpx.post(url, content=b"", headers={"content-type": "application/protobuf"})
+
+
+@pytest.fixture
+def superlink(tmp_path) -> Iterator[int]:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = {**os.environ, **_FLWR_ENV, "FLWR_HOME": str(home)}
+    port = _free_port()
+    args = [
+        _flwr_bin("flower-superlink"),
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--isolation",
+        "process",  # no SuperExec child: nothing runs apps in this test
+        "--disable-runtime-dependency-installation",
+    ]
+    log = tmp_path / "superlink.log"
+    with _spawn(args, env, log) as proc:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(healthy, 30, "flower-superlink did not come up", proc, log)
+        yield port
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_real_superlink_hole_is_closed_and_supernode_still_connects(superlink, tmp_path):
+    from flwr.proto.control_pb2 import ListNodesResponse
+
+    direct = f"http://127.0.0.1:{superlink}"
+    # The hole: the SuperLink's own port runs the Control API for anyone who reaches it.
+    assert _protobuf_post(f"{direct}/v1/control/list-runs").status_code == 200
+
+    with FleetProxy("127.0.0.1", 0, direct) as proxy:
+        public = f"http://127.0.0.1:{proxy.port}"
+        # A stranger on the public port is refused.
+        assert _protobuf_post(f"{public}/v1/control/list-runs").status_code == 403
+        assert _protobuf_post(f"{public}/v1/control/start-run").status_code == 403
+        assert httpx.get(f"{public}/health").status_code == 403
+
+        # A real SuperNode, dialing the public port, registers and activates.
+        home = tmp_path / "supernode-home"
+        home.mkdir()
+        env = {**os.environ, **_FLWR_ENV, "FLWR_HOME": str(home)}
+        args = [
+            _flwr_bin("flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{proxy.port}",
+            "--node-config",
+            "partition-id=0 num-partitions=1",
+            "--isolation",
+            "process",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_free_port()),  # the SuperNode's own Runtime API
+        ]
+        log = tmp_path / "supernode.log"
+        forwarded = proxy.app.state.forwarded
+        with _spawn(args, env, log) as node:
+            _wait_for(
+                lambda: (
+                    forwarded[("/v1/fleet/activate-node", 200)] >= 1
+                    and forwarded[("/v1/fleet/pull-messages", 200)] >= 1
+                ),
+                30,
+                "the SuperNode did not activate through the proxy",
+                node,
+                log,
+            )
+            assert forwarded[("/v1/fleet/register-node", 200)] == 1
+            # The SuperNode needed nothing but the Fleet API: only the stranger was refused.
+            assert sum(proxy.app.state.refused.values()) == 3
+            # The SuperLink (asked on its loopback port) knows the node.
+            listed = _protobuf_post(f"{direct}/v1/control/list-nodes")
+            assert listed.status_code == 200
+            nodes = ListNodesResponse.FromString(listed.content).nodes_info
+            assert len(nodes) == 1
+        # On SIGTERM the SuperNode signs off through the proxy as well.
+        assert forwarded[("/v1/fleet/deactivate-node", 200)] == 1
