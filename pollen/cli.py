@@ -430,8 +430,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         node_config["num-partitions"] = args.num_partitions
     if args.name:
         node_config["name"] = args.name
-    if args.threads:
-        node_config["threads"] = args.threads
+    node_config["threads"] = args.threads
     _prepare_data(data_dir)
     return join(args.server, node_config, connect_timeout=args.connect_timeout)
 

@@ -91,11 +91,24 @@ def get_model(name: str, num_classes: int, seed: int, threads: int, sharing: int
     return compile_model(build_model(name, num_classes, seed), 1e-3)
 
 
+def thread_plan(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[int, int]:
+    """``(threads, clients sharing this machine)`` for :func:`configure_threads`.
+
+    ``pollen client`` always sets the node config ``threads`` (0 = all cores):
+    a deployed client has its machine to itself. Without it the client runs in
+    the simulation engine, where ``num-partitions`` clients share the machine
+    and the run config's ``client-threads`` applies.
+    """
+    if "threads" in node_config:
+        return int(node_config["threads"]), 1
+    return cfg.client_threads, int(node_config.get("num-partitions", 1))
+
+
 def _setup(msg: Message, context: Context):
     cfg = RunConfig.from_mapping(context.run_config)
     node_config = dict(context.node_config)
-    sharing = int(node_config.get("num-partitions", 1)) if "partition-id" in node_config else 1
-    model = get_model(cfg.model, cfg.num_classes, cfg.seed, cfg.client_threads, sharing)
+    threads, sharing = thread_plan(cfg, node_config)
+    model = get_model(cfg.model, cfg.num_classes, cfg.seed, threads, sharing)
     data = load_client_data(client_data_spec(cfg, node_config))
     if data.y_train.size and int(data.y_train.max()) >= cfg.num_classes:
         from pollen.errors import PollenError

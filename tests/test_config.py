@@ -136,6 +136,14 @@ def test_from_mapping_rejects_bad_values(values: dict, phrase: str) -> None:
     assert message.endswith(".")  # a full sentence, not a bare repr
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_from_mapping_rejects_seeds_the_models_cannot_use(seed: int) -> None:
+    # build_model calls keras.utils.set_random_seed, i.e. np.random.seed, which only takes
+    # 0 <= seed < 2**32: such a run would only fail later, inside every client.
+    with pytest.raises(PollenError, match="seed"):
+        RunConfig.from_mapping({"seed": seed})
+
+
 def test_unknown_model_message_lists_the_registry() -> None:
     with pytest.raises(PollenError) as err:
         RunConfig.from_mapping({"model": "nope"})

@@ -238,6 +238,21 @@ def test_atomic_write_failure_while_writing(tmp_path: Path, monkeypatch) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json"]
 
 
+def test_written_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    """Run folders are shared (a server's results, read by its users): honour the umask."""
+    old_umask = os.umask(0o022)
+    try:
+        write_history(tmp_path, _history())
+        write_status(tmp_path, "completed")
+        plot_history(tmp_path, _history())
+        (tmp_path / "reference.txt").write_text("written the ordinary way")
+    finally:
+        os.umask(old_umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes["reference.txt"] == oct(0o644)
+    assert modes == dict.fromkeys(modes, oct(0o644))
+
+
 # --- status.json -------------------------------------------------------------------------------
 
 
@@ -288,3 +303,14 @@ def test_save_model_loads_and_predicts_the_same(tmp_path: Path) -> None:
 
     save_model(run, model)  # overwriting works and still leaves a single file
     assert sorted(p.name for p in run.iterdir()) == ["model.keras"]
+
+
+def test_saved_model_gets_ordinary_permissions(tmp_path: Path) -> None:
+    from pollen.models import build_model
+
+    old_umask = os.umask(0o022)
+    try:
+        path = save_model(tmp_path, build_model("cnn", num_classes=2, seed=0))
+    finally:
+        os.umask(old_umask)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)

@@ -1,0 +1,304 @@
+"""Tests for pollen.models and pollen.training on random data (small CNN where possible)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pollen import training
+from pollen.client_app import check_architecture
+from pollen.errors import PollenError
+from pollen.models import MODELS, batchnorm_stat_indices, build_model, compile_model
+
+RNG_IMAGES = np.random.default_rng(1234).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+
+
+def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """All BatchNormalization layers, including those inside nested models."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found += _bn_layers(layer)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+    return found
+
+
+@pytest.fixture(scope="module")
+def mobilenet() -> tuple[keras.Model, keras.Model]:
+    """(pollen's mobilenetv2, the reference keras.applications.MobileNetV2), built once."""
+    model = build_model("mobilenetv2", num_classes=10, seed=0)
+    reference = keras.applications.MobileNetV2(input_shape=(32, 32, 3), classes=10, weights=None)
+    return model, reference
+
+
+@pytest.fixture(scope="module")
+def cnn() -> keras.Model:
+    return build_model("cnn", num_classes=10, seed=0)
+
+
+@pytest.fixture
+def registry_model(request, mobilenet, cnn) -> keras.Model:
+    return {"mobilenetv2": mobilenet[0], "cnn": cnn}[request.param]
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+
+def test_registry_has_the_documented_models() -> None:
+    assert {"mobilenetv2", "cnn"} <= set(MODELS)
+    for spec in MODELS.values():
+        assert callable(spec.build) and spec.description
+
+
+@pytest.mark.parametrize("registry_model", sorted(MODELS), indirect=True)
+def test_model_maps_pixels_to_probabilities(registry_model: keras.Model) -> None:
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    probs = np.asarray(registry_model(x, training=False))
+    assert probs.shape == (2, 10)
+    assert np.all(probs >= 0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert registry_model.input_shape == (None, 32, 32, 3)
+
+
+def test_mobilenetv2_is_exactly_the_reference(mobilenet) -> None:
+    model, reference = mobilenet
+    assert model.count_params() == reference.count_params()
+    assert model.count_params() > 2_257_984  # MobileNetV2 body + a 10-class head
+    assert [tuple(w.shape) for w in model.weights] == [tuple(w.shape) for w in reference.weights]
+    # All weights live in the nested MobileNetV2; the pixel rescaling in front has none.
+    weighted = [layer for layer in model.layers if layer.weights]
+    assert len(weighted) == 1 and isinstance(weighted[0], keras.Model)
+
+
+def test_mobilenetv2_rescales_pixels_to_pm1(mobilenet) -> None:
+    model, _ = mobilenet
+    base = model.layers[-1]
+    assert isinstance(base, keras.Model)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        np.asarray(model(x, training=False)),
+        np.asarray(base(x / 127.5 - 1.0, training=False)),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_mobilenetv2_batchnorm_momentum(mobilenet) -> None:
+    model, reference = mobilenet
+    layers = _bn_layers(model)
+    assert len(layers) == len(_bn_layers(reference)) > 40
+    assert {layer.momentum for layer in layers} == {0.9}
+
+
+def test_cnn_batchnorm_momentum(cnn) -> None:
+    assert [layer.momentum for layer in _bn_layers(cnn)] == [0.9, 0.9, 0.9]
+
+
+def test_same_seed_same_initial_weights() -> None:
+    a = build_model("cnn", num_classes=5, seed=3)
+    b = build_model("cnn", num_classes=5, seed=3)
+    c = build_model("cnn", num_classes=5, seed=4)
+    wa, wb, wc = a.get_weights(), b.get_weights(), c.get_weights()
+    assert [w.shape for w in wa] == [w.shape for w in wb] == [w.shape for w in wc]
+    assert [w.dtype for w in wa] == [w.dtype for w in wb]
+    for x, y in zip(wa, wb, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(wa, wc, strict=True))
+
+
+# --- BatchNorm statistics ------------------------------------------------------------------------
+
+
+def _check_stat_indices(model: keras.Model) -> list[int]:
+    indices = batchnorm_stat_indices(model)
+    weights = model.weights
+    bn = _bn_layers(model)
+    assert len(indices) == 2 * len(bn) > 0
+    assert indices == sorted(indices)
+    for mean_i, var_i in zip(indices[0::2], indices[1::2], strict=True):
+        assert var_i == mean_i + 1  # the variance directly follows its mean
+        assert weights[mean_i].path.endswith("moving_mean"), weights[mean_i].path
+        assert weights[var_i].path.endswith("moving_variance"), weights[var_i].path
+        assert tuple(weights[mean_i].shape) == tuple(weights[var_i].shape)
+        assert len(weights[mean_i].shape) == 1
+    stat_paths = {weights[i].path for i in indices}
+    assert stat_paths == {
+        v.path for layer in bn for v in (layer.moving_mean, layer.moving_variance)
+    }
+    return indices
+
+
+def test_batchnorm_stat_indices_cnn(cnn) -> None:
+    indices = _check_stat_indices(cnn)
+    shapes = [cnn.get_weights()[i].shape for i in indices]
+    assert shapes == [(32,), (32,), (64,), (64,), (128,), (128,)]
+
+
+def test_batchnorm_stat_indices_mobilenetv2(mobilenet) -> None:
+    _check_stat_indices(mobilenet[0])
+
+
+def test_calibrate_batchnorm_sets_exact_batch_statistics() -> None:
+    model = build_model("cnn", num_classes=3, seed=0)
+    # Move the weights away from the initial ones so the statistics are not trivial.
+    rng = np.random.default_rng(5)
+    model.set_weights(
+        [w + rng.normal(0, 0.02, w.shape).astype(w.dtype) for w in model.get_weights()]
+    )
+    before = model.get_weights()
+    bn_layers = _bn_layers(model)
+    momenta = [layer.momentum for layer in bn_layers]
+    x = RNG_IMAGES
+
+    indices, arrays, n = training.calibrate_batchnorm(model, x, max_examples=2000, seed=0)
+
+    assert n == len(x)
+    assert indices == batchnorm_stat_indices(model)
+    after = model.get_weights()
+    for i, arr in zip(indices, arrays, strict=True):
+        np.testing.assert_array_equal(arr, after[i])
+    # Only the statistics changed ...
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        if i in indices:
+            assert not np.allclose(a, b), f"statistic {i} was not re-estimated"
+        else:
+            np.testing.assert_array_equal(a, b)
+    # ... the momenta are back ...
+    assert [layer.momentum for layer in bn_layers] == momenta
+    # ... and bn0 holds the exact per-channel mean/variance (ddof=0) of its inputs.
+    conv0 = keras.Model(model.input, model.get_layer("conv0").output)
+    feats = np.asarray(conv0(x.astype("float32"))).astype(np.float64)
+    bn0 = model.get_layer("bn0")
+    np.testing.assert_allclose(
+        np.asarray(bn0.moving_mean), feats.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(bn0.moving_variance), feats.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5
+    )
+
+
+def test_calibrate_batchnorm_uses_a_seeded_subset() -> None:
+    model = build_model("cnn", num_classes=3, seed=0)
+    _, arrays, n = training.calibrate_batchnorm(model, RNG_IMAGES, max_examples=16, seed=9)
+    assert n == 16
+    pick = np.sort(np.random.default_rng(9).choice(len(RNG_IMAGES), 16, replace=False))
+    conv0 = keras.Model(model.input, model.get_layer("conv0").output)
+    feats = np.asarray(conv0(RNG_IMAGES[pick].astype("float32"))).astype(np.float64)
+    np.testing.assert_allclose(arrays[0], feats.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_calibrate_batchnorm_off_changes_nothing(cnn) -> None:
+    before = cnn.get_weights()
+    indices, arrays, n = training.calibrate_batchnorm(cnn, RNG_IMAGES, max_examples=0)
+    assert (arrays, n) == ([], 0) and len(indices) == 6
+    indices, arrays, n = training.calibrate_batchnorm(cnn, RNG_IMAGES[:0])
+    assert (arrays, n) == ([], 0)
+    for a, b in zip(before, cnn.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- input pipeline ----------------------------------------------------------------------------
+
+
+def _batches(ds) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.asarray(xb), np.asarray(yb)) for xb, yb in ds]
+
+
+def test_make_dataset_batches() -> None:
+    x, y = RNG_IMAGES[:10], np.arange(10, dtype=np.int64)
+    batches = _batches(training.make_dataset(x, y, 4))
+    assert [b[0].shape for b in batches] == [(4, 32, 32, 3), (4, 32, 32, 3), (2, 32, 32, 3)]
+    assert all(b[0].dtype == np.float32 for b in batches)
+    assert all(b[1].dtype == np.int64 for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), x.astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
+
+
+def test_make_dataset_augment_keeps_shapes_changes_pixels() -> None:
+    x, y = RNG_IMAGES[:10], np.arange(10, dtype=np.int64)
+    batches = _batches(training.make_dataset(x, y, 4, augment=True, seed=1))
+    assert [b[0].shape for b in batches] == [(4, 32, 32, 3), (4, 32, 32, 3), (2, 32, 32, 3)]
+    got = np.concatenate([b[0] for b in batches])
+    assert got.dtype == np.float32
+    assert got.min() >= 0 and got.max() <= 255
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)  # labels stay put
+    assert not np.array_equal(got, x.astype(np.float32))
+    # Flips and shifts move pixels; they do not invent values.
+    assert set(np.unique(got).astype(int)) <= set(np.unique(x).astype(int))
+
+
+def test_make_dataset_shuffle_is_seeded() -> None:
+    x, y = RNG_IMAGES[:40], np.arange(40, dtype=np.int64)
+
+    def order(seed: int) -> np.ndarray:
+        ds = training.make_dataset(x, y, 8, shuffle=True, seed=seed)
+        return np.concatenate([b[1] for b in _batches(ds)])
+
+    first, again, other = order(3), order(3), order(4)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(np.sort(first), y)  # a permutation: nothing lost or repeated
+    assert not np.array_equal(first, y)
+    assert not np.array_equal(first, other)
+
+
+# --- fit and the optimizer ---------------------------------------------------------------------
+
+
+def test_fit_and_reset_optimizer() -> None:
+    model = compile_model(build_model("cnn", num_classes=2, seed=0), 1e-3)
+    x = RNG_IMAGES[:32]
+    x = np.concatenate([x, x[::-1]])  # 64 images
+    y = np.random.default_rng(2).integers(0, 2, 64).astype(np.int64)
+
+    result = training.fit(model, x, y, epochs=1, batch_size=16, seed=0, verbose=0)
+    assert isinstance(result, training.FitResult)
+    assert result.num_examples == 64
+    assert np.isfinite(result.loss) and result.loss > 0
+    assert 0 <= result.accuracy <= 1 and result.seconds > 0
+
+    opt = model.optimizer
+    lr_var = opt._learning_rate
+    moments = [v for v in opt.variables if v is not lr_var]
+    assert any(np.any(np.asarray(v) != 0) for v in moments), "fit left no optimizer state"
+
+    training.reset_optimizer(model, 0.0125)
+    for v in moments:
+        assert not np.any(np.asarray(v)), f"{v.path} not reset"
+    assert float(opt.learning_rate) == pytest.approx(0.0125)
+
+    # The model still trains after the reset (the traced train step is reused).
+    again = training.fit(model, x, y, epochs=1, batch_size=16, seed=1, verbose=0)
+    assert np.isfinite(again.loss)
+    assert int(opt.iterations) == 4
+
+
+def test_evaluate_returns_loss_and_accuracy() -> None:
+    model = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3)
+    y = np.arange(12, dtype=np.int64) % 3
+    loss, acc = training.evaluate(model, RNG_IMAGES[:12], y, batch_size=5)
+    assert np.isfinite(loss) and 0 <= acc <= 1
+    assert acc * 12 == pytest.approx(round(acc * 12))
+
+
+# --- client architecture check ------------------------------------------------------------------
+
+
+def test_check_architecture(cnn) -> None:
+    weights = cnn.get_weights()
+    check_architecture(cnn, weights)  # matching weights pass
+    check_architecture(cnn, [w + 1 for w in weights])  # values do not matter
+
+    with pytest.raises(PollenError, match=f"{len(weights) - 1} arrays received, {len(weights)}"):
+        check_architecture(cnn, weights[:-1])
+
+    wrong = list(weights)
+    wrong[5] = np.zeros((3, 3, 32, 65), np.float32)
+    with pytest.raises(PollenError, match=r"\barray 5\b") as err:
+        check_architecture(cnn, wrong)
+    assert "same architecture" in str(err.value)
+
+    other = build_model("cnn", num_classes=4, seed=0).get_weights()
+    with pytest.raises(PollenError, match=rf"\barray {len(weights) - 2}\b"):
+        check_architecture(cnn, other)
