@@ -354,6 +354,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     data_dir = _existing_dir_or_file(args.data_dir, "--data-dir")
     min_clients = args.min_clients or args.clients
+    if min_clients > args.clients:
+        raise PollenError(
+            f"--min-clients {min_clients} is more than --clients {args.clients}: the run "
+            "would wait forever. Lower --min-clients or simulate more clients."
+        )
     cfg = run_config_from_args(
         args,
         data_dir=data_dir,

@@ -128,6 +128,7 @@ class RunConfig:
 
         checks = [
             (self.num_rounds >= 1, "rounds must be at least 1"),
+            (0 <= self.seed < 2**32, "seed must be between 0 and 4294967295"),
             (self.num_classes >= 2, "num-classes must be at least 2"),
             (self.local_epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch size must be at least 1"),

@@ -158,11 +158,19 @@ class History:
         return rows
 
 
+def _ordinary_permissions(path: str) -> None:
+    """Give a mkstemp file (mode 0600) the mode a plain ``open`` would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _ordinary_permissions(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -246,6 +254,7 @@ def save_model(run_dir: Path, model) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".model.", suffix=".keras")
     os.close(fd)
+    _ordinary_permissions(tmp)
     try:
         model.save(tmp)
         os.replace(tmp, run_dir / "model.keras")

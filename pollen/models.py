@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import keras
+if TYPE_CHECKING:  # keras is imported where a model is built: listing names stays fast
+    import keras
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -46,6 +48,8 @@ def _set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
     hundred steps of one federated round, so the model in inference mode
     scores at chance level. 0.9 lets them follow the training.
     """
+    import keras
+
     for layer in model._flatten_layers(include_self=False):  # noqa: SLF001 - Keras's own walker
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = momentum
@@ -67,6 +71,8 @@ def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
         An uncompiled model mapping ``(batch, 32, 32, 3)`` pixels to
         ``(batch, num_classes)`` softmax probabilities.
     """
+    import keras
+
     keras.utils.set_random_seed(seed)
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
@@ -91,6 +97,8 @@ def build_cnn(num_classes: int, seed: int) -> keras.Model:
         An uncompiled model mapping ``(batch, 32, 32, 3)`` pixels to
         ``(batch, num_classes)`` softmax probabilities.
     """
+    import keras
+
     keras.utils.set_random_seed(seed)
     layers = keras.layers
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
@@ -126,6 +134,8 @@ def build_model(name: str, num_classes: int = 10, seed: int = 42) -> keras.Model
 
 def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
     """Compile with the reference recipe: Adam, sparse categorical CE, accuracy."""
+    import keras
+
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -141,6 +151,8 @@ def batchnorm_stat_indices(model: keras.Model) -> list[int]:
     re-estimate them for the aggregated weights (see
     ``pollen.training.calibrate_batchnorm``).
     """
+    import keras
+
     stat_ids = set()
     for layer in model._flatten_layers(include_self=False):  # noqa: SLF001
         if isinstance(layer, keras.layers.BatchNormalization):

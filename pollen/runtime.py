@@ -9,6 +9,7 @@ the environment of :func:`flower_env` (offline, quiet, its own ``FLWR_HOME``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -76,6 +77,11 @@ def split_address(address: str, default_port: int = 8080) -> tuple[str, int]:
     Raises:
         PollenError: The address is not of that form.
     """
+    if address.count(":") > 1 and not address.startswith("["):
+        raise PollenError(
+            f"Invalid address {address!r}: write an IPv6 address in brackets with a port, "
+            "for example [::1]:8080."
+        )
     host, sep, port = address.rpartition(":")
     if not sep:
         host, port = address, str(default_port)
@@ -147,12 +153,15 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # JSON string escapes are valid TOML basic-string escapes (DEL excepted).
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def write_run_config(path: Path, values: Mapping[str, Any]) -> Path:
     """Write run-config overrides as a TOML file for ``flwr run --run-config``."""
-    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    path.write_text(
+        "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()), encoding="utf-8"
+    )
     return path
 
 
