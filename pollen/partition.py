@@ -25,7 +25,10 @@ a small in-process cache, so asking for each partition id in turn costs one spli
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -233,6 +236,47 @@ def _partitions_for(
 
 @functools.lru_cache(maxsize=16)
 def _partitions(
+    labels_bytes: bytes,
+    num_partitions: int,
+    method: str,
+    alpha: float,
+    seed: int,
+    min_partition_size: int,
+) -> tuple[np.ndarray, ...]:
+    """Every partition of a label array: from the disk cache, else computed and cached.
+
+    In deployment Flower starts a new client-app process for every message, so without the
+    disk cache each round would import ``datasets`` and ``flwr_datasets`` (seconds) and redo
+    the split. The cache file is keyed by a hash of the labels and every parameter.
+    """
+    from pollen.data import default_cache_dir
+
+    key = hashlib.sha256(labels_bytes)
+    key.update(repr((num_partitions, method, alpha, seed, min_partition_size)).encode())
+    path = default_cache_dir() / "partitions" / f"{key.hexdigest()[:32]}.npz"
+    try:
+        with np.load(path) as cached:
+            parts = tuple(cached[f"p{i}"] for i in range(num_partitions))
+        for idx in parts:
+            idx.flags.writeable = False
+        return parts
+    except (OSError, KeyError, ValueError):
+        pass
+    parts = _compute_partitions(
+        labels_bytes, num_partitions, method, alpha, seed, min_partition_size
+    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{f"p{i}": idx for i, idx in enumerate(parts)})
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache only costs speed
+        pass
+    return parts
+
+
+def _compute_partitions(
     labels_bytes: bytes,
     num_partitions: int,
     method: str,
