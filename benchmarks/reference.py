@@ -83,7 +83,7 @@ def main() -> int:
     args = parser.parse_args()
 
     data = resolve_data(args.data_dir)
-    out = (args.out or ROOT / "runs" / f"bench-reference-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or ROOT / "runs" / f"bench-reference-{time.strftime('%Y%m%d-%H%M%S')}"
     out = out.resolve()
     cmd = [
         sys.executable, "-m", "pollen.cli", "simulate",

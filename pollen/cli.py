@@ -2,7 +2,12 @@
 
 ``pollen simulate`` / ``server`` / ``client`` turn options into the app's run
 config and start Flower's runtime (see :mod:`pollen.simulation` and
-:mod:`pollen.deployment`); ``pollen predict`` uses a saved model.
+:mod:`pollen.deployment`); ``pollen certs`` makes the certificates and keys for a
+real deployment (:mod:`pollen.certs`); ``pollen predict`` uses a saved model.
+
+Transport: ``server`` and ``client`` use TLS and client authentication with
+``--certs``; without it they refuse any address other than loopback unless
+``--insecure`` says plaintext is wanted (then they print a warning).
 
 Errors a user can fix print one paragraph to stderr and exit with status 2;
 no traceback.
@@ -11,13 +16,14 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pollen.config import LR_SCHEDULES, PARTITION_METHODS, RunConfig
+from pollen.config import FAULT_KINDS, LR_SCHEDULES, PARTITION_METHODS, RunConfig
 from pollen.errors import PollenError
 
 DEFAULTS = RunConfig()
@@ -50,6 +56,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
 
 
@@ -113,6 +129,18 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="aggregation strategy (default: %(default)s)",
     )
     g.add_argument(
+        "--server-lr",
+        type=_positive_float,
+        default=DEFAULTS.server_lr,
+        help="server learning rate of fedavgm/fedadam/fedyogi/fedadagrad (default: %(default)s)",
+    )
+    g.add_argument(
+        "--server-momentum",
+        type=_fraction,
+        default=DEFAULTS.server_momentum,
+        help="server momentum of fedavgm (default: %(default)s)",
+    )
+    g.add_argument(
         "--num-classes",
         type=_positive_int,
         default=DEFAULTS.num_classes,
@@ -136,7 +164,15 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--round-timeout",
         type=_positive_float,
         default=DEFAULTS.round_timeout,
-        help="seconds to wait for clients in one round (default: %(default)s)",
+        help="seconds to wait for clients in one round; a client that has not replied "
+        "by then is recorded as failed for that round (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-update-norm",
+        type=_non_negative_float,
+        default=DEFAULTS.max_update_norm,
+        help="reject a client's update whose L2 distance from the global weights exceeds "
+        "this; 0 = no bound (default: %(default)s)",
     )
     g.add_argument(
         "--seed",
@@ -147,6 +183,39 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--out", type=Path, default=None, help="run folder to write (default: ./runs/<timestamp>)"
     )
+
+
+def _add_transport_options(p: argparse.ArgumentParser, role: str) -> None:
+    g = p.add_argument_group("security")
+    if role == "server":
+        g.add_argument(
+            "--certs",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="the server/ folder made by `pollen certs`: serve TLS and admit only the "
+            "clients whose keys are in DIR/authorized-clients (required unless --address "
+            "is loopback or --insecure is given)",
+        )
+        g.add_argument(
+            "--insecure",
+            action="store_true",
+            help="plaintext, and any client may join: only on a trusted network or VPN",
+        )
+    else:
+        g.add_argument(
+            "--certs",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="this client's folder made by `pollen certs` (DIR/clients/client-i: "
+            "ca.crt, client.key); required unless --server is loopback or --insecure",
+        )
+        g.add_argument(
+            "--insecure",
+            action="store_true",
+            help="plaintext, for a server started with --insecure: trusted networks only",
+        )
 
 
 def _add_partition_options(p: argparse.ArgumentParser) -> None:
@@ -210,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip central evaluation on the dataset's test split",
     )
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the interrupted simulation in RUN_DIR from its last completed round, "
+        "with its saved options",
+    )
+    sim.add_argument(
+        "--fault",
+        default="",
+        metavar="KIND@IDS",
+        help="TESTS AND EXPERIMENTS ONLY: clients with these partition ids misbehave on "
+        "purpose, e.g. 'nan@1' or 'scale@0,2 arch@3' (KIND: nan, scale, signflip, noise, "
+        "arch)",
+    )
 
     srv = sub.add_parser(
         "server",
@@ -236,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset whose test split the server evaluates the global model on "
         "after each round (default: no central evaluation)",
     )
+    _add_transport_options(srv, "server")
     srv.add_argument(
         "--partition",
         choices=PARTITION_METHODS,
@@ -249,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Dirichlet concentration for --partition dirichlet (default: %(default)s)",
     )
     _add_training_options(srv)
+    srv.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the interrupted run in RUN_DIR from its last completed round, with "
+        "its saved training options (only --address, --min-clients, --round-timeout and "
+        "the security options may change)",
+    )
 
     cli = sub.add_parser(
         "client",
@@ -291,6 +386,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds to keep trying to reach the server (default: %(default)s)",
     )
+    _add_transport_options(cli, "client")
+    cli.add_argument(
+        "--fault",
+        choices=FAULT_KINDS,
+        default=None,
+        help="TESTS AND EXPERIMENTS ONLY: misbehave on purpose (nan: NaN weights; scale: "
+        "update x1000; signflip; noise; arch: a model that does not fit the federation's)",
+    )
+
+    crt = sub.add_parser(
+        "certs",
+        help="make TLS certificates and client keys for a deployment",
+        description="Make a CA, a server certificate and client key pairs in --out: "
+        "DIR/server for `pollen server --certs`, DIR/clients/client-i for each "
+        "`pollen client --certs`, DIR/ca/ca.key to keep private. See DIR/README.txt.",
+    )
+    crt.add_argument(
+        "--out",
+        type=Path,
+        default=Path("certs"),
+        help="folder to create (default: %(default)s)",
+    )
+    crt.add_argument(
+        "--server-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="host name or IP address clients dial to reach the server; repeat for "
+        "several (default: this host's name); localhost, 127.0.0.1 and ::1 are always added",
+    )
+    crt.add_argument(
+        "--clients",
+        type=_positive_int,
+        default=2,
+        help="client key pairs to make (default: %(default)s)",
+    )
+    crt.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the certificates and keys in an existing --out",
+    )
 
     pred = sub.add_parser(
         "predict",
@@ -324,9 +460,12 @@ def run_config_from_args(args: argparse.Namespace, **extra: Any) -> RunConfig:
         "learning_rate": args.lr,
         "lr_schedule": args.lr_schedule,
         "strategy": args.strategy,
+        "server_lr": args.server_lr,
+        "server_momentum": args.server_momentum,
         "bn_calibration_examples": args.bn_calibration_examples,
         "target_accuracy": args.target_accuracy,
         "round_timeout": args.round_timeout,
+        "max_update_norm": args.max_update_norm,
         "seed": args.seed,
         "partition": args.partition,
         "alpha": args.alpha,
@@ -353,29 +492,62 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from pollen.simulation import simulate
 
     data_dir = _existing_dir_or_file(args.data_dir, "--data-dir")
-    min_clients = args.min_clients or args.clients
-    if min_clients > args.clients:
-        raise PollenError(
-            f"--min-clients {min_clients} is more than --clients {args.clients}: the run "
-            "would wait forever. Lower --min-clients or simulate more clients."
+    if args.resume is not None:
+        cfg = resume_config(args, "simulate")
+        clients = _simulated_clients(Path(cfg.out), args.clients)
+        data_dir = cfg.data_dir
+    else:
+        clients = args.clients
+        min_clients = args.min_clients or args.clients
+        if min_clients > args.clients:
+            raise PollenError(
+                f"--min-clients {min_clients} is more than --clients {args.clients}: the run "
+                "would wait forever. Lower --min-clients or simulate more clients."
+            )
+        cfg = run_config_from_args(
+            args,
+            data_dir=data_dir,
+            server_data_dir=data_dir,
+            server_eval=not args.no_server_eval,
+            min_clients=min_clients,
+            client_threads=args.client_threads,
+            fault=args.fault,
         )
-    cfg = run_config_from_args(
-        args,
-        data_dir=data_dir,
-        server_data_dir=data_dir,
-        server_eval=not args.no_server_eval,
-        min_clients=min_clients,
-        client_threads=args.client_threads,
-    )
+        _refuse_unfinished_run(Path(cfg.out))
     _prepare_data(data_dir)
+    if args.resume is None:
+        from pollen.history import atomic_write
+
+        atomic_write(Path(cfg.out) / SIMULATION_FILE, json.dumps({"clients": clients}) + "\n")
     print(
-        f"pollen: simulating {args.clients} clients, {cfg.num_rounds} rounds of "
+        f"pollen: simulating {clients} clients, {cfg.num_rounds} rounds of "
         f"{cfg.model}; run folder {cfg.out}",
         flush=True,
     )
-    status = simulate(cfg, args.clients)
+    status = simulate(cfg, clients)
     _print_summary(Path(cfg.out), status)
     return 0
+
+
+#: File in a simulation's run folder that records its number of clients (for --resume).
+SIMULATION_FILE = "simulation.json"
+
+
+def _simulated_clients(run_dir: Path, given: int) -> int:
+    """The number of clients the simulation in ``run_dir`` ran with."""
+    try:
+        saved = int(json.loads((run_dir / SIMULATION_FILE).read_text())["clients"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PollenError(
+            f"--resume {run_dir}: it has no {SIMULATION_FILE}, so it is not a run of "
+            "`pollen simulate`; resume a server's run with `pollen server --resume`."
+        ) from None
+    if given not in (saved, 2):  # 2: the default, indistinguishable from not given
+        raise PollenError(
+            f"--resume {run_dir}: the run simulated {saved} clients, not {given}; drop "
+            "--clients to resume it, or start a new run with another --out."
+        )
+    return saved
 
 
 def _prepare_data(data_dir: str) -> None:
@@ -389,21 +561,196 @@ def _prepare_data(data_dir: str) -> None:
     print(f"pollen: data: {describe(load_dataset(data_dir or None))}", flush=True)
 
 
+def _transport(args: argparse.Namespace, address: str, role: str) -> Any:
+    """Checked certificates for ``--certs``, or None for plaintext (see module doc)."""
+    from pollen.certs import is_loopback, load_client_certs, load_server_certs
+    from pollen.runtime import split_address
+
+    host, _ = split_address(address)
+    if args.certs is not None and args.insecure:
+        raise PollenError(
+            "--certs and --insecure contradict each other: --certs turns TLS and client "
+            "authentication on, --insecure turns them off. Give only one of them."
+        )
+    if args.certs is not None and role == "client":
+        return load_client_certs(args.certs)
+    if args.certs is not None:
+        certs = load_server_certs(args.certs)
+        names = {n.lower() for n in certs.names}
+        if host not in ("0.0.0.0", "::") and host.lower() not in names:
+            print(
+                f"pollen: warning: the server certificate does not name {host} (it names "
+                f"{', '.join(certs.names)}): clients must dial one of those names.",
+                file=sys.stderr,
+                flush=True,
+            )
+        return certs
+    if args.insecure:
+        who = "any client may join" if role == "server" else "the server is not verified"
+        print(
+            f"pollen: warning: --insecure: traffic to and from {address} is plaintext and "
+            f"{who}; use it only on a trusted network or VPN.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    if is_loopback(host):
+        return None
+    if role == "server":
+        raise PollenError(
+            f"--address {address} is reachable from other machines, so the server needs TLS "
+            "and client keys: run `pollen certs --out certs --server-name HOST` (HOST: the "
+            "name or IP address clients dial), start the server with --certs certs/server "
+            "and give client i the folder certs/clients/client-i. On a trusted network you "
+            "may add --insecure instead (plaintext, any client may join)."
+        )
+    raise PollenError(
+        f"--server {address} is another machine, so this client needs TLS: start it with "
+        "--certs DIR, the folder the server's operator made for this client with `pollen "
+        "certs` (DIR/clients/client-i: ca.crt, client.key). If the server was started with "
+        "--insecure on a trusted network, add --insecure instead."
+    )
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """``pollen certs``."""
+    from pollen.certs import create_certs
+
+    summary = create_certs(args.out, args.server_name, args.clients, force=args.force)
+    out = summary.out
+    names = ", ".join([*summary.dns, *summary.ips])
+    print(f"pollen: certificates and keys in {out} (see {out}/README.txt)")
+    print(f"pollen: server certificate for: {names}")
+    print(f"pollen: on the server:  pollen server --certs {out}/server ...")
+    for name, fingerprint in summary.clients.items():
+        print(f"pollen: give {out}/clients/{name} to one client ({fingerprint})")
+    print(f"pollen: keep {out}/ca/ca.key private: it is not needed to run the federation.")
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     """``pollen server``."""
     from pollen.deployment import serve
 
     test_data = _existing_dir_or_file(args.test_data, "--test-data")
-    cfg = run_config_from_args(
-        args,
-        server_eval=bool(test_data),
-        server_data_dir=test_data,
-        min_clients=args.min_clients,
-        keras_verbose=1,
-    )
-    status = serve(cfg, args.address)
+    tls = _transport(args, args.address, "server")
+    if args.resume is not None:
+        cfg = resume_config(args, "server")
+    else:
+        cfg = run_config_from_args(
+            args,
+            server_eval=bool(test_data),
+            server_data_dir=test_data,
+            min_clients=args.min_clients,
+            keras_verbose=1,
+        )
+        _refuse_unfinished_run(Path(cfg.out))
+    status = serve(cfg, args.address, tls=tls)
     _print_summary(Path(cfg.out), status)
     return 0
+
+
+#: Options a resumed run may change; every other option must keep the run's value.
+RESUME_MAY_CHANGE = ("min_clients", "round_timeout")
+
+#: Training options and the run-config field each one sets.
+_OPTION_FIELDS = {
+    "rounds": "num_rounds",
+    "model": "model",
+    "num_classes": "num_classes",
+    "epochs": "local_epochs",
+    "batch_size": "batch_size",
+    "lr": "learning_rate",
+    "lr_schedule": "lr_schedule",
+    "strategy": "strategy",
+    "bn_calibration_examples": "bn_calibration_examples",
+    "target_accuracy": "target_accuracy",
+    "round_timeout": "round_timeout",
+    "max_update_norm": "max_update_norm",
+    "seed": "seed",
+    "partition": "partition",
+    "alpha": "alpha",
+    "min_clients": "min_clients",
+    "server_lr": "server_lr",
+    "server_momentum": "server_momentum",
+}
+
+
+def resume_config(args: argparse.Namespace, command: str) -> RunConfig:
+    """The run config of the run in ``args.resume``, ready to continue it.
+
+    Training options given on the command line must equal the run's (or be
+    left at their defaults); ``--min-clients`` and ``--round-timeout`` may
+    change.
+
+    Raises:
+        PollenError: No resumable run there, it has completed, or an option
+            contradicts the run's.
+    """
+    from pollen.checkpoint import read_manifest
+    from pollen.history import read_status
+
+    run_dir = args.resume.expanduser().resolve()
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise PollenError(
+            f"--resume {run_dir}: there is no checkpoint there (no checkpoint/manifest.json). "
+            "Give the run folder of a run that completed at least one round, or start a new "
+            "run without --resume."
+        )
+    status = read_status(run_dir) or {}
+    if status.get("status") == "completed":
+        raise PollenError(
+            f"--resume {run_dir}: that run has already completed ({manifest['round']} "
+            "rounds); there is nothing to continue. Start a new run with another --out."
+        )
+    saved = RunConfig.from_mapping(manifest["config"])
+    changes: dict[str, Any] = {}
+    conflicts = []
+    for option, field in _OPTION_FIELDS.items():
+        value = getattr(args, option, None)
+        if value is None or not hasattr(saved, field) or value == getattr(DEFAULTS, field):
+            continue  # not given (or given as the default, which is indistinguishable)
+        if field in RESUME_MAY_CHANGE:
+            changes[field] = value
+        elif value != getattr(saved, field):
+            conflicts.append(
+                f"--{option.replace('_', '-')} {value} (the run has {getattr(saved, field)})"
+            )
+    data_dir = getattr(args, "data_dir", None) if command == "simulate" else None
+    if data_dir is not None and str(data_dir.expanduser().resolve()) != saved.data_dir:
+        conflicts.append(f"--data-dir {data_dir} (the run has {saved.data_dir or 'CIFAR-10'})")
+    test_data = getattr(args, "test_data", None)
+    if test_data is not None and str(test_data.expanduser().resolve()) != saved.server_data_dir:
+        conflicts.append(f"--test-data {test_data} (the run has {saved.server_data_dir or 'none'})")
+    if args.out is not None and args.out.expanduser().resolve() != run_dir:
+        conflicts.append(f"--out {args.out} (the run's folder is {run_dir})")
+    if conflicts:
+        raise PollenError(
+            f"--resume continues the run in {run_dir} with the options it started with, but "
+            f"these differ: {'; '.join(conflicts)}. Drop them to resume, or start a new run "
+            "with another --out to change them."
+        )
+    print(
+        f"pollen: resuming {run_dir} after round {manifest['round']} of {saved.num_rounds}",
+        flush=True,
+    )
+    return saved.replace(out=str(run_dir), resume=True, **changes)
+
+
+def _refuse_unfinished_run(run_dir: Path) -> None:
+    """A new run must not overwrite the checkpoint of one that can still be resumed."""
+    from pollen.checkpoint import read_manifest
+    from pollen.history import read_status
+
+    manifest = read_manifest(run_dir)
+    status = (read_status(run_dir) or {}).get("status")
+    if manifest is not None and status != "completed":
+        raise PollenError(
+            f"{run_dir} holds an unfinished run (last completed round {manifest['round']}, "
+            f"status {status or 'unknown'}). Continue it with --resume {run_dir}, or give "
+            "another --out for a new run."
+        )
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -436,8 +783,12 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.name:
         node_config["name"] = args.name
     node_config["threads"] = args.threads
+    if args.fault:
+        node_config["fault"] = args.fault
+        print(f"pollen: warning: --fault {args.fault}: this client misbehaves on purpose.")
+    tls = _transport(args, args.server, "client")
     _prepare_data(data_dir)
-    return join(args.server, node_config, connect_timeout=args.connect_timeout)
+    return join(args.server, node_config, connect_timeout=args.connect_timeout, tls=tls)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -465,6 +816,7 @@ COMMANDS = {
     "server": cmd_server,
     "client": cmd_client,
     "predict": cmd_predict,
+    "certs": cmd_certs,
 }
 
 

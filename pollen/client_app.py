@@ -16,6 +16,11 @@ Which data a client holds comes from its node config (``flower-supernode
 --node-config``, set by ``pollen client``; or Flower's simulation engine):
 ``data-dir`` (else the run config's ``data-dir``; else CIFAR-10) and, if
 ``num-partitions`` is present, ``partition-id`` of ``num-partitions``.
+
+Fault injection (for tests and robustness experiments only): a client whose
+node config has ``fault=KIND`` (``pollen client --fault KIND``), or whose
+partition is named in the run config's ``fault`` (``"KIND@0,2"``, for
+simulations), misbehaves on purpose; see :data:`FAULTS`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,57 @@ from flwr.clientapp import ClientApp
 from pollen.config import RunConfig
 
 app = ClientApp()
+
+#: Deliberate misbehaviour, for tests and robustness experiments only.
+FAULTS = {
+    "nan": "send NaN weights",
+    "scale": "send the update (trained minus global weights) scaled by 1000",
+    "signflip": "send the update with its sign flipped",
+    "noise": "send Gaussian noise (standard deviation 1) added to the trained weights",
+    "arch": "build the model with one class more than the federation's (the federation's "
+    "weights then do not fit)",
+}
+
+
+def fault_of(node_config: dict[str, Any], run_fault: str) -> str:
+    """The fault this client injects: its node config's ``fault``, else the run config's.
+
+    ``run_fault`` is ``"KIND@IDS"``, several separated by spaces: clients whose
+    ``partition-id`` is in the comma-separated ``IDS`` inject ``KIND``
+    (``"nan@1"``, ``"scale@0,2 arch@3"``). Returns ``""`` for an honest client.
+    """
+    own = str(node_config.get("fault") or "")
+    if own:
+        return own
+    if not run_fault or "partition-id" not in node_config:
+        return ""
+    for spec in run_fault.split():
+        kind, _, ids = spec.partition("@")
+        if int(node_config["partition-id"]) in {int(i) for i in ids.split(",") if i.strip()}:
+            return kind
+    return ""
+
+
+def corrupt(kind: str, global_weights: list, weights: list, seed: int = 0) -> list:
+    """Apply fault ``kind`` (see :data:`FAULTS`) to trained ``weights``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for g, w in zip(global_weights, weights, strict=True):
+        if not np.issubdtype(w.dtype, np.floating):
+            out.append(w)
+            continue
+        if kind == "nan":
+            w = np.full_like(w, np.nan)
+        elif kind == "scale":
+            w = g + 1000.0 * (w - g)
+        elif kind == "signflip":
+            w = g - (w - g)
+        elif kind == "noise":
+            w = w + rng.normal(0.0, 1.0, w.shape)
+        out.append(np.asarray(w, dtype=g.dtype))
+    return out
 
 
 @dataclass(frozen=True)
@@ -108,7 +164,10 @@ def _setup(msg: Message, context: Context):
     cfg = RunConfig.from_mapping(context.run_config)
     node_config = dict(context.node_config)
     threads, sharing = thread_plan(cfg, node_config)
-    model = get_model(cfg.model, cfg.num_classes, cfg.seed, threads, sharing)
+    num_classes = cfg.num_classes
+    if "arrays" in msg.content and fault_of(node_config, cfg.fault) == "arch":
+        num_classes += 1  # fault injection: a client whose model differs
+    model = get_model(cfg.model, num_classes, cfg.seed, threads, sharing)
     data = load_client_data(client_data_spec(cfg, node_config))
     if data.y_train.size and int(data.y_train.max()) >= cfg.num_classes:
         from pollen.errors import PollenError
@@ -166,6 +225,9 @@ def query(msg: Message, context: Context) -> Message:
     from pathlib import Path
 
     request = msg.content["config"].get("request", "")
+    if request == "hello":  # cheap: no model, no data
+        info = ConfigRecord({"name": client_name(dict(context.node_config))})
+        return Message(RecordDict({"client": info}), reply_to=msg)
     if request == "run-over":
         done = context.node_config.get("pollen-done-file")
         if done:
@@ -208,6 +270,10 @@ def train(msg: Message, context: Context) -> Message:
         verbose=cfg.keras_verbose,
         schedule=schedule,
     )
+    weights = model.get_weights()
+    kind = fault_of(dict(context.node_config), cfg.fault)
+    if kind and kind != "arch":
+        weights = corrupt(kind, msg.content["arrays"].to_numpy_ndarrays(), weights, server_round)
     metrics = MetricRecord(
         {
             "train_loss": result.loss,
@@ -219,7 +285,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(
         RecordDict(
             {
-                "arrays": ArrayRecord(model.get_weights()),
+                "arrays": ArrayRecord(weights),
                 "metrics": metrics,
                 "client": ConfigRecord({"name": client_name(dict(context.node_config))}),
             }

@@ -18,6 +18,8 @@ from pollen.errors import PollenError
 
 PARTITION_METHODS = ("iid", "dirichlet")
 LR_SCHEDULES = ("cosine", "constant")
+#: Deliberate client misbehaviour for tests and experiments (see pollen.client_app.FAULTS).
+FAULT_KINDS = ("nan", "scale", "signflip", "noise", "arch")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class RunConfig:
             and the fewest replies a round accepts. Default 2.
         fraction_train: Fraction of connected clients sampled per round.
         strategy: Aggregation strategy name (see ``pollen.strategy``).
+        server_lr: Server learning rate of ``fedavgm`` and the adaptive
+            strategies (``fedadam``, ``fedyogi``, ``fedadagrad``): how far the
+            server moves along the clients' average update. Default 1.0.
+        server_momentum: Server momentum of ``fedavgm``. Default 0.0.
         server_eval: Evaluate the global model on a central test set after
             every round (the server then builds the model). Default True.
         server_data_dir: Dataset whose test split the server evaluates on
@@ -62,6 +68,25 @@ class RunConfig:
         keras_verbose: Keras ``fit`` verbosity on clients (0, 1 or 2).
         target_accuracy: Stop early once the server's test accuracy reaches
             this value (0 = run all rounds).
+        max_update_norm: The server rejects a client's update whose L2
+            distance from the global weights it was sent (all floating-point
+            arrays together) exceeds this; 0 = no bound. Default 3000: a
+            generous bound, about 10x what honest training produces. Measured:
+            the reference MobileNetV2 after 3 rounds of the reference run is at
+            distance 311 from its initialisation (BatchNorm moving statistics
+            311, trained weights 15), so no honest round of it gets near 3000,
+            while an update scaled x1000 (a model-replacement attack) lands
+            far above; the small CNN's honest 1-epoch update on the test data
+            is about 4. NaN/inf values, wrong shapes and dtypes are rejected
+            whatever the bound.
+        fault: Fault injection for tests and robustness experiments only:
+            ``"KIND@IDS"`` (several separated by spaces) makes the clients
+            whose ``partition-id`` is in the comma-separated IDS misbehave
+            (``KIND`` one of ``nan``, ``scale``, ``signflip``, ``noise``,
+            ``arch``; see ``pollen.client_app.FAULTS``).
+            "" (the default) = every client is honest.
+        resume: Continue the run in ``out`` from its checkpoint (the round
+            after the last completed one) instead of starting a new run.
     """
 
     num_rounds: int = 3
@@ -79,6 +104,8 @@ class RunConfig:
     min_clients: int = 2
     fraction_train: float = 1.0
     strategy: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
     server_eval: bool = True
     server_data_dir: str = ""
     bn_calibration_examples: int = 2000
@@ -86,6 +113,9 @@ class RunConfig:
     client_threads: int = 0
     keras_verbose: int = 2
     target_accuracy: float = 0.0
+    max_update_norm: float = 3000.0
+    fault: str = ""
+    resume: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -135,12 +165,15 @@ class RunConfig:
             (self.learning_rate > 0, "learning rate must be positive"),
             (self.alpha > 0, "alpha must be positive"),
             (self.min_clients >= 1, "min-clients must be at least 1"),
+            (self.server_lr > 0, "server-lr must be positive"),
+            (0 <= self.server_momentum < 1, "server-momentum must be in [0, 1)"),
             (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
             (self.bn_calibration_examples >= 0, "bn-calibration-examples must be >= 0"),
             (self.round_timeout > 0, "round-timeout must be positive"),
             (self.client_threads >= 0, "client-threads must be >= 0"),
             (self.keras_verbose in (0, 1, 2), "keras-verbose must be 0, 1 or 2"),
             (0 <= self.target_accuracy <= 1, "target accuracy must be in [0, 1]"),
+            (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0 = no bound)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -160,6 +193,16 @@ class RunConfig:
                 f"Unknown model {self.model!r}: the registry has {', '.join(sorted(MODELS))}. "
                 "Add a model in pollen/models.py."
             )
+        for spec in self.fault.split():
+            kind, at, ids = spec.partition("@")
+            ids_ok = at and all(i.strip().isdigit() for i in ids.split(","))
+            if kind not in FAULT_KINDS or not ids_ok:
+                raise PollenError(
+                    f"Invalid fault {spec!r}: write KIND@IDS with KIND one of "
+                    f"{', '.join(FAULT_KINDS)} and IDS comma-separated partition ids, for "
+                    "example nan@1 or 'nan@1 arch@2' (fault injection is for tests and "
+                    "experiments only)."
+                )
         if self.strategy not in STRATEGIES:
             raise PollenError(
                 f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}."

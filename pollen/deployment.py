@@ -11,14 +11,25 @@ is over.
 server and watches it: the SuperNode never exits on its own, so the client
 app leaves a marker file when the server announces the end of the run, and
 the watchdog then stops the SuperNode and returns 0.
+
+With certificates (:mod:`pollen.certs`) the proxy serves TLS with the
+operator's server certificate, the SuperLink runs TLS on its loopback port
+(with a throwaway certificate) and ``--enable-supernode-auth``, and every key in
+``authorized-clients`` is registered before the port opens; clients verify the
+server against their ``ca.crt`` and sign their requests with ``client.key``.
+Flower refuses other keys; the proxy logs each refusal with the peer address.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pollen.config import RunConfig
 from pollen.errors import PollenError
@@ -29,12 +40,16 @@ from pollen.runtime import (
     flower_env,
     free_port,
     port_open,
+    register_supernodes,
     split_address,
     start_superlink,
     submit_run,
     temporary_home,
     write_connection,
 )
+
+if TYPE_CHECKING:
+    from pollen.certs import ClientCerts, ServerCerts
 
 #: Node-config key naming the file a client app touches when the run is over.
 DONE_FILE_KEY = "pollen-done-file"
@@ -43,12 +58,15 @@ DONE_FILE_KEY = "pollen-done-file"
 RUN_OVER_GRACE = 4.0
 
 
-def serve(cfg: RunConfig, address: str) -> dict[str, Any]:
+def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> dict[str, Any]:
     """Coordinate one run for remote clients dialling ``address``.
 
     Args:
         cfg: The run config (``cfg.out`` absolute).
         address: ``HOST:PORT`` to listen on for clients.
+        tls: Checked certificates (:func:`pollen.certs.load_server_certs`): serve
+            TLS and admit only the clients in its ``authorized-clients``. None:
+            plaintext, any client may join.
 
     Returns:
         The run folder's ``status.json`` content.
@@ -64,33 +82,155 @@ def serve(cfg: RunConfig, address: str) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     with temporary_home("pollen-server-") as home:
         internal = free_port()
-        proxy = FleetProxy(host, port, f"http://127.0.0.1:{internal}")
-        proxy.start()
+        link_args: list[str] = []
+        root_cert: str | None = None
+        if tls is None:
+            proxy = FleetProxy(host, port, f"http://127.0.0.1:{internal}")
+        else:
+            from pollen.certs import loopback_tls
+
+            loop = loopback_tls(home / "loopback-tls")
+            root_cert = str(loop.ca)
+            link_args = [
+                *("--ssl-ca-certfile", str(loop.ca)),
+                *("--ssl-certfile", str(loop.cert)),
+                *("--ssl-keyfile", str(loop.key)),
+                "--enable-supernode-auth",
+            ]
+            proxy = FleetProxy(
+                host,
+                port,
+                f"https://127.0.0.1:{internal}",
+                certfile=str(tls.cert),
+                keyfile=str(tls.key),
+                upstream_verify=root_cert,
+            )
         superlink: ManagedProcess | None = None
+        interrupted = False
         try:
-            superlink = start_superlink(home, "127.0.0.1", internal, log=logs / "superlink.log")
+            if tls is None:
+                proxy.start()
+            superlink = start_superlink(
+                home, "127.0.0.1", internal, extra_args=link_args, log=logs / "superlink.log"
+            )
+            write_connection(
+                home, f"127.0.0.1:{internal}", insecure=tls is None, root_cert=root_cert
+            )
+            if tls is not None:
+                # Keys first, port second: a client that came earlier would be refused.
+                register_supernodes(home, tls.authorized)
+                proxy.start()
+                print(
+                    f"pollen: TLS on; {len(tls.authorized)} authorized client key(s) from "
+                    f"{tls.folder / 'authorized-clients'}",
+                    flush=True,
+                )
             print(
                 f"pollen: server listening on {host}:{proxy.port} for clients only; "
                 f"waiting for {cfg.min_clients} client(s); run folder {run_dir}",
                 flush=True,
             )
-            write_connection(home, f"127.0.0.1:{internal}")
-            submit_run(home, cfg.to_mapping(), stream=True)
+            with _sigterm_as_interrupt():
+                submit_run(home, cfg.to_mapping(), stream=True)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             proxy.stop()
             if superlink is not None:
                 superlink.stop()
+            if interrupted:
+                _mark_interrupted(run_dir)
     status = read_status(run_dir)
     if status is None or status.get("status") != "completed":
         reason = (status or {}).get("error") or "the server app ended before writing a status"
+        last = _last_completed_round(run_dir)
+        resume = (
+            f" Rounds 1-{last} are checkpointed: fix the cause, then continue with "
+            f"`pollen server --resume {run_dir}`."
+            if last
+            else ""
+        )
         raise PollenError(
             f"The run did not complete: {reason}. Run folder: {run_dir}; Flower's log: "
-            f"{logs / 'superlink.log'}."
+            f"{logs / 'superlink.log'}.{resume}"
         )
     return status
 
 
-def join(server: str, node_config: dict[str, Any], *, connect_timeout: float = 120.0) -> int:
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while the run lasts, so both stop cleanly."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _last_completed_round(run_dir: Path) -> int:
+    from pollen.checkpoint import read_manifest
+
+    try:
+        manifest = read_manifest(run_dir)
+    except PollenError:
+        return 0
+    return int(manifest["round"]) if manifest else 0
+
+
+def _mark_interrupted(run_dir: Path) -> None:
+    """After Ctrl-C: wait for the server app to let go of the run, record, tell how to resume."""
+    from pollen.checkpoint import RunLock
+    from pollen.history import write_status
+
+    lock = RunLock(run_dir)
+    if not lock.acquire(timeout=20.0):
+        print(
+            f"pollen: warning: the server app (process {lock.holder()}) still holds {run_dir}.",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        last = _last_completed_round(run_dir)
+        write_status(
+            run_dir,
+            "interrupted",
+            "stopped by the user",
+            last_completed_round=last,
+            resume=f"pollen server --resume {run_dir}",
+        )
+    finally:
+        lock.release()
+    if last:
+        print(
+            f"pollen: interrupted; rounds 1-{last} are saved in {run_dir}. Continue with:\n"
+            f"  pollen server --resume {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        print(
+            "pollen: interrupted before any round completed; nothing to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def join(
+    server: str,
+    node_config: dict[str, Any],
+    *,
+    connect_timeout: float = 120.0,
+    tls: ClientCerts | None = None,
+) -> int:
     """Take part in the federation at ``server`` until its run is over.
 
     Args:
@@ -99,21 +239,35 @@ def join(server: str, node_config: dict[str, Any], *, connect_timeout: float = 1
             ``num-partitions``, ``name``, ``threads``).
         connect_timeout: Seconds the server may be unreachable (at start or
             while running) before the client gives up.
+        tls: Checked client bundle (:func:`pollen.certs.load_client_certs`):
+            verify the server against its ``ca.crt`` and authenticate with its
+            ``client.key``. None: plaintext.
 
     Returns:
         0 once the server's run is over.
 
     Raises:
-        PollenError: The server cannot be reached, or the SuperNode failed.
+        PollenError: The server cannot be reached, its certificate fails the
+            check, it refused this client's key, or the SuperNode failed.
     """
+    from pollen.certs import probe_tls
+
     host, port = split_address(server)
     _wait_for_server(host, port, connect_timeout)
+    probe_tls(host, port, tls.ca if tls else None)
+    if tls is None:
+        transport = ["--insecure"]
+    else:
+        transport = [
+            *("--root-certificates", str(tls.ca)),
+            *("--auth-supernode-private-key", str(tls.key)),
+        ]
     with temporary_home("pollen-client-") as home:
         done_file = home / "run-done"
         config = {**node_config, DONE_FILE_KEY: str(done_file)}
         argv = [
             flower_bin("flower-supernode"),
-            "--insecure",
+            *transport,
             "--superlink",
             f"{host}:{port}",
             "--node-config",
@@ -123,20 +277,43 @@ def join(server: str, node_config: dict[str, Any], *, connect_timeout: float = 1
             "--port",
             str(free_port()),
         ]
-        node = ManagedProcess("supernode", argv, flower_env(home), None)
+        # The SuperNode's output goes to a file that the watchdog copies to stdout,
+        # so that a refusal can be told apart from other failures.
+        # SIGTERM stops the client like Ctrl-C: through `finally`, which stops the
+        # SuperNode (the default SIGTERM would leave it running, orphaned).
+        sigterm = _sigterm_as_interrupt()
+        sigterm.__enter__()
+        watch = _NodeWatch(argv, home)
         print(f"pollen: client joined {host}:{port}; waiting for rounds", flush=True)
         try:
             unreachable_since: float | None = None
             while not done_file.exists():
-                if not node.alive():
-                    raise PollenError(
-                        f"Flower's SuperNode stopped unexpectedly (exit code "
-                        f"{node.proc.returncode}); its output is above."
-                    )
-                if port_open(host, port):
+                watch.echo()
+                if not watch.node.alive():
+                    watch.echo()
+                    failure = _supernode_failure(watch.node, f"{host}:{port}", tls)
+                    if not _restartable(failure) or not watch.may_restart():
+                        raise failure
+                    # Flower's SuperNode exits when a restarted SuperLink does not know
+                    # it (HTTP 401): join again once the server is back.
+                    _wait_for_server(host, port, connect_timeout)
+                    watch.restart("its SuperNode stopped")
+                    unreachable_since = None
+                elif port_open(host, port):
+                    down = time.monotonic() - unreachable_since if unreachable_since else 0.0
+                    if down >= SERVER_RESTART_SECONDS:
+                        # The server went away and is back: a new SuperLink that does
+                        # not know this node. Join it afresh instead of waiting for
+                        # the old SuperNode to notice.
+                        watch.restart("the server restarted")
                     unreachable_since = None
                 elif unreachable_since is None:
                     unreachable_since = time.monotonic()
+                    print(
+                        f"pollen: lost the server at {host}:{port}; waiting up to "
+                        f"{connect_timeout:.0f} s for it to come back",
+                        flush=True,
+                    )
                 elif time.monotonic() - unreachable_since > connect_timeout:
                     raise PollenError(
                         f"Lost the server at {host}:{port} for more than {connect_timeout:.0f} s "
@@ -148,9 +325,111 @@ def join(server: str, node_config: dict[str, Any], *, connect_timeout: float = 1
             # the server would otherwise wait for that reply's content.
             time.sleep(RUN_OVER_GRACE)
         finally:
-            node.stop()
+            watch.stop()
+            sigterm.__exit__(None, None, None)
     print("pollen: the server's run is over; client exiting.", flush=True)
     return 0
+
+
+#: Seconds the server's port must have been closed for the client to take it
+#: for a server restart (and join the new SuperLink afresh).
+SERVER_RESTART_SECONDS = 2.0
+
+#: A SuperNode that exits sooner than this after its start counts as a quick failure.
+QUICK_FAILURE_SECONDS = 20.0
+
+#: Quick failures in a row after which ``pollen client`` gives up.
+MAX_QUICK_FAILURES = 3
+
+
+class _NodeWatch:
+    """The client's current SuperNode process, restartable, with its output echoed."""
+
+    def __init__(self, argv: list[str], home: Path) -> None:
+        self.argv = argv
+        self.home = home
+        self.starts = 0
+        self.quick_failures = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.starts += 1
+        argv = list(self.argv)
+        argv[argv.index("--port") + 1] = str(free_port())
+        self.log = self.home / f"supernode-{self.starts}.log"
+        self.shown = 0
+        self.started = time.monotonic()
+        self.node = ManagedProcess("supernode", argv, flower_env(self.home), self.log)
+
+    def echo(self) -> None:
+        """Copy the SuperNode's new output to stdout."""
+        self.shown = _echo(self.log, self.shown)
+
+    def may_restart(self) -> bool:
+        """Whether another restart is allowed (not too many quick failures in a row)."""
+        quick = time.monotonic() - self.started < QUICK_FAILURE_SECONDS
+        self.quick_failures = self.quick_failures + 1 if quick else 0
+        return self.quick_failures < MAX_QUICK_FAILURES
+
+    def restart(self, why: str) -> None:
+        """Stop the SuperNode (if running) and start a fresh one."""
+        self.stop()
+        print(f"pollen: {why}; joining the server again", flush=True)
+        self._start()
+
+    def stop(self) -> None:
+        """Stop the SuperNode and show the rest of its output."""
+        self.node.stop()
+        self.echo()
+
+
+def _restartable(failure: PollenError) -> bool:
+    """Whether a SuperNode failure may be cured by joining again (not a refusal)."""
+    return str(failure).startswith("Flower's SuperNode stopped unexpectedly")
+
+
+def _echo(log: Path, offset: int) -> int:
+    """Copy what ``log`` gained since ``offset`` to stdout; return the new offset."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset
+    if data:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    return offset + len(data)
+
+
+def _supernode_failure(node: ManagedProcess, server: str, tls: ClientCerts | None) -> PollenError:
+    """The PollenError for a SuperNode that exited: refusal, TLS failure or other."""
+    text = node.log_path.read_text(errors="replace") if node.log_path else ""
+    if "Failed to activate SuperNode" in text:
+        fingerprint = f" (fingerprint {tls.fingerprint})" if tls else ""
+        return PollenError(
+            f"The server at {server} refused this client: its public key{fingerprint} is not "
+            "among the server's authorized clients. Ask the server's operator to copy this "
+            "bundle's client.pub into the server's authorized-clients folder and restart the "
+            "server, or use the bundle made for you (DIR/clients/client-i)."
+        )
+    if "must be registered via the CLI" in text:
+        return PollenError(
+            f"The server at {server} admits only authorized clients, and this client has no "
+            "key. Start it with --certs DIR/clients/client-i, the bundle the server's "
+            "operator made with `pollen certs`."
+        )
+    if "SSL/TLS handshake error" in text or "CERTIFICATE_VERIFY_FAILED" in text:
+        return PollenError(
+            f"The TLS connection to {server} failed: the server's certificate did not verify "
+            "against this bundle's ca.crt (another CA, or a name the certificate does not "
+            "cover). Use the bundle made with the server's certificates and dial one of the "
+            "names in it; Flower's message is above."
+        )
+    return PollenError(
+        f"Flower's SuperNode stopped unexpectedly (exit code {node.proc.returncode}); its "
+        "output is above."
+    )
 
 
 def _wait_for_server(host: str, port: int, timeout: float) -> None:
@@ -178,4 +457,6 @@ def announce_run_over(grid, timeout: float = 15.0) -> None:
         for node in grid.get_node_ids()
     ]
     if messages:
-        list(grid.send_and_receive(messages, timeout=timeout))
+        from pollen.rounds import exchange
+
+        exchange(grid, messages, timeout)

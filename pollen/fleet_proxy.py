@@ -38,6 +38,8 @@ What is forwarded:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno
 import logging
@@ -124,6 +126,10 @@ _REQUEST_DROP = _HOP_BY_HOP | {
     b"x-real-ip",
 }
 
+# Fleet calls with which a SuperNode joins; an error answer means Flower refused it.
+_JOIN_PATHS = frozenset({"/v1/fleet/register-node", "/v1/fleet/activate-node"})
+_PUBLIC_KEY_HEADER = b"flwr-public-key"
+
 _UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=300.0, pool=30.0)
 _UPSTREAM_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 _LOG_PATH_MAX = 200
@@ -168,6 +174,17 @@ def _peer(scope: Scope) -> str:
         return "unknown"
     host, port = client[0], client[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _fingerprint(header: bytes) -> str:
+    """SHA-256 fingerprint of the base64 PEM public key a SuperNode sends."""
+    from pollen.certs import pem_key_fingerprint
+
+    try:
+        pem = base64.b64decode(header, validate=True)
+    except (ValueError, binascii.Error):
+        return "(unreadable)"
+    return pem_key_fingerprint(pem) or "(unreadable)"
 
 
 def _verify_arg(upstream_verify: ssl.SSLContext | str | bool) -> ssl.SSLContext | bool:
@@ -274,6 +291,31 @@ class _FleetGate:
             _peer(scope),
         )
 
+    def _client_refused(self, scope: Scope, path: str, status: int) -> None:
+        """Log that Flower refused a client (unknown key, bad signature, no key)."""
+        fingerprint = "no key"
+        for name, value in scope["headers"]:
+            if name.lower() == _PUBLIC_KEY_HEADER:
+                fingerprint = _fingerprint(value)
+        if status == 401:
+            reason = "its request signature did not verify (wrong key or clock)"
+        elif path.endswith("/activate-node"):
+            reason = "its public key is not among the server's authorized clients"
+        else:
+            reason = "it tried to register itself, but only authorized client keys may join"
+        counts = self.state.refused_clients
+        if fingerprint not in counts and len(counts) >= _REFUSED_KEYS_MAX:
+            fingerprint = "*"  # keep memory bounded against a flood of made-up keys
+        counts[fingerprint] += 1
+        self.log.warning(
+            "pollen: refused client %s with key %s: %s (%s answered HTTP %d)",
+            _peer(scope),
+            fingerprint,
+            reason,
+            path.rsplit("/", 1)[-1],
+            status,
+        )
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         path: str = scope["path"]
@@ -361,6 +403,10 @@ class _FleetGate:
 
         try:
             self.state.forwarded[(path, response.status_code)] += 1
+            if response.status_code == 401 or (
+                path in _JOIN_PATHS and 400 <= response.status_code < 500
+            ):
+                self._client_refused(scope, path, response.status_code)
             up_headers = response.headers.raw
             drop = _HOP_BY_HOP | _connection_tokens(up_headers)
             out_headers = [(n.lower(), v) for n, v in up_headers if n.lower() not in drop]
@@ -398,7 +444,10 @@ def create_app(
     Returns:
         A Starlette app. ``app.state.forwarded`` counts forwarded calls by
         ``(path, upstream status)``; ``app.state.refused`` counts refusals by
-        ``(method, path)`` (at most 1024 distinct keys, then under ``("*", "*")``).
+        ``(method, path)`` (at most 1024 distinct keys, then under ``("*", "*")``);
+        ``app.state.refused_clients`` counts clients Flower refused (HTTP 401, or
+        an error answer to register-node/activate-node) by key fingerprint, each
+        also logged as a WARNING with the peer address.
     """
     target = _Upstream(upstream, upstream_verify)
 
@@ -412,6 +461,7 @@ def create_app(
     app = Starlette(lifespan=lifespan)
     app.state.forwarded = Counter()
     app.state.refused = Counter()
+    app.state.refused_clients = Counter()
     app.state.upstream = target.base_url
     app.add_middleware(
         _FleetGate,

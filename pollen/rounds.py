@@ -1,19 +1,28 @@
 """The round loop: send the global weights, aggregate, evaluate, record.
 
 Flower's ``Strategy.start`` runs rounds too, but offers no hook between
-rounds; Pollen needs one to record per-client history, write outputs after
-every round, stop at a target accuracy and (later) checkpoint. So this loop
+rounds; Pollen needs one to record per-client history, write outputs and a
+checkpoint after every round, and stop at a target accuracy. So this loop
 drives the strategy's own ``configure_*``/``aggregate_*`` methods, exactly as
 ``Strategy.start`` does, and calls :class:`RoundObserver` after each round.
 
+Fault tolerance lives here too: every exchange with clients has a hard
+deadline (:func:`exchange`), every update is checked before aggregation
+(:func:`validate_update`), failures are recorded per client, and a round
+needs ``min_clients`` valid updates.
+
 The pure helpers at the top (:func:`merge_batchnorm_stats`,
-:func:`weighted_mean`) know nothing about Flower or Keras.
+:func:`weighted_mean`, :func:`validate_update`) know nothing about Flower or
+Keras.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Protocol
 
@@ -91,6 +100,147 @@ def record_bytes(record: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in record.values()))
 
 
+def validate_update(
+    global_arrays: Sequence[np.ndarray], update: Sequence[np.ndarray], max_norm: float
+) -> str | None:
+    """Check a client's returned weights before they are aggregated.
+
+    An update must have as many arrays as the global model, each with the
+    global array's shape and dtype, hold only finite values, and (if
+    ``max_norm > 0``) differ from the global weights by at most ``max_norm``
+    in L2 norm over all floating-point arrays together.
+
+    Args:
+        global_arrays: The global model's arrays the client was sent.
+        update: The arrays the client returned, in the same order.
+        max_norm: Bound on ``||update - global||_2``; 0 = no bound.
+
+    Returns:
+        ``None`` if the update is acceptable, else the reason, phrased for the
+        history (for example ``"update has NaN/inf values (array 3)"``).
+    """
+    if len(update) != len(global_arrays):
+        return f"update has {len(update)} arrays, the global model has {len(global_arrays)}"
+    for i, (g, u) in enumerate(zip(global_arrays, update, strict=True)):
+        g, u = np.asarray(g), np.asarray(u)
+        if u.shape != g.shape:
+            return f"array {i} has shape {u.shape}, the global model's has {g.shape}"
+        if u.dtype != g.dtype:
+            return f"array {i} has dtype {u.dtype}, the global model's has {g.dtype}"
+    squared = 0.0
+    for i, (g, u) in enumerate(zip(global_arrays, update, strict=True)):
+        u = np.asarray(u)
+        if not np.issubdtype(u.dtype, np.floating):
+            continue
+        if not np.isfinite(u).all():
+            return f"update has NaN/inf values (array {i})"
+        diff = u.astype(np.float64) - np.asarray(g, dtype=np.float64)
+        squared += float(np.dot(diff.ravel(), diff.ravel()))
+    norm = float(np.sqrt(squared))
+    if max_norm > 0 and not norm <= max_norm:
+        return f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}"
+    return None
+
+
+_FLOWER_REASON = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def readable_reason(reason: str) -> str:
+    """Turn Flower's ``"<class 'pkg.Error'>:<'message'>"`` into ``"Error: message"``.
+
+    A :class:`PollenError` raised in a client app becomes just its message,
+    which already says what is wrong and what to do.
+    """
+    text = reason.strip()
+    match = _FLOWER_REASON.match(text)
+    if match is None:
+        return text
+    cls, message = match.group(1), match.group(2).strip()
+    # The simulation engine wraps the client's exception in a ClientAppException
+    # (inside Ray's RayTaskError, with a traceback) whose message is the original
+    # exception's; its class is lost.
+    marker = "occurred. Message: "
+    if "ClientAppException" in cls and marker in message:
+        return message.rsplit(marker, 1)[1].strip()
+    if cls.endswith("PollenError"):
+        return message
+    return f"{cls.rsplit('.', 1)[-1]}: {message}"
+
+
+# --- talking to clients with a deadline -------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """What came back from one batch of messages within its deadline.
+
+    Attributes:
+        replies: Reply per destination node id (possibly error replies).
+        missing: Node ids that did not reply before the deadline.
+    """
+
+    replies: dict[int, Message] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+
+
+def exchange(
+    grid: Grid, messages: Sequence[Message], timeout: float, poll_interval: float = 1.0
+) -> Exchange:
+    """Send ``messages`` and collect their replies, returning after ``timeout`` at most.
+
+    Flower's ``Grid.send_and_receive`` can block far beyond its timeout: when
+    a reply's metadata reached the SuperLink but its content never did (the
+    client was killed while uploading), ``pull_messages`` keeps retrying the
+    missing objects for up to two hours. Here every message is pulled by its
+    own daemon thread, and the caller waits for those threads until the
+    deadline only; a thread still stuck then is abandoned (its late result is
+    dropped) and its node is reported missing.
+    """
+    messages = list(messages)
+    if not messages:
+        return Exchange()
+    destinations = [m.metadata.dst_node_id for m in messages]
+    deadline = time.monotonic() + timeout
+    message_ids = list(grid.push_messages(messages))
+    result = Exchange()
+    if len(message_ids) != len(messages):  # Flower refused the batch (e.g. too large)
+        log(WARNING, "Flower accepted %d of %d messages", len(message_ids), len(messages))
+        result.missing = destinations
+        return result
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def pull(message_id: str, node: int) -> None:
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                replies = list(grid.pull_messages([message_id]))
+            except Exception as err:  # noqa: BLE001 - reported as that node's failure
+                log(WARNING, "Pulling the reply of node %s failed: %s", node, err)
+                replies = []
+            if replies:
+                with lock:
+                    if not stop.is_set():
+                        result.replies[node] = replies[0]
+                return
+            stop.wait(poll_interval)
+
+    threads = []
+    for message_id, node in zip(message_ids, destinations, strict=True):
+        if not message_id:  # Flower could not push this one
+            continue
+        t = threading.Thread(target=pull, args=(message_id, node), daemon=True)
+        t.start()
+        threads.append(t)
+    # Wait in short slices: a signal raised by another thread (Flower's parent-process
+    # monitor stops the app that way) is only handled when this thread runs again.
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    with lock:
+        stop.set()
+        result.missing = [n for n in destinations if n not in result.replies]
+    return result
+
+
 # --- the loop -------------------------------------------------------------------
 
 
@@ -138,50 +288,114 @@ def request_initial_arrays(
         dst_node_id=node_id,
         message_type=MessageType.QUERY,
     )
-    replies = list(grid.send_and_receive([msg], timeout=timeout))
-    if not replies or replies[0].has_error():
-        reason = replies[0].error.reason if replies else "no reply"
+    reply = exchange(grid, [msg], timeout).replies.get(node_id)
+    if reply is None or reply.has_error():
+        reason = readable_reason(reply.error.reason) if reply is not None else "no reply"
         raise PollenError(
             f"Client {node_id} could not provide the initial model weights ({reason}). "
             "Check that client's console for the error."
         )
-    content = replies[0].content
+    content = reply.content
     return content["arrays"], content.config_records.get("client", ConfigRecord())
 
 
-def _client_name(msg: Message) -> str:
+def learn_names(grid: Grid, node_ids: Iterable[int], names: dict[int, str], timeout: float) -> None:
+    """Ask clients not in ``names`` for their names (a light query, no model).
+
+    Knowing every sampled client's name before it trains means a client that
+    then dies without replying is still named in the history.
+    """
+    unknown = [n for n in node_ids if n not in names]
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"request": "hello"})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in unknown
+    ]
+    for node, reply in exchange(grid, messages, timeout).replies.items():
+        if reply.has_content():
+            names[node] = _client_name(reply, node)
+
+
+def _client_name(msg: Message, node: int | None = None) -> str:
     info = msg.content.config_records.get("client") if msg.has_content() else None
     if info is not None and "name" in info:
         return str(info["name"])
-    return f"node-{msg.metadata.src_node_id}"
+    return f"node-{msg.metadata.src_node_id if node is None else node}"
 
 
 class _RoundClients:
-    """Per-client records of one round, keyed by node id."""
+    """Per-client records of one round, keyed by node id.
 
-    def __init__(self) -> None:
+    Args:
+        names: Names of clients learned so far (node id to name); replies
+            add to it, and clients that never replied are shown by it.
+    """
+
+    def __init__(self, names: dict[int, str] | None = None) -> None:
         self.by_node: dict[int, ClientRound] = {}
+        self.names = names if names is not None else {}
 
-    def __call__(self, msg: Message) -> ClientRound:
-        node = msg.metadata.src_node_id
+    def __call__(self, msg: Message, node: int | None = None) -> ClientRound:
+        node = msg.metadata.src_node_id if node is None else node
+        if msg.has_content() and "client" in msg.content.config_records:
+            self.names[node] = _client_name(msg, node)
+        return self.get(node)
+
+    def get(self, node: int) -> ClientRound:
+        """The record of ``node``, created on first use."""
         if node not in self.by_node:
-            self.by_node[node] = ClientRound(node_id=node, name=_client_name(msg))
+            self.by_node[node] = ClientRound(
+                node_id=node, name=self.names.get(node, f"node-{node}")
+            )
         return self.by_node[node]
 
-    def fail(self, msg: Message, phase: str) -> None:
-        c = self(msg)
-        reason = f"{phase}: {msg.error.reason}"
-        c.error = f"{c.error}; {reason}" if c.error else reason
+    def fail(self, node: int, phase: str, reason: str) -> ClientRound:
+        """Record that ``node`` failed ``phase`` of this round because of ``reason``."""
+        c = self.get(node)
+        text = f"{phase}: {reason}"
+        c.error = f"{c.error}; {text}" if c.error else text
+        return c
 
     def sorted(self) -> list[ClientRound]:
         return sorted(self.by_node.values(), key=lambda c: c.name)
 
 
-def _split(replies: Iterable[Message]) -> tuple[list[Message], list[Message]]:
-    ok, failed = [], []
-    for msg in replies:
-        (failed if msg.has_error() else ok).append(msg)
-    return ok, failed
+def _collect(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    phase: str,
+    rnd: int,
+    clients: _RoundClients,
+) -> list[tuple[int, Message]]:
+    """Exchange ``messages``; record error replies and missing replies as failures.
+
+    Returns:
+        ``(node id, reply)`` of every reply that carries content.
+    """
+    result = exchange(grid, messages, timeout)
+    ok = []
+    for node, msg in result.replies.items():
+        if msg.has_error():
+            c = clients.fail(node, phase, readable_reason(msg.error.reason))
+            log(WARNING, "Round %d: client %s failed to %s: %s", rnd, c.name, phase, c.error)
+        else:
+            clients(msg, node)
+            ok.append((node, msg))
+    for node in result.missing:
+        c = clients.fail(node, phase, f"no reply within round-timeout ({timeout:g} s)")
+        log(WARNING, "Round %d: client %s sent no %s reply in %g s", rnd, c.name, phase, timeout)
+    return ok
+
+
+def _failures_text(clients: _RoundClients) -> str:
+    failed = [c for c in clients.sorted() if c.error]
+    if not failed:
+        return "no client failed"
+    return "; ".join(f"{c.name} ({c.error})" for c in failed)
 
 
 def train_phase(
@@ -193,31 +407,78 @@ def train_phase(
     timeout: float,
     record: RoundRecord,
     clients: _RoundClients,
+    *,
+    max_update_norm: float = 0.0,
+    min_valid: int = 1,
 ) -> ArrayRecord:
-    """Send ``arrays`` for training, record replies, return the aggregate."""
+    """Send ``arrays`` for training, validate and record replies, return the aggregate.
+
+    Every reply is checked by :func:`validate_update`; a rejected one is left
+    out of the aggregate and recorded as the client's error (``"train:
+    rejected: ..."``). Clients that fail or do not reply within ``timeout``
+    are recorded too.
+
+    Raises:
+        PollenError: Fewer than ``min_valid`` clients returned a valid update.
+    """
     messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
     record.bytes_sent += record_bytes(arrays) * len(messages)
-    ok, failed = _split(grid.send_and_receive(messages, timeout=timeout))
-    for msg in failed:
-        clients.fail(msg, "train")
-    for msg in ok:
-        m, c = msg.content["metrics"], clients(msg)
+    learn_names(grid, [m.metadata.dst_node_id for m in messages], clients.names, min(timeout, 15))
+    global_np = arrays.to_numpy_ndarrays()
+    valid: list[Message] = []
+    for node, msg in _collect(grid, messages, timeout, "train", rnd, clients):
+        c = clients.get(node)
+        if "arrays" not in msg.content or "metrics" not in msg.content:
+            reason = "reply has no weights or metrics"
+        else:
+            record.bytes_received += record_bytes(msg.content["arrays"])
+            update = msg.content["arrays"].to_numpy_ndarrays()
+            reason = validate_update(global_np, update, max_update_norm)
+        if reason is not None:
+            clients.fail(node, "train", f"rejected: {reason}")
+            log(WARNING, "Round %d: update of client %s rejected: %s", rnd, c.name, reason)
+            continue
+        m = msg.content["metrics"]
         c.train_loss, c.train_accuracy = m.get("train_loss"), m.get("train_accuracy")
         c.train_examples, c.fit_seconds = int(m["num-examples"]), m.get("fit_seconds")
-        record.bytes_received += record_bytes(msg.content["arrays"])
-    new_arrays, metrics = strategy.aggregate_train(rnd, ok)
+        valid.append(msg)
+    if len(valid) < min_valid:
+        raise PollenError(
+            f"Round {rnd} has {len(valid)} valid update(s), fewer than the {min_valid} "
+            f"--min-clients needs; failed: {_failures_text(clients)}. The run stopped; its "
+            "last completed round is checkpointed: fix or restart the failing clients, then "
+            "continue with `pollen server --resume RUN_DIR` (or `pollen simulate --resume`)."
+        )
+    new_arrays, metrics = strategy.aggregate_train(rnd, valid)
     if new_arrays is None:
         raise PollenError(
-            f"Round {rnd}: no client returned a usable update ({len(failed)} failed). "
-            "See the clients' consoles."
+            f"Round {rnd}: no client returned a usable update; failed: "
+            f"{_failures_text(clients)}. See the clients' consoles."
         )
     if metrics is not None:
         record.train = {
             "loss": metrics.get("train_loss"),
             "accuracy": metrics.get("train_accuracy"),
-            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in ok),
+            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in valid),
         }
-    return new_arrays
+    return _cast_like(new_arrays, arrays)
+
+
+def _cast_like(new: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``new`` with each array in the dtype of ``like``'s array of the same key.
+
+    Server-side optimizers (FedAdam, FedYogi, FedAdagrad) compute in float64;
+    the global model keeps its own dtypes, so clients' float32 updates stay
+    valid (see :func:`validate_update`) and the payload does not double.
+    """
+    out = {}
+    for k, a in new.items():
+        target = like[k].dtype if k in like else a.dtype
+        if a.dtype == target:
+            out[k] = a
+        else:
+            out[k] = Array(np.asarray(a.numpy(), dtype=np.dtype(target)))
+    return ArrayRecord(array_dict=out)
 
 
 def evaluate_phase(
@@ -228,25 +489,34 @@ def evaluate_phase(
     timeout: float,
     record: RoundRecord,
     clients: _RoundClients,
+    skip: Iterable[int] = (),
 ) -> ArrayRecord:
-    """Clients evaluate ``arrays``; return them with re-estimated BatchNorm statistics."""
-    messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+    """Clients evaluate ``arrays``; return them with re-estimated BatchNorm statistics.
+
+    Nodes in ``skip`` (those that sent no train reply this round: dead or
+    still busy) are not asked.
+    """
+    skip = set(skip)
+    messages = [
+        m
+        for m in strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
+        if m.metadata.dst_node_id not in skip
+    ]
     record.bytes_sent += record_bytes(arrays) * len(messages)
-    ok, failed = _split(grid.send_and_receive(messages, timeout=timeout))
-    for msg in failed:
-        clients.fail(msg, "evaluate")
-    for msg in ok:
-        m, c = msg.content["metrics"], clients(msg)
+    ok = _collect(grid, messages, timeout, "evaluate", rnd, clients)
+    for node, msg in ok:
+        m, c = msg.content["metrics"], clients.get(node)
         c.eval_loss, c.eval_accuracy = m.get("eval_loss"), m.get("eval_accuracy")
         c.eval_examples = int(m["num-examples"])
-    metrics = strategy.aggregate_evaluate(rnd, ok)
+    replies = [msg for _, msg in ok]
+    metrics = strategy.aggregate_evaluate(rnd, replies) if replies else None
     if metrics is not None:
         record.evaluate = {
             "loss": metrics.get("eval_loss"),
             "accuracy": metrics.get("eval_accuracy"),
-            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in ok),
+            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in replies),
         }
-    return _apply_batchnorm_stats(arrays, ok)
+    return _apply_batchnorm_stats(arrays, replies)
 
 
 def run_rounds(
@@ -262,25 +532,52 @@ def run_rounds(
     observer: RoundObserver | None = None,
     target_accuracy: float = 0.0,
     first_round: int = 1,
+    min_clients: int = 1,
+    max_update_norm: float = 0.0,
+    names: dict[int, str] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; return the final global arrays.
 
     Each round: the strategy samples clients and sends them ``arrays``; their
-    updates are aggregated; every client evaluates the new global model and
+    updates are validated (:func:`validate_update`) and the valid ones
+    aggregated; every client that trained evaluates the new global model and
     returns re-estimated BatchNorm statistics, which replace the averaged
     ones; the server evaluates centrally if ``evaluate_fn`` is given; the
     round is appended to ``history`` and ``observer.round_done`` is called.
 
+    A client that fails, sends an invalid update or does not reply within
+    ``timeout`` is recorded in the round's history and the round goes on
+    with the others, as long as at least ``min_clients`` valid updates came
+    back.
+
     Stops early once the central accuracy reaches ``target_accuracy`` (> 0).
+
+    Raises:
+        PollenError: Fewer than ``min_clients`` clients are connected within
+            ``timeout``, or fewer valid updates came back in a round.
     """
+    names = names if names is not None else {}
     for rnd in range(first_round, num_rounds + 1):
         start = time.perf_counter()
         record = RoundRecord(round=rnd)
-        clients = _RoundClients()
+        clients = _RoundClients(names)
+        # Flower's samplers wait for enough nodes forever: bound that wait here.
+        _wait_for_quorum(grid, min_clients, timeout, rnd)
         arrays = train_phase(
-            grid, strategy, rnd, arrays, train_config or {}, timeout, record, clients
+            grid,
+            strategy,
+            rnd,
+            arrays,
+            train_config or {},
+            timeout,
+            record,
+            clients,
+            max_update_norm=max_update_norm,
+            min_valid=min_clients,
         )
-        arrays = evaluate_phase(grid, strategy, rnd, arrays, timeout, record, clients)
+        failed = [n for n, c in clients.by_node.items() if c.error]
+        _wait_for_quorum(grid, min_clients, timeout, rnd)
+        arrays = evaluate_phase(grid, strategy, rnd, arrays, timeout, record, clients, failed)
         if evaluate_fn is not None:
             record.server = evaluate_fn(rnd, arrays) or {}
         record.clients = clients.sorted()
@@ -295,9 +592,24 @@ def run_rounds(
     return arrays
 
 
+def _wait_for_quorum(grid: Grid, min_clients: int, timeout: float, rnd: int) -> None:
+    try:
+        wait_for_clients(grid, min_clients, timeout)
+    except PollenError as err:
+        raise PollenError(
+            f"Round {rnd} cannot go on: {err} The last completed round is checkpointed; "
+            "continue later with `--resume RUN_DIR`."
+        ) from None
+
+
 def _apply_batchnorm_stats(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
     """Replace averaged BatchNorm statistics by the clients' re-estimated ones."""
-    with_stats = [m for m in replies if "bn-stats" in m.content]
+    with_stats = [
+        m
+        for m in replies
+        if "bn-stats" in m.content
+        and all(np.isfinite(a.numpy()).all() for a in m.content["bn-stats"].values())
+    ]
     if not with_stats:
         return arrays
     stats = [{k: a.numpy() for k, a in m.content["bn-stats"].items()} for m in with_stats]

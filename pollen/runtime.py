@@ -257,6 +257,57 @@ def temporary_home(prefix: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def register_supernodes(
+    flwr_home: Path, public_keys: Sequence[Path], timeout: float = 60.0
+) -> None:
+    """Register client public keys with the SuperLink of the connection in ``flwr_home``.
+
+    With ``--enable-supernode-auth`` the SuperLink admits only SuperNodes whose
+    public key was registered this way (``flwr supernode register KEY CONN``).
+
+    Raises:
+        PollenError: Flower refused a key or the command failed.
+    """
+    env = flower_env(flwr_home)
+    # One `flwr` process per key (each takes seconds to start): run them side by side.
+    procs = [
+        (
+            key,
+            subprocess.Popen(
+                [flower_bin("flwr"), "supernode", "register", str(key), CONNECTION],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        )
+        for key in public_keys
+    ]
+    deadline = time.monotonic() + timeout
+    failure: str | None = None
+    for key, proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            failure = failure or (
+                f"Registering the client key {key} with Flower's SuperLink took more than "
+                f"{timeout:.0f} s. The machine may be overloaded; start the server again."
+            )
+            continue
+        if proc.returncode != 0:
+            output = " ".join(output.split())[-600:]
+            failure = failure or (
+                f"Flower refused to register the client key {key} ({output}). Check that "
+                "the file is a client public key from `pollen certs` and that no two files "
+                "in authorized-clients hold the same key, then start the server again."
+            )
+    if failure:
+        raise PollenError(failure)
+
+
 def submit_run(
     flwr_home: Path,
     overrides: Mapping[str, Any],

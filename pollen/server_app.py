@@ -17,10 +17,11 @@ from datetime import datetime
 from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from pollen.checkpoint import RunLock, load_checkpoint, save_checkpoint
 from pollen.config import RunConfig
 from pollen.deployment import announce_run_over
 from pollen.errors import PollenError
@@ -29,6 +30,7 @@ from pollen.history import (
     RoundRecord,
     atomic_write,
     plot_history,
+    read_status,
     save_model,
     write_history,
     write_status,
@@ -85,12 +87,25 @@ class ModelFiles:
 
 
 class RunFolderWriter:
-    """Writes history, plot and model into the run folder after every round."""
+    """Writes history, plot, model and checkpoint into the run folder after every round.
 
-    def __init__(self, run_dir: Path, files: ModelFiles) -> None:
+    The checkpoint (:mod:`pollen.checkpoint`) comes last, so it never names a
+    round whose history and model are not written yet.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        files: ModelFiles,
+        strategy=None,
+        config: dict | None = None,
+        elapsed: float = 0.0,
+    ) -> None:
         self.run_dir = run_dir
         self.files = files
-        self.started = time.perf_counter()
+        self.strategy = strategy
+        self.config = config or {}
+        self.started = time.perf_counter() - elapsed
 
     def round_done(self, record: RoundRecord, arrays: ArrayRecord, history: History) -> None:
         """Persist everything a reader needs after ``record``'s round."""
@@ -98,6 +113,15 @@ class RunFolderWriter:
         write_history(self.run_dir, history)
         plot_history(self.run_dir, history)
         self.files.save(self.run_dir, arrays)
+        if self.strategy is not None:
+            save_checkpoint(
+                self.run_dir,
+                record.round,
+                {k: a.numpy() for k, a in arrays.items()},
+                self.strategy,
+                history,
+                self.config,
+            )
 
 
 @app.main()
@@ -106,17 +130,43 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    if not lock.acquire(timeout=30.0):
+        err = PollenError(
+            f"Another pollen server (process {lock.holder() or 'unknown'}) is still writing "
+            f"{run_dir}. Stop it first, then start this one again."
+        )
+        log(ERROR, "%s", err)
+        announce_run_over(grid)
+        raise err
+    try:
+        _run_and_report(grid, cfg, run_dir)
+    finally:
+        lock.release()
+
+
+def _run_and_report(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
+    previous = read_status(run_dir)
+    if cfg.resume and previous is not None and previous.get("status") == "completed":
+        err = PollenError(
+            f"The run in {run_dir} has already completed; there is nothing to resume. "
+            "Start a new run with another --out."
+        )
+        log(ERROR, "%s", err)
+        announce_run_over(grid)
+        raise err
     write_status(run_dir, "running")
     log(INFO, "Pollen run folder: %s", run_dir)
+    history: History | None = None
     try:
         history = run_federation(grid, cfg, run_dir)
     except PollenError as err:
-        write_status(run_dir, "failed", str(err))
+        write_status(run_dir, "failed", str(err), **_last_round(run_dir))
         log(ERROR, "%s", err)
         announce_run_over(grid)
         raise
     except Exception as err:
-        write_status(run_dir, "failed", f"{type(err).__name__}: {err}")
+        write_status(run_dir, "failed", f"{type(err).__name__}: {err}", **_last_round(run_dir))
         log(ERROR, "%s", traceback.format_exc())
         announce_run_over(grid)
         raise
@@ -131,22 +181,67 @@ def main(grid: Grid, context: Context) -> None:
     announce_run_over(grid)
 
 
+def _last_round(run_dir: Path) -> dict:
+    """``{"last_completed_round": N}`` from the checkpoint, for status files."""
+    from pollen.checkpoint import read_manifest
+
+    try:
+        manifest = read_manifest(run_dir)
+    except PollenError:
+        manifest = None
+    return {"last_completed_round": manifest["round"] if manifest else 0}
+
+
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
-    """Initialise from a client, run all rounds, write outputs; return the history."""
+    """Initialise from a client (or the checkpoint), run the rounds, write outputs.
+
+    With ``cfg.resume`` the run continues from ``run_dir``'s checkpoint: the
+    global weights, the strategy object (with its optimizer state) and the
+    history of the completed rounds are restored, and the rounds go on from
+    the one after the last completed one.
+
+    Returns:
+        The history.
+    """
     files = ModelFiles(cfg)
-    writer = RunFolderWriter(run_dir, files)
-    history = History(config=cfg.replace(out=str(run_dir)).to_mapping())
-    nodes = wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
-    arrays, client_info = request_initial_arrays(grid, nodes[0], cfg.round_timeout)
-    if "classes" in client_info:
-        atomic_write(run_dir / "classes.json", json.dumps(list(client_info["classes"])) + "\n")
     evaluate_fn = files.evaluate if cfg.server_eval else None
-    if evaluate_fn is not None:
-        history.initial_server = evaluate_fn(0, arrays)
-        log(INFO, "Initial global model: server test acc %.4f", history.initial_server["accuracy"])
+    config = cfg.replace(out=str(run_dir), resume=False).to_mapping()
+    if cfg.resume:
+        ckpt = load_checkpoint(run_dir)
+        if ckpt.round >= cfg.num_rounds:
+            raise PollenError(
+                f"The run in {run_dir} has already completed all {cfg.num_rounds} rounds; "
+                "there is nothing to resume. Start a new run with another --out."
+            )
+        history, strategy = ckpt.history, ckpt.strategy
+        history.rounds = [r for r in history.rounds if r.round <= ckpt.round]
+        arrays = ArrayRecord(array_dict={k: Array(v) for k, v in ckpt.arrays.items()})
+        first_round = ckpt.round + 1
+        log(INFO, "Resuming after round %d of %d from %s", ckpt.round, cfg.num_rounds, run_dir)
+        # A crash between writing these and the checkpoint may have left a later round.
+        write_history(run_dir, history)
+        files.save(run_dir, arrays)
+        wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
+    else:
+        strategy = make_strategy(cfg)
+        history = History(config=config)
+        first_round = 1
+        nodes = wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
+        arrays, client_info = request_initial_arrays(grid, nodes[0], cfg.round_timeout)
+        if "classes" in client_info:
+            classes = json.dumps(list(client_info["classes"])) + "\n"
+            atomic_write(run_dir / "classes.json", classes)
+        if evaluate_fn is not None:
+            history.initial_server = evaluate_fn(0, arrays)
+            log(
+                INFO,
+                "Initial global model: server test acc %.4f",
+                history.initial_server["accuracy"],
+            )
+    writer = RunFolderWriter(run_dir, files, strategy, config, history.elapsed_seconds)
     run_rounds(
         grid,
-        make_strategy(cfg),
+        strategy,
         arrays,
         num_rounds=cfg.num_rounds,
         history=history,
@@ -155,5 +250,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         evaluate_fn=evaluate_fn,
         observer=writer,
         target_accuracy=cfg.target_accuracy,
+        first_round=first_round,
+        min_clients=cfg.min_clients,
+        max_update_norm=cfg.max_update_norm,
     )
     return history

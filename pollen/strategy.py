@@ -34,10 +34,14 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
 
 STRATEGIES: dict[str, Callable[[RunConfig], fl.Strategy]] = {
     "fedavg": lambda cfg: fl.FedAvg(**_common(cfg)),
-    "fedavgm": lambda cfg: fl.FedAvgM(**_common(cfg), server_momentum=0.9),
-    "fedadam": lambda cfg: fl.FedAdam(**_common(cfg)),
-    "fedyogi": lambda cfg: fl.FedYogi(**_common(cfg)),
-    "fedadagrad": lambda cfg: fl.FedAdagrad(**_common(cfg)),
+    "fedavgm": lambda cfg: fl.FedAvgM(
+        **_common(cfg), server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum
+    ),
+    # Flower's defaults for the adaptive strategies are eta=0.1 (0.01 for FedYogi): their
+    # server step is eta * m / (sqrt(v) + tau); server-lr scales it.
+    "fedadam": lambda cfg: fl.FedAdam(**_common(cfg), eta=0.1 * cfg.server_lr),
+    "fedyogi": lambda cfg: fl.FedYogi(**_common(cfg), eta=0.01 * cfg.server_lr),
+    "fedadagrad": lambda cfg: fl.FedAdagrad(**_common(cfg), eta=0.1 * cfg.server_lr),
     "fedmedian": lambda cfg: fl.FedMedian(**_common(cfg)),
     "trimmedmean": lambda cfg: fl.FedTrimmedAvg(**_common(cfg)),
     "krum": lambda cfg: fl.Krum(**_common(cfg)),

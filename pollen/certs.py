@@ -1,0 +1,816 @@
+"""Certificates and keys for a real deployment: TLS and client authentication.
+
+``pollen certs`` (:func:`create_certs`) writes everything a federation needs into
+one folder, already sorted by who gets which file::
+
+    certs/
+      README.txt                   this layout, in short
+      ca/                          the certificate authority: keep it off the server
+        ca.key                     the CA's private key (0600). It signs server
+                                   certificates; whoever holds it can impersonate the
+                                   server. Never hand it out.
+        ca.crt                     the CA's certificate (public)
+      server/                      `pollen server --certs certs/server`; stays on the server
+        ca.crt                     the CA certificate, to check server.crt against
+        server.crt                 the server's TLS certificate, signed by the CA; its
+                                   subject alternative names are every name and address
+                                   clients may dial (DNS names and IP addresses as such)
+        server.key                 its private key (0600)
+        authorized-clients/        one OpenSSH public key per client allowed to join
+          client-0.pub ...         (delete a file to lock that client out; add one made
+                                   with `ssh-keygen -t ecdsa -b 384` to let a new one in)
+      clients/client-i/            `pollen client --certs client-i` on participant i's
+                                   machine: copy the whole folder there
+        ca.crt                     the CA certificate: the client trusts a server only
+                                   if its certificate was signed by this CA
+        client.key                 the client's private key (0600): ECDSA P-384 in
+                                   OpenSSH format, what ``flower-supernode
+                                   --auth-supernode-private-key`` loads
+                                   (``load_ssh_private_key``, an EC key)
+        client.pub                 its public key, the same as
+                                   server/authorized-clients/client-i.pub
+
+Two separate mechanisms use these files:
+
+- **TLS** (``ca.crt``, ``server.crt``, ``server.key``): the server proves it is the
+  server, and all traffic between clients and the server is encrypted. Clients
+  check the server's certificate against ``ca.crt`` and the address they dial.
+- **Client authentication** (Flower's SuperNode authentication: ``client.key``,
+  ``authorized-clients/``): a client signs every request with its private key; the
+  server registers each public key in ``authorized-clients`` with Flower before the
+  run, and Flower refuses any other key ("Failed to activate SuperNode"). This is
+  not mutual TLS: clients have key pairs, not certificates.
+
+The server's loopback hop (proxy to Flower's SuperLink, and the ``flwr`` CLI) also
+runs TLS, because Flower enables SuperNode authentication only with TLS; it uses a
+throwaway CA and certificate made at start-up (:func:`loopback_tls`), so the
+operator's ``server.crt`` needs no loopback names.
+
+:func:`load_server_certs` and :func:`load_client_certs` check a folder before
+anything starts (files present, PEM/OpenSSH parseable, keys matching, certificate
+signed by the CA and within its validity period) and raise a
+:class:`~pollen.errors.PollenError` naming the file and what to do;
+:func:`probe_tls` checks the server's certificate from a client before Flower's
+SuperNode starts, so a wrong CA or name is reported precisely instead of as a
+generic connection failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import hashlib
+import ipaddress
+import os
+import re
+import shutil
+import socket
+import ssl
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pollen.errors import PollenError
+
+#: Names every server certificate covers, besides those given.
+ALWAYS_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+
+#: Validity of the CA and of server certificates, in days.
+CA_DAYS = 3650
+SERVER_DAYS = 825
+
+#: File and folder names of the layout described in the module docstring.
+CA_KEY = "ca.key"
+CA_CERT = "ca.crt"
+SERVER_CERT = "server.crt"
+SERVER_KEY = "server.key"
+AUTHORIZED = "authorized-clients"
+CLIENT_KEY = "client.key"
+CLIENT_PUB = "client.pub"
+
+_ENTRIES = ("README.txt", "ca", "server", "clients")
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_REGENERATE = (
+    "run `pollen certs --out DIR --server-name HOST` (HOST: the name or address clients "
+    "dial) on a trusted machine"
+)
+
+_README = """\
+Made by `pollen certs`. Who gets what:
+
+  ca/                 keep off the server and never hand out: ca.key signs server
+                      certificates (whoever holds it can impersonate the server)
+  server/             on the server only:   pollen server --certs server/ ...
+  clients/client-i/   copy to participant i: pollen client --certs client-i/ ...
+
+Server names in server.crt: {names}
+Authorized clients (server/authorized-clients/*.pub, SHA-256 fingerprints):
+{fingerprints}
+
+To lock a client out, delete its .pub file from server/authorized-clients and
+restart the server. To add one, make a key pair on its machine with
+`ssh-keygen -t ecdsa -b 384 -N '' -f client.key`, put client.key and ca.crt in a
+folder for `pollen client --certs`, and copy client.key.pub into
+server/authorized-clients/ as NAME.pub.
+"""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost).
+
+    ``0.0.0.0`` and ``::`` are not loopback: they listen on every interface.
+    """
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret file readable by its owner only (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    os.chmod(path, 0o644)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def openssh_public(key: ec.EllipticCurvePublicKey, comment: str = "") -> bytes:
+    """A public key as one OpenSSH ``authorized_keys`` line."""
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return line + (b" " + comment.encode() if comment else b"") + b"\n"
+
+
+def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """``SHA256:...`` fingerprint of a public key, as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(openssh_public(key).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def pem_key_fingerprint(pem: bytes) -> str | None:
+    """Fingerprint of a PEM public key (as Flower sends it), or None if unreadable."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return None
+    return key_fingerprint(key)
+
+
+def classify_server_names(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split server names into DNS names and IP addresses, validated and de-duplicated.
+
+    Raises:
+        PollenError: A name is neither a valid host name nor an IP address, or it
+            is an address no client can dial (0.0.0.0, ::).
+    """
+    dns: list[str] = []
+    ips: list[str] = []
+    for raw in names:
+        name = raw.strip().strip("[]")
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            ip = None
+        if ip is not None:
+            if ip.is_unspecified:
+                raise PollenError(
+                    f"--server-name {raw}: {name} is the 'listen on every interface' "
+                    "address, not one a client can dial. Give the host name or IP address "
+                    "clients will use to reach the server (repeat --server-name for several)."
+                )
+            if str(ip) not in ips:
+                ips.append(str(ip))
+            continue
+        host = name.rstrip(".").lower()
+        labels = host.split(".")
+        if labels and labels[0] == "*":
+            labels = labels[1:]
+        if (
+            not host
+            or len(host) > 253
+            or not labels
+            or not all(_DNS_LABEL.match(label) for label in labels)
+        ):
+            raise PollenError(
+                f"--server-name {raw!r} is neither a host name (letters, digits, hyphens "
+                "and dots, like fl.example.org) nor an IP address. Give the name or address "
+                "clients will dial to reach the server."
+            )
+        if host not in dns:
+            dns.append(host)
+    return dns, ips
+
+
+# --------------------------------------------------------------------------- creation
+
+
+def _new_key(curve: ec.EllipticCurve | None = None) -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(curve or ec.SECP384R1())
+
+
+def _make_ca(common_name: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    dns: Sequence[str],
+    ips: Sequence[str],
+    days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = _new_key()
+    common_name = (list(dns) + list(ips))[0][:64]
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+@dataclass(frozen=True)
+class CertsSummary:
+    """What :func:`create_certs` wrote."""
+
+    out: Path
+    dns: list[str]
+    ips: list[str]
+    clients: dict[str, str]  # name -> public key fingerprint
+
+
+def default_server_names() -> list[str]:
+    """This host's name (``socket.gethostname()``), the default ``--server-name``.
+
+    Empty if the host name is not a valid DNS name (then only the loopback
+    names are in the certificate).
+    """
+    name = socket.gethostname().strip()
+    try:
+        classify_server_names([name])
+    except PollenError:
+        return []
+    return [name]
+
+
+def create_certs(
+    out: Path,
+    server_names: Sequence[str] | None = None,
+    clients: int = 2,
+    *,
+    force: bool = False,
+) -> CertsSummary:
+    """Write a CA, a server certificate and ``clients`` client key pairs into ``out``.
+
+    The layout is in the module docstring. Files are first written into a
+    temporary sibling folder and then moved into place, so a failure leaves no
+    half-made folder behind.
+
+    Args:
+        out: The folder to create.
+        server_names: Names and IP addresses clients dial (default: this host's
+            name); ``localhost``, ``127.0.0.1`` and ``::1`` are always added.
+        clients: How many client key pairs to make.
+        force: Replace the files of an existing ``out`` (other files in it stay).
+
+    Returns:
+        What was written: the folder, the certificate's names, the clients.
+
+    Raises:
+        PollenError: ``out`` exists and is not empty (without ``force``), or a
+            server name is invalid.
+    """
+    out = Path(out).expanduser().resolve()
+    if clients < 1:
+        raise PollenError("--clients must be at least 1: a federation needs clients.")
+    names = list(server_names) if server_names else default_server_names()
+    dns, ips = classify_server_names([*names, *ALWAYS_NAMES])
+    if out.exists() and not out.is_dir():
+        raise PollenError(f"--out {out} is a file, not a folder: choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PollenError(
+            f"{out} already exists and is not empty; pollen certs will not overwrite it "
+            "(a new CA would lock out every client holding the old bundles). Choose another "
+            "--out, or add --force to replace its certificates and keys."
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        fingerprints = _write_layout(staging, dns, ips, clients)
+        out.mkdir(exist_ok=True)
+        for entry in _ENTRIES:
+            target = out / entry
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(staging / entry, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return CertsSummary(out=out, dns=dns, ips=ips, clients=fingerprints)
+
+
+def _write_layout(root: Path, dns: list[str], ips: list[str], clients: int) -> dict[str, str]:
+    ca_key, ca_cert = _make_ca("Pollen federation CA", CA_DAYS)
+    server_key, server_cert = _make_server_cert(ca_key, ca_cert, dns, ips, SERVER_DAYS)
+
+    (root / "ca").mkdir(mode=0o700)
+    _write_private(root / "ca" / CA_KEY, _pem_key(ca_key))
+    _write_public(root / "ca" / CA_CERT, _pem_cert(ca_cert))
+
+    server = root / "server"
+    (server / AUTHORIZED).mkdir(parents=True)
+    _write_public(server / CA_CERT, _pem_cert(ca_cert))
+    _write_public(server / SERVER_CERT, _pem_cert(server_cert))
+    _write_private(server / SERVER_KEY, _pem_key(server_key))
+
+    fingerprints: dict[str, str] = {}
+    for i in range(clients):
+        name = f"client-{i}"
+        key = _new_key(ec.SECP384R1())
+        public = openssh_public(key.public_key(), name)
+        folder = root / "clients" / name
+        folder.mkdir(parents=True, mode=0o700)
+        _write_public(folder / CA_CERT, _pem_cert(ca_cert))
+        _write_private(
+            folder / CLIENT_KEY,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            ),
+        )
+        _write_public(folder / CLIENT_PUB, public)
+        _write_public(server / AUTHORIZED / f"{name}.pub", public)
+        fingerprints[name] = key_fingerprint(key.public_key())
+
+    (root / "README.txt").write_text(
+        _README.format(
+            names=", ".join([*dns, *ips]),
+            fingerprints="\n".join(f"  {n}: {fp}" for n, fp in fingerprints.items()),
+        )
+    )
+    return fingerprints
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class ServerCerts:
+    """A validated ``server/`` folder: what ``pollen server --certs`` uses."""
+
+    folder: Path
+    ca: Path
+    cert: Path
+    key: Path
+    authorized: tuple[Path, ...]
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClientCerts:
+    """A validated ``clients/client-i/`` folder: what ``pollen client --certs`` uses."""
+
+    folder: Path
+    ca: Path
+    key: Path
+    fingerprint: str
+
+
+def _certs_folder(folder: Path, role: str) -> Path:
+    folder = Path(folder).expanduser().resolve()
+    what = "DIR/server" if role == "server" else "DIR/clients/client-i"
+    if not folder.is_dir():
+        raise PollenError(
+            f"--certs {folder} {'is not a folder' if folder.exists() else 'does not exist'}: "
+            f"give the {what} folder that `pollen certs --out DIR` made (to make one, "
+            f"{_REGENERATE})."
+        )
+    return folder
+
+
+def _need_file(folder: Path, name: str, role: str, hint: str = "") -> Path:
+    path = folder / name
+    if not path.is_file():
+        what = "DIR/server" if role == "server" else "DIR/clients/client-i"
+        raise PollenError(
+            f"{path} is missing: --certs for `pollen {role}` must be the {what} folder "
+            f"made by `pollen certs`{hint}. Point --certs at that folder, or {_REGENERATE}."
+        )
+    return path
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PollenError(
+            f"Cannot read {path}: {exc.strerror or exc}. Check the file's permissions "
+            "(the user running pollen must be able to read it)."
+        ) from exc
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    data = _read(path)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise PollenError(
+            f"{path} is not a PEM certificate (a text file starting with '-----BEGIN "
+            f"CERTIFICATE-----'). Copy the right file from the folder `pollen certs` made, "
+            f"or {_REGENERATE}."
+        )
+    now = _now()
+    for cert in certs:
+        if cert.not_valid_after_utc < now:
+            raise PollenError(
+                f"The certificate in {path} expired on "
+                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC. Make new certificates: "
+                f"{_REGENERATE}, then hand the new client bundles out."
+            )
+        if cert.not_valid_before_utc > now + datetime.timedelta(minutes=5):
+            raise PollenError(
+                f"The certificate in {path} is valid only from "
+                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: this machine's clock is "
+                "wrong, or the certificate was made on a machine whose clock is ahead. Fix "
+                "the clock (or wait), then start again."
+            )
+    return certs
+
+
+def _chain_to(chain: list[x509.Certificate], ca: x509.Certificate) -> bool:
+    """Whether ``chain`` (leaf first) leads to ``ca`` by valid signatures."""
+    for child, parent in zip(chain, [*chain[1:], ca], strict=False):
+        if child == parent:  # the file holds the CA itself at its end
+            return True
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+    return True
+
+
+def _public_bytes(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def cert_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses in a certificate's subject alternative names."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName)] + [
+        str(a) for a in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+def load_authorized_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """Load one authorized client public key as ``flwr supernode register`` does.
+
+    Raises:
+        PollenError: The file is not an OpenSSH EC public key on a NIST curve.
+    """
+    try:
+        key = serialization.load_ssh_public_key(_read(path).strip())
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in (
+        "secp256r1",
+        "secp384r1",
+        "secp521r1",
+    ):
+        raise PollenError(
+            f"{path} is not a client public key: each file in {AUTHORIZED}/ must hold one "
+            "ECDSA public key in OpenSSH format (a line starting with 'ecdsa-sha2-nistp384', "
+            "as in client.pub from `pollen certs` or the .pub file of `ssh-keygen -t ecdsa "
+            "-b 384`). Replace or remove the file."
+        )
+    return key
+
+
+def load_server_certs(folder: Path) -> ServerCerts:
+    """Check a ``server/`` folder made by ``pollen certs`` and return its files.
+
+    Raises:
+        PollenError: The folder or a file is missing, a file is not a PEM
+            certificate/key or an OpenSSH public key, the key does not belong to the
+            certificate, the certificate is not signed by ``ca.crt`` or has expired,
+            or no client is authorized.
+    """
+    folder = _certs_folder(folder, "server")
+    hint = ""
+    if (folder / "server" / SERVER_CERT).is_file():
+        hint = f" (did you mean --certs {folder / 'server'}?)"
+    elif (folder / CLIENT_KEY).is_file():
+        hint = " (this looks like a client's bundle: clients use it, the server does not)"
+    ca_path = _need_file(folder, CA_CERT, "server", hint)
+    cert_path = _need_file(folder, SERVER_CERT, "server", hint)
+    key_path = _need_file(folder, SERVER_KEY, "server", hint)
+
+    ca = _load_certs(ca_path)[0]
+    chain = _load_certs(cert_path)
+    if not _chain_to(chain, ca):
+        raise PollenError(
+            f"{cert_path} is not signed by the CA in {ca_path}: the two files come from "
+            "different `pollen certs` runs. Copy server.crt, server.key and ca.crt from the "
+            "same DIR/server folder (the clients' ca.crt must be that same CA)."
+        )
+    try:
+        key = serialization.load_pem_private_key(_read(key_path), password=None)
+    except TypeError as exc:
+        raise PollenError(
+            f"{key_path} is protected by a passphrase; the server needs an unencrypted key "
+            "(kept with mode 0600). Use the server.key that `pollen certs` made."
+        ) from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise PollenError(
+            f"{key_path} is not a PEM private key (a text file starting with '-----BEGIN "
+            f"PRIVATE KEY-----'). Copy the server.key made together with server.crt, or "
+            f"{_REGENERATE}."
+        ) from exc
+    if _public_bytes(key.public_key()) != _public_bytes(chain[0].public_key()):
+        raise PollenError(
+            f"{key_path} does not belong to the certificate {cert_path}: copy server.crt and "
+            "server.key from the same `pollen certs` folder."
+        )
+
+    authorized_dir = folder / AUTHORIZED
+    if not authorized_dir.is_dir():
+        raise PollenError(
+            f"{authorized_dir} is missing: it holds the public keys of the clients allowed "
+            "to join (client-i.pub from `pollen certs`). Create it and put one .pub file per "
+            "client in it."
+        )
+    authorized = tuple(sorted(p for p in authorized_dir.iterdir() if p.suffix == ".pub"))
+    if not authorized:
+        raise PollenError(
+            f"{authorized_dir} holds no client public keys (*.pub), so no client could "
+            "join. Copy the clients' client.pub files there (one NAME.pub per client)."
+        )
+    fingerprints: dict[str, Path] = {}
+    for path in authorized:
+        fp = key_fingerprint(load_authorized_key(path))
+        if fp in fingerprints:
+            raise PollenError(
+                f"{path} and {fingerprints[fp]} hold the same public key: each client needs "
+                "its own key pair. Remove one of the two files."
+            )
+        fingerprints[fp] = path
+    return ServerCerts(
+        folder=folder,
+        ca=ca_path,
+        cert=cert_path,
+        key=key_path,
+        authorized=authorized,
+        names=tuple(cert_names(chain[0])),
+    )
+
+
+def load_client_certs(folder: Path) -> ClientCerts:
+    """Check a ``clients/client-i/`` folder made by ``pollen certs`` and return its files.
+
+    Raises:
+        PollenError: The folder or a file is missing, ``ca.crt`` is not a valid PEM
+            certificate, or ``client.key`` is not an unencrypted OpenSSH EC key.
+    """
+    folder = _certs_folder(folder, "client")
+    hint = ""
+    if (folder / "clients").is_dir():
+        hint = f" (did you mean one of {folder / 'clients'}/client-i?)"
+    elif (folder / SERVER_KEY).is_file():
+        hint = " (this is the server's folder; clients get DIR/clients/client-i)"
+    ca_path = _need_file(folder, CA_CERT, "client", hint)
+    key_path = _need_file(folder, CLIENT_KEY, "client", hint)
+    _load_certs(ca_path)
+    try:
+        key = serialization.load_ssh_private_key(_read(key_path), None)
+    except TypeError as exc:
+        raise PollenError(
+            f"{key_path} is protected by a passphrase; Flower needs an unencrypted key. "
+            "Use the client.key that `pollen certs` made, or remove the passphrase with "
+            f"`ssh-keygen -p -N '' -f {key_path}`."
+        ) from exc
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PollenError(
+            f"{key_path} is not a client private key: Flower needs an ECDSA key in OpenSSH "
+            "format (a file starting with '-----BEGIN OPENSSH PRIVATE KEY-----', as made by "
+            "`pollen certs` or `ssh-keygen -t ecdsa -b 384`). Use the client.key from your "
+            "bundle."
+        )
+    return ClientCerts(
+        folder=folder, ca=ca_path, key=key_path, fingerprint=key_fingerprint(key.public_key())
+    )
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@dataclass(frozen=True)
+class LoopbackTLS:
+    """A throwaway CA and a certificate for 127.0.0.1, for the server's loopback hop."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def loopback_tls(folder: Path) -> LoopbackTLS:
+    """Make a throwaway CA and a 127.0.0.1/localhost certificate in ``folder``.
+
+    The server runs Flower's SuperLink with TLS on a private loopback port
+    (Flower enables SuperNode authentication only with TLS). These files live
+    in the server's temporary Flower home and disappear with it.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_key, ca_cert = _make_ca("Pollen loopback CA", CA_DAYS)
+    key, cert = _make_server_cert(ca_key, ca_cert, ["localhost"], ["127.0.0.1"], CA_DAYS)
+    paths = LoopbackTLS(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+    _write_public(paths.ca, _pem_cert(ca_cert))
+    _write_public(paths.cert, _pem_cert(cert))
+    _write_private(paths.key, _pem_key(key))
+    return paths
+
+
+def _peer_names(host: str, port: int, timeout: float) -> list[str]:
+    """The names in the certificate the server presents (no verification)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with contextlib.suppress(OSError, ValueError):
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True)
+        if der:
+            return cert_names(x509.load_der_x509_certificate(der))
+    return []
+
+
+def probe_tls(host: str, port: int, ca: Path | None, timeout: float = 10.0) -> None:
+    """Check from a client that the server's transport matches this client's.
+
+    With ``ca``: the server must speak TLS with a certificate signed by ``ca`` and
+    valid for ``host``. Without: the server must not speak TLS (a plaintext client
+    would otherwise retry forever). Network errors are ignored here: the
+    client's watchdog reports an unreachable server.
+
+    Raises:
+        PollenError: The server's certificate fails the check, or the server's
+            transport (TLS or plaintext) differs from this client's.
+    """
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if ca is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        reason = (exc.verify_message or str(exc)).lower()
+        if "mismatch" in reason:
+            names = ", ".join(_peer_names(host, port, timeout)) or "other names"
+            raise PollenError(
+                f"The server's TLS certificate is not valid for {host}: it covers {names}. "
+                f"Dial the server by one of those names with --server, or make the "
+                f"certificates again with `pollen certs --server-name {host}` (and hand out "
+                "the new bundles)."
+            ) from exc
+        if "expired" in reason:
+            raise PollenError(
+                f"The server at {address} presents an expired TLS certificate. Ask its "
+                "operator to make new certificates with `pollen certs` and restart the server."
+            ) from exc
+        raise PollenError(
+            f"The server at {address} presents a TLS certificate that the CA in {ca} did not "
+            f"sign ({exc.verify_message or exc}): this client's bundle comes from another "
+            "`pollen certs` run than the server's certificate, or another server answers "
+            "there. Get this client's bundle (DIR/clients/client-i) from the same folder as "
+            "the server's, and check --server."
+        ) from exc
+    except ssl.SSLError as exc:
+        if ca is not None:
+            raise PollenError(
+                f"The server at {address} does not speak TLS ({exc.reason or exc}): it runs "
+                "in plaintext (started with --insecure, or on a loopback address without "
+                "--certs). Ask its operator to start it with --certs DIR/server, or drop "
+                "--certs here and add --insecure on a trusted network only."
+            ) from exc
+        return  # plaintext client, plaintext server: the handshake fails as it should
+    except OSError:
+        return
+    if ca is None:
+        raise PollenError(
+            f"The server at {address} uses TLS, but this client was started without "
+            "--certs. Start it with --certs DIR/clients/client-i, the bundle the server's "
+            "operator made for this client with `pollen certs`."
+        )
