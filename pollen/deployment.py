@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import sys
 import time
@@ -79,6 +80,9 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
     host, port = split_address(address)
     run_dir = Path(cfg.out)
     logs = run_dir / "logs"
+    created = None if run_dir.exists() else run_dir  # the outermost folder we create
+    while created is not None and not created.parent.exists():
+        created = created.parent
     logs.mkdir(parents=True, exist_ok=True)
     with temporary_home("pollen-server-") as home:
         internal = free_port()
@@ -106,7 +110,7 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
                 upstream_verify=root_cert,
             )
         superlink: ManagedProcess | None = None
-        interrupted = False
+        interrupted = submitted = False
         try:
             if tls is None:
                 proxy.start()
@@ -130,10 +134,15 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
                 f"waiting for {cfg.min_clients} client(s); run folder {run_dir}",
                 flush=True,
             )
+            submitted = True
             with _sigterm_as_interrupt():
                 submit_run(home, cfg.to_mapping(), stream=True)
         except KeyboardInterrupt:
             interrupted = True
+            raise
+        except PollenError:
+            if created is not None and not submitted:  # failed before the run began
+                shutil.rmtree(created, ignore_errors=True)
             raise
         finally:
             proxy.stop()

@@ -98,6 +98,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     ("server-min-clients", ["server", "--min-clients", "0"], "'0' must be at least 1"),
     (
+        "server-port-in-use",
+        ["server", "--address", "127.0.0.1:{busy_port}", "--rounds", "1"],
+        "is already in use",
+    ),
+    ("sim-data-corrupt", ["simulate", "--data-dir", "{corrupt}"], "bad.png cannot be read"),
+    (
+        "client-data-corrupt",
+        ["client", "--server", "127.0.0.1:{dead_port}", "--data-dir", "{corrupt}"],
+        "bad.png cannot be read",
+    ),
+    (
         "predict-missing-model",
         ["predict", "--model", "{tmp}/nonexistent.keras", "x.png"],
         "No model at {tmp}/nonexistent.keras",
@@ -159,6 +170,9 @@ with open(sys.argv[2], "w") as f:
 """
 
 
+_HELD: list[socket.socket] = []  # sockets kept open while the module's cases run
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,6 +228,14 @@ def workspace(tmp_path_factory) -> dict[str, str]:
             for i in range(3):
                 _write_png(images / split / name / f"{i}.png", seed=100 * c + 10 * i + len(split))
     (tmp / "empty").mkdir()
+    corrupt = tmp / "corrupt"
+    for split in ("train", "test"):
+        _write_png(corrupt / split / "a" / "0.png", seed=7)
+    (corrupt / "train" / "a" / "bad.png").write_bytes(b"not an image at all")
+    busy = socket.socket()  # a port that is in use for the whole module
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    _HELD.append(busy)
     (tmp / "notes.txt").write_text("this is not a Keras model\n")
     png = _write_png(tmp / "cat.png", seed=1)
     wide = _write_png(tmp / "wide image.png", seed=2, size=(48, 40))
@@ -249,6 +271,8 @@ def workspace(tmp_path_factory) -> dict[str, str]:
             "wide_png": str(wide),
             "model": str(model_path),
             "dead_port": str(dead),
+            "busy_port": str(busy.getsockname()[1]),
+            "corrupt": str(corrupt),
             "cwd": str(tmp / "cwd"),
             "env": json.dumps(env),
         }
