@@ -59,3 +59,8 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Fast unit tests first, then the end-to-end tests (marked ``e2e``)."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
