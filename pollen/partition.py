@@ -24,6 +24,7 @@ a small in-process cache, so asking for each partition id in turn costs one spli
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -265,14 +266,17 @@ def _partitions(
     parts = _compute_partitions(
         labels_bytes, num_partitions, method, alpha, seed, min_partition_size
     )
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{f"p{i}": idx for i, idx in enumerate(parts)})
         os.replace(tmp, path)
-    except OSError:  # a read-only cache only costs speed
-        pass
+    except OSError:  # a read-only or full cache only costs speed
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return parts
 
 
