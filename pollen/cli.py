@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pollen.config import FAULT_KINDS, LR_SCHEDULES, PARTITION_METHODS, RunConfig
+from pollen.config import ATTACK_KINDS, FAULT_KINDS, LR_SCHEDULES, PARTITION_METHODS, RunConfig
 from pollen.errors import PollenError
 
 DEFAULTS = RunConfig()
@@ -77,6 +77,53 @@ def _fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
     return value
+
+
+#: ``(flag, type, help)`` of the strategies' parameters; each sets the run-config
+#: field named like the flag.
+STRATEGY_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("--proximal-mu", _non_negative_float, "fedprox: weight of the proximal term"),
+    ("--trim-beta", _fraction, "trimmedmean: fraction cut from each end per coordinate"),
+    (
+        "--num-malicious-nodes",
+        _non_negative_int,
+        "krum/multikrum/bulyan: malicious clients to tolerate (f)",
+    ),
+    ("--num-nodes-to-select", _positive_int, "multikrum: updates to average (m)"),
+)
+
+#: ``(flag, type, help)`` of the privacy options (SecAgg+ and differential privacy).
+PRIVACY_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    (
+        "--secagg",
+        bool,
+        "secure aggregation (Flower SecAgg+): the server learns only the sum of the updates",
+    ),
+    (
+        "--secagg-num-shares",
+        _positive_float,
+        "SecAgg+ shares per client secret: fraction (<=1) of the sampled clients or a count",
+    ),
+    (
+        "--secagg-reconstruction-threshold",
+        _positive_float,
+        "SecAgg+ shares needed to reconstruct a dropped client's mask: fraction or count",
+    ),
+    ("--secagg-clipping-range", _positive_float, "SecAgg+ clips update values to +-this"),
+    ("--dp", bool, "client-level differential privacy (clipping + Gaussian noise, accountant)"),
+    ("--dp-noise", _non_negative_float, "DP noise multiplier z; 0 = the smallest z within --dp-epsilon"),
+    ("--dp-clip", _positive_float, "DP clipping norm of one client's update"),
+    ("--dp-delta", _fraction, "DP delta of the reported (epsilon, delta)"),
+    ("--dp-epsilon", _non_negative_float, "DP budget for the whole run; 0 = none"),
+)
+
+
+def _option_fields() -> dict[str, str]:
+    """Destination name -> run-config field of the strategy and privacy options."""
+    return {
+        flag[2:].replace("-", "_"): flag[2:].replace("-", "_")
+        for flag, _, _ in STRATEGY_OPTIONS + PRIVACY_OPTIONS
+    }
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -174,6 +221,17 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="reject a client's update whose L2 distance from the global weights exceeds "
         "this; 0 = no bound (default: %(default)s)",
     )
+    for group, options in (("strategy parameters", STRATEGY_OPTIONS), ("privacy", PRIVACY_OPTIONS)):
+        g2 = p.add_argument_group(group)
+        for flag, kind, help_text in options:
+            name = flag[2:].replace("-", "_")
+            if kind is bool:
+                g2.add_argument(flag, action="store_true", help=help_text)
+            else:
+                default = getattr(DEFAULTS, name)
+                g2.add_argument(
+                    flag, type=kind, default=default, help=f"{help_text} (default: {default})"
+                )
     g.add_argument(
         "--seed",
         type=int,
@@ -286,6 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the interrupted simulation in RUN_DIR from its last completed round, "
         "with its saved options",
+    )
+    atk = sim.add_argument_group("attack harness (experiments only)")
+    atk.add_argument(
+        "--malicious",
+        type=_non_negative_int,
+        default=0,
+        metavar="K",
+        help="EXPERIMENTS ONLY: the clients with partition ids 0..K-1 send poisoned updates",
+    )
+    atk.add_argument(
+        "--attack",
+        choices=ATTACK_KINDS,
+        default=DEFAULTS.attack,
+        help="what the malicious clients send: signflip (update negated), noise (Gaussian "
+        "noise, std 1, added to the weights) or scale (update x1000) (default: %(default)s)",
     )
     sim.add_argument(
         "--fault",
@@ -470,6 +543,7 @@ def run_config_from_args(args: argparse.Namespace, **extra: Any) -> RunConfig:
         "partition": args.partition,
         "alpha": args.alpha,
         "out": str(out),
+        **{name: getattr(args, name) for name in _option_fields()},
         **extra,
     }
     return DEFAULTS.replace(**values)
@@ -512,7 +586,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             min_clients=min_clients,
             client_threads=args.client_threads,
             fault=args.fault,
+            malicious=args.malicious,
+            attack=args.attack,
         )
+        if args.malicious > args.clients:
+            raise PollenError(
+                f"--malicious {args.malicious} is more than --clients {args.clients}: at most "
+                "every client can be malicious."
+            )
         _refuse_unfinished_run(Path(cfg.out))
     _prepare_data(data_dir)
     if args.resume is None:
@@ -673,6 +754,7 @@ _OPTION_FIELDS = {
     "min_clients": "min_clients",
     "server_lr": "server_lr",
     "server_momentum": "server_momentum",
+    **_option_fields(),
 }
 
 

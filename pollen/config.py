@@ -20,6 +20,8 @@ PARTITION_METHODS = ("iid", "dirichlet")
 LR_SCHEDULES = ("cosine", "constant")
 #: Deliberate client misbehaviour for tests and experiments (see pollen.client_app.FAULTS).
 FAULT_KINDS = ("nan", "scale", "signflip", "noise", "arch")
+#: Poisoned updates the attack harness (``malicious``/``attack``) can send.
+ATTACK_KINDS = ("signflip", "noise", "scale")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,48 @@ class RunConfig:
             "" (the default) = every client is honest.
         resume: Continue the run in ``out`` from its checkpoint (the round
             after the last completed one) instead of starting a new run.
+        proximal_mu: Weight mu of FedProx's proximal term
+            ``mu/2 * ||w - w_global||^2`` that clients add to their loss
+            (``strategy="fedprox"`` only). Default 0.01.
+        trim_beta: Fraction cut from each end of every coordinate by
+            ``trimmedmean`` before averaging. Default 0.2.
+        num_malicious_nodes: Malicious clients ``krum``, ``multikrum`` and
+            ``bulyan`` assume to be present (f). Default 0. Bulyan needs at
+            least 4f + 3 clients per round, Krum 2f + 3.
+        num_nodes_to_select: Updates ``multikrum`` averages (m). Default 1
+            (then it equals Krum).
+        malicious: Attack harness for simulations: the clients with
+            partition ids ``0..malicious-1`` send poisoned updates (see
+            ``attack``). Default 0 = no attack.
+        attack: What malicious clients send: ``signflip``, ``noise`` or
+            ``scale`` (see ``pollen.client_app.FAULTS``). Default signflip.
+        secagg: Secure aggregation with Flower's SecAgg+: the server learns
+            only the weighted sum of the sampled clients' updates, never one
+            client's update. Works with ``strategy="fedavg"`` only. Default off.
+        secagg_num_shares: SecAgg+ shares of each client's secret (its
+            neighbours): a fraction (<= 1) of the sampled clients or an integer
+            count (> 2). Default 1.0 = every sampled client.
+        secagg_reconstruction_threshold: Shares needed to reconstruct a
+            dropped client's mask: a fraction (<= 1) of ``secagg-num-shares``
+            or an integer count. Default 0.67. Up to ``shares - threshold``
+            clients may drop out of a round after training starts; a server
+            colluding with fewer than ``threshold`` clients learns nothing
+            about one client's update.
+        secagg_clipping_range: SecAgg+ clips every value of an update to
+            ``[-range, range]`` before quantizing it to 2**22 levels.
+            Default 8.0.
+        dp: Client-level differential privacy: Flower's server-side fixed
+            clipping (each update's L2 norm clipped to ``dp-clip``, Gaussian
+            noise of std ``dp-noise * dp-clip / clients`` added to the
+            average) and an RDP accountant. Default off.
+        dp_noise: Noise multiplier z (noise std / clipping norm). Default 0:
+            the smallest z that keeps the whole run within ``dp-epsilon``.
+            With both set, the run refuses to start if z spends more than
+            ``dp-epsilon``.
+        dp_clip: L2 clipping norm of one client's update. Default 1.0.
+        dp_delta: The delta of the reported (epsilon, delta). Default 1e-5.
+        dp_epsilon: Privacy budget epsilon for the whole run (0 = none). The
+            run refuses to start if its noise cannot keep it within budget.
     """
 
     num_rounds: int = 3
@@ -116,6 +160,21 @@ class RunConfig:
     max_update_norm: float = 3000.0
     fault: str = ""
     resume: bool = False
+    proximal_mu: float = 0.01
+    trim_beta: float = 0.2
+    num_malicious_nodes: int = 0
+    num_nodes_to_select: int = 1
+    malicious: int = 0
+    attack: str = "signflip"
+    secagg: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    secagg_clipping_range: float = 8.0
+    dp: bool = False
+    dp_noise: float = 0.0
+    dp_clip: float = 1.0
+    dp_delta: float = 1e-5
+    dp_epsilon: float = 0.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -174,6 +233,21 @@ class RunConfig:
             (self.keras_verbose in (0, 1, 2), "keras-verbose must be 0, 1 or 2"),
             (0 <= self.target_accuracy <= 1, "target accuracy must be in [0, 1]"),
             (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0 = no bound)"),
+            (self.proximal_mu >= 0, "proximal-mu must be >= 0"),
+            (0 <= self.trim_beta < 0.5, "trim-beta must be in [0, 0.5)"),
+            (self.num_malicious_nodes >= 0, "num-malicious-nodes must be >= 0"),
+            (self.num_nodes_to_select >= 1, "num-nodes-to-select must be at least 1"),
+            (self.malicious >= 0, "malicious must be >= 0"),
+            (self.secagg_num_shares > 0, "secagg-num-shares must be positive"),
+            (
+                self.secagg_reconstruction_threshold > 0,
+                "secagg-reconstruction-threshold must be positive",
+            ),
+            (self.secagg_clipping_range > 0, "secagg-clipping-range must be positive"),
+            (self.dp_noise >= 0, "dp-noise must be >= 0"),
+            (self.dp_clip > 0, "dp-clip must be positive"),
+            (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
+            (self.dp_epsilon >= 0, "dp-epsilon must be >= 0 (0 = no budget)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -206,6 +280,28 @@ class RunConfig:
         if self.strategy not in STRATEGIES:
             raise PollenError(
                 f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}."
+            )
+        if self.attack not in ATTACK_KINDS:
+            raise PollenError(
+                f"Unknown attack {self.attack!r}: use one of {', '.join(ATTACK_KINDS)}."
+            )
+        if self.secagg and self.strategy != "fedavg":
+            raise PollenError(
+                f"Secure aggregation works with the fedavg strategy only, not {self.strategy!r}: "
+                "with SecAgg+ the server sees only the sum of the updates, which is all FedAvg "
+                "needs, while robust and adaptive strategies need each update. Drop --secagg "
+                "or use --strategy fedavg."
+            )
+        if self.secagg and self.dp:
+            raise PollenError(
+                "--secagg and --dp cannot be combined yet: Pollen's DP clips each client's "
+                "update on the server, which SecAgg+ hides. Choose one of them."
+            )
+        if self.dp and self.strategy not in ("fedavg", "fedprox"):
+            raise PollenError(
+                f"Differential privacy works with fedavg or fedprox, not {self.strategy!r}: "
+                "Flower's privacy accountant covers plain FedAvg aggregation only. Use "
+                "--strategy fedavg with --dp."
             )
 
 
