@@ -72,6 +72,20 @@ def resolve_data(path: str | None) -> str | None:
     return str(p)
 
 
+def simulate(options: list[str], out: Path, data: str | None) -> tuple[dict | None, float]:
+    """Run ``pollen simulate OPTIONS --out OUT``; return (history or None on failure, wall s)."""
+    cmd = [sys.executable, "-m", "pollen.cli", "simulate", *options, "--out", str(out)]
+    cmd += ["--data-dir", data] if data else []
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    rc = subprocess.call(cmd)
+    wall = time.perf_counter() - start
+    history = out / "history.json"
+    if rc != 0 or not history.exists():
+        return None, wall
+    return json.loads(history.read_text()), wall
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)

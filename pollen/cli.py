@@ -82,6 +82,7 @@ def _fraction(text: str) -> float:
 #: ``(flag, type, help)`` of the strategies' parameters; each sets the run-config
 #: field named like the flag.
 STRATEGY_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("--fraction-train", _fraction, "fraction of the connected clients sampled per round"),
     ("--proximal-mu", _non_negative_float, "fedprox: weight of the proximal term"),
     ("--trim-beta", _fraction, "trimmedmean: fraction cut from each end per coordinate"),
     (
@@ -111,7 +112,11 @@ PRIVACY_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ),
     ("--secagg-clipping-range", _positive_float, "SecAgg+ clips update values to +-this"),
     ("--dp", bool, "client-level differential privacy (clipping + Gaussian noise, accountant)"),
-    ("--dp-noise", _non_negative_float, "DP noise multiplier z; 0 = the smallest z within --dp-epsilon"),
+    (
+        "--dp-noise",
+        _non_negative_float,
+        "DP noise multiplier z; 0 = the smallest z within --dp-epsilon",
+    ),
     ("--dp-clip", _positive_float, "DP clipping norm of one client's update"),
     ("--dp-delta", _fraction, "DP delta of the reported (epsilon, delta)"),
     ("--dp-epsilon", _non_negative_float, "DP budget for the whole run; 0 = none"),
@@ -546,7 +551,12 @@ def run_config_from_args(args: argparse.Namespace, **extra: Any) -> RunConfig:
         **{name: getattr(args, name) for name in _option_fields()},
         **extra,
     }
-    return DEFAULTS.replace(**values)
+    cfg = DEFAULTS.replace(**values)
+    if cfg.dp:  # refuse an impossible privacy budget before anything starts
+        from pollen.privacy import resolve_noise
+
+        resolve_noise(cfg)
+    return cfg
 
 
 def _existing_dir_or_file(path: Path | None, option: str) -> str:
@@ -589,6 +599,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             malicious=args.malicious,
             attack=args.attack,
         )
+        from pollen.privacy import sample_size
+        from pollen.strategy import check_sample_size
+
+        check_sample_size(cfg, sample_size(cfg, clients))
         if args.malicious > args.clients:
             raise PollenError(
                 f"--malicious {args.malicious} is more than --clients {args.clients}: at most "
@@ -885,6 +899,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _print_summary(run_dir: Path, status: dict[str, Any]) -> None:
     acc = status.get("final_server_accuracy")
     acc_text = f", final server test accuracy {acc:.4f}" if isinstance(acc, float) else ""
+    privacy = status.get("privacy")
+    if privacy:
+        acc_text += (
+            f"; differential privacy spent: epsilon {privacy['epsilon']:.3g} at delta "
+            f"{privacy['delta']:g} (noise multiplier {privacy['noise_multiplier']:g}, "
+            f"clipping norm {privacy['clipping_norm']:g})"
+        )
     print(
         f"pollen: run completed: {status.get('rounds')} rounds in "
         f"{status.get('elapsed_seconds', 0):.1f} s{acc_text}.\n"

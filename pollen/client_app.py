@@ -33,6 +33,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from pollen.config import RunConfig
+from pollen.secagg import (
+    TRAIN_EXAMPLES_REQUEST,
+    is_legacy_train,
+    legacy_train_input,
+    legacy_train_reply,
+    secagg_client_mod,
+)
 
 app = ClientApp()
 
@@ -114,13 +121,24 @@ def client_data_spec(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _load_whole_dataset(data_dir: str):
+    """The whole dataset at ``data_dir``, loaded once per process.
+
+    A simulation worker plays many clients in turn (100 clients on 2 workers):
+    each of them slices its partition out of this one copy.
+    """
+    from pollen.data import load_dataset
+
+    return load_dataset(data_dir or None)
+
+
 @functools.lru_cache(maxsize=2)
 def load_client_data(spec: ClientData):
     """Load (once per process) the client's own train/test arrays."""
-    from pollen.data import load_dataset
     from pollen.partition import partition_dataset
 
-    ds = load_dataset(spec.data_dir or None)
+    ds = _load_whole_dataset(spec.data_dir)
     if spec.num_partitions is not None:
         ds = partition_dataset(
             ds,
@@ -160,12 +178,13 @@ def thread_plan(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[int, int]:
     return cfg.client_threads, int(node_config.get("num-partitions", 1))
 
 
-def _setup(msg: Message, context: Context):
+def _setup(msg: Message | RecordDict, context: Context):
+    content = msg.content if isinstance(msg, Message) else msg
     cfg = RunConfig.from_mapping(context.run_config)
     node_config = dict(context.node_config)
     threads, sharing = thread_plan(cfg, node_config)
     num_classes = cfg.num_classes
-    if "arrays" in msg.content and fault_of(node_config, cfg.fault) == "arch":
+    if "arrays" in content and fault_of(node_config, cfg.fault_spec()) == "arch":
         num_classes += 1  # fault injection: a client whose model differs
     model = get_model(cfg.model, num_classes, cfg.seed, threads, sharing)
     data = load_client_data(client_data_spec(cfg, node_config))
@@ -176,8 +195,8 @@ def _setup(msg: Message, context: Context):
             f"This client's data has {len(data.class_names)} classes but the federation's "
             f"model predicts {cfg.num_classes}: use data with the federation's classes."
         )
-    if "arrays" in msg.content:
-        weights = msg.content["arrays"].to_numpy_ndarrays()
+    if "arrays" in content:
+        weights = content["arrays"].to_numpy_ndarrays()
         check_architecture(model, weights)
         model.set_weights(weights)
     return cfg, model, data
@@ -219,7 +238,9 @@ def query(msg: Message, context: Context) -> Message:
     """Answer the server's questions that are not training or evaluation.
 
     ``request="initial-arrays"``: reply with freshly initialised weights and
-    the class names of the local data. ``request="run-over"``: the run is
+    the class names of the local data. ``request="train-examples"`` (asked
+    under SecAgg+): reply with the number of local training examples, which
+    every train reply reveals too. ``request="run-over"``: the run is
     finished; touch the node's done file so ``pollen client`` can exit.
     """
     from pathlib import Path
@@ -227,6 +248,17 @@ def query(msg: Message, context: Context) -> Message:
     request = msg.content["config"].get("request", "")
     if request == "hello":  # cheap: no model, no data
         info = ConfigRecord({"name": client_name(dict(context.node_config))})
+        return Message(RecordDict({"client": info}), reply_to=msg)
+    if request == TRAIN_EXAMPLES_REQUEST:  # SecAgg+ needs it before round 1 (max weight)
+        spec = client_data_spec(
+            RunConfig.from_mapping(context.run_config), dict(context.node_config)
+        )
+        info = ConfigRecord(
+            {
+                "name": client_name(dict(context.node_config)),
+                TRAIN_EXAMPLES_REQUEST: len(load_client_data(spec).y_train),
+            }
+        )
         return Message(RecordDict({"client": info}), reply_to=msg)
     if request == "run-over":
         done = context.node_config.get("pollen-done-file")
@@ -242,18 +274,39 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train()
+@app.train(mods=[secagg_client_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on local data; reply with the update."""
+    """Train the received global model on local data; reply with the update.
+
+    Under SecAgg+ (:mod:`pollen.secagg`) the mod in front of this handler
+    passes a legacy ``FitIns`` and masks the legacy ``FitRes`` returned: the
+    same training runs, and the reply holds the update (trained minus
+    global weights) instead of the weights.
+    """
+    if is_legacy_train(msg.content):
+        content = legacy_train_input(msg.content)
+        return Message(
+            legacy_train_reply(_train(content, context), content["arrays"]), reply_to=msg
+        )
+    return Message(_train(msg.content, context), reply_to=msg)
+
+
+def _train(content: RecordDict, context: Context) -> RecordDict:
+    """Train ``content["arrays"]`` on local data; return weights, metrics, name."""
     import math
 
     from pollen.models import MODELS
     from pollen.training import RunSchedule, fit, reset_optimizer
 
-    cfg, model, data = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 1))
-    lr = float(msg.content["config"].get("learning-rate", cfg.learning_rate))
+    cfg, model, data = _setup(content, context)
+    server_round = int(content["config"].get("server-round", 1))
+    lr = float(content["config"].get("learning-rate", cfg.learning_rate))
     reset_optimizer(model, lr)
+    mu = float(content["config"].get("proximal-mu", 0.0))
+    if mu > 0:  # FedProx: penalise drifting from the global weights just loaded
+        from pollen.training import ProximalTerm
+
+        ProximalTerm.of(model).anchor(mu)
     steps_per_round = cfg.local_epochs * math.ceil(len(data.y_train) / cfg.batch_size)
     schedule = RunSchedule(
         lr, (server_round - 1) * steps_per_round, cfg.num_rounds * steps_per_round, cfg.lr_schedule
@@ -271,26 +324,24 @@ def train(msg: Message, context: Context) -> Message:
         schedule=schedule,
     )
     weights = model.get_weights()
-    kind = fault_of(dict(context.node_config), cfg.fault)
+    kind = fault_of(dict(context.node_config), cfg.fault_spec())
     if kind and kind != "arch":
-        weights = corrupt(kind, msg.content["arrays"].to_numpy_ndarrays(), weights, server_round)
+        weights = corrupt(kind, content["arrays"].to_numpy_ndarrays(), weights, server_round)
     metrics = MetricRecord(
         {
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
             "fit_seconds": result.seconds,
             "num-examples": result.num_examples,
+            "unit-weight": 1,  # the aggregation weight under DP (equal per client)
         }
     )
-    return Message(
-        RecordDict(
-            {
-                "arrays": ArrayRecord(weights),
-                "metrics": metrics,
-                "client": ConfigRecord({"name": client_name(dict(context.node_config))}),
-            }
-        ),
-        reply_to=msg,
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(weights),
+            "metrics": metrics,
+            "client": ConfigRecord({"name": client_name(dict(context.node_config))}),
+        }
     )
 
 
@@ -309,8 +360,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     cfg, model, data = _setup(msg, context)
     start = time.perf_counter()
+    # Under DP or SecAgg+ the server must not see per-client statistics of the data.
+    n_calibrate = 0 if cfg.dp or cfg.secagg else cfg.bn_calibration_examples
     indices, stats, n_cal = calibrate_batchnorm(
-        model, data.x_train, max_examples=cfg.bn_calibration_examples, seed=cfg.seed
+        model, data.x_train, max_examples=n_calibrate, seed=cfg.seed
     )
     loss, accuracy = evaluate_model(model, data.x_test, data.y_test)
     content = RecordDict(
@@ -322,6 +375,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                     "eval_seconds": time.perf_counter() - start,
                     "calibration-examples": n_cal,
                     "num-examples": len(data.y_test),
+                    "unit-weight": 1,
                 }
             ),
             "client": ConfigRecord({"name": client_name(dict(context.node_config))}),

@@ -196,6 +196,17 @@ class RunConfig:
         cfg.validate()
         return cfg
 
+    def fault_spec(self) -> str:
+        """``fault`` plus the attack harness as one ``"KIND@IDS ..."`` spec.
+
+        ``malicious=K`` with ``attack=A`` adds ``"A@0,...,K-1"``; an explicit
+        ``fault`` for the same partition wins (it comes first).
+        """
+        specs = self.fault.split()
+        if self.malicious:
+            specs.append(f"{self.attack}@" + ",".join(str(i) for i in range(self.malicious)))
+        return " ".join(specs)
+
     def to_mapping(self) -> dict[str, Any]:
         """Return the kebab-case mapping Flower's run config uses."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}

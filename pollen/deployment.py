@@ -22,13 +22,10 @@ Flower refuses other keys; the proxy logs each refusal with the peer address.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +39,7 @@ from pollen.runtime import (
     free_port,
     port_open,
     register_supernodes,
+    sigterm_as_interrupt,
     split_address,
     start_superlink,
     submit_run,
@@ -135,7 +133,7 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
                 flush=True,
             )
             submitted = True
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 submit_run(home, cfg.to_mapping(), stream=True)
         except KeyboardInterrupt:
             interrupted = True
@@ -165,24 +163,6 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
             f"{logs / 'superlink.log'}.{resume}"
         )
     return status
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while the run lasts, so both stop cleanly."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _last_completed_round(run_dir: Path) -> int:
@@ -290,7 +270,7 @@ def join(
         # so that a refusal can be told apart from other failures.
         # SIGTERM stops the client like Ctrl-C: through `finally`, which stops the
         # SuperNode (the default SIGTERM would leave it running, orphaned).
-        sigterm = _sigterm_as_interrupt()
+        sigterm = sigterm_as_interrupt()
         sigterm.__enter__()
         watch = _NodeWatch(argv, home)
         print(f"pollen: client joined {host}:{port}; waiting for rounds", flush=True)

@@ -71,6 +71,9 @@ class RoundRecord:
         clients: Per-client metrics.
         bytes_sent: Payload bytes of the weights sent to clients.
         bytes_received: Payload bytes of the weights clients sent back.
+        privacy: Differential privacy spent after this round (``epsilon``,
+            ``delta``, ``noise_multiplier``, ``clipping_norm``, ``releases``);
+            empty without DP.
     """
 
     round: int
@@ -81,6 +84,7 @@ class RoundRecord:
     clients: list[ClientRound] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    privacy: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from pollen.errors import PollenError
 from pollen.history import ClientRound, History, RoundRecord
+from pollen.privacy import privacy_record
 
 EvaluateFn = Callable[[int, ArrayRecord], "dict[str, float] | None"]
 
@@ -244,6 +245,26 @@ def exchange(
 # --- the loop -------------------------------------------------------------------
 
 
+class SecureTrain(Protocol):
+    """A replacement for :func:`train_phase` (see :mod:`pollen.secagg`)."""
+
+    def train_phase(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        rnd: int,
+        arrays: ArrayRecord,
+        config: dict,
+        timeout: float,
+        record: RoundRecord,
+        clients: _RoundClients,
+        *,
+        max_update_norm: float = 0.0,
+        min_valid: int = 1,
+    ) -> ArrayRecord:
+        """Same contract as :func:`train_phase`."""
+
+
 class RoundObserver(Protocol):
     """What the loop tells the outside world after each round."""
 
@@ -450,6 +471,13 @@ def train_phase(
             "continue with `pollen server --resume RUN_DIR` (or `pollen simulate --resume`)."
         )
     new_arrays, metrics = strategy.aggregate_train(rnd, valid)
+    if new_arrays is None and getattr(strategy, "accountant", None) is not None:
+        raise PollenError(
+            f"Round {rnd}: differential privacy needs every sampled client's update "
+            f"(the noise is calibrated to their number), but {len(valid)} of "
+            f"{len(messages)} arrived; failed: {_failures_text(clients)}. The run stopped; "
+            "continue with --resume once the clients are back."
+        )
     if new_arrays is None:
         raise PollenError(
             f"Round {rnd}: no client returned a usable update; failed: "
@@ -490,11 +518,14 @@ def evaluate_phase(
     record: RoundRecord,
     clients: _RoundClients,
     skip: Iterable[int] = (),
+    bn_stats: bool = True,
 ) -> ArrayRecord:
     """Clients evaluate ``arrays``; return them with re-estimated BatchNorm statistics.
 
     Nodes in ``skip`` (those that sent no train reply this round: dead or
-    still busy) are not asked.
+    still busy) are not asked. With ``bn_stats=False`` (secure aggregation:
+    per-client statistics would reveal per-client data) clients' BatchNorm
+    statistics are ignored and ``arrays`` come back unchanged.
     """
     skip = set(skip)
     messages = [
@@ -516,7 +547,7 @@ def evaluate_phase(
             "accuracy": metrics.get("eval_accuracy"),
             "examples": sum(int(m.content["metrics"]["num-examples"]) for m in replies),
         }
-    return _apply_batchnorm_stats(arrays, replies)
+    return _apply_batchnorm_stats(arrays, replies) if bn_stats else arrays
 
 
 def run_rounds(
@@ -535,6 +566,7 @@ def run_rounds(
     min_clients: int = 1,
     max_update_norm: float = 0.0,
     names: dict[int, str] | None = None,
+    secure: SecureTrain | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; return the final global arrays.
 
@@ -552,6 +584,11 @@ def run_rounds(
 
     Stops early once the central accuracy reaches ``target_accuracy`` (> 0).
 
+    With ``secure`` (a :class:`pollen.secagg.SecureAggregation`) its
+    ``train_phase`` replaces :func:`train_phase` (secure aggregation: the
+    server sees only the aggregate) and clients' BatchNorm statistics are
+    not used.
+
     Raises:
         PollenError: Fewer than ``min_clients`` clients are connected within
             ``timeout``, or fewer valid updates came back in a round.
@@ -563,7 +600,7 @@ def run_rounds(
         clients = _RoundClients(names)
         # Flower's samplers wait for enough nodes forever: bound that wait here.
         _wait_for_quorum(grid, min_clients, timeout, rnd)
-        arrays = train_phase(
+        arrays = (train_phase if secure is None else secure.train_phase)(
             grid,
             strategy,
             rnd,
@@ -575,9 +612,12 @@ def run_rounds(
             max_update_norm=max_update_norm,
             min_valid=min_clients,
         )
+        record.privacy = privacy_record(strategy)
         failed = [n for n, c in clients.by_node.items() if c.error]
         _wait_for_quorum(grid, min_clients, timeout, rnd)
-        arrays = evaluate_phase(grid, strategy, rnd, arrays, timeout, record, clients, failed)
+        arrays = evaluate_phase(
+            grid, strategy, rnd, arrays, timeout, record, clients, failed, secure is None
+        )
         if evaluate_fn is not None:
             record.server = evaluate_fn(rnd, arrays) or {}
         record.clients = clients.sorted()
@@ -638,6 +678,10 @@ def progress_line(record: RoundRecord, num_rounds: int) -> str:
     ]
     if record.server:
         parts.append(f"server test acc {_fmt(record.server.get('accuracy'))}")
+    if record.privacy:
+        parts.append(
+            f"DP epsilon {record.privacy['epsilon']:.3g} (delta {record.privacy['delta']:g})"
+        )
     parts.append(f"{record.seconds:.1f} s")
     parts.append(
         f"sent {record.bytes_sent / 1e6:.1f} MB, received {record.bytes_received / 1e6:.1f} MB"

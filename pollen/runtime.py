@@ -331,3 +331,21 @@ def submit_run(
     if stream:
         argv.append("--stream")
     return subprocess.call(argv, env=flower_env(flwr_home), stdin=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while the run lasts, so both stop cleanly."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

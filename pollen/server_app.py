@@ -35,8 +35,9 @@ from pollen.history import (
     write_history,
     write_status,
 )
+from pollen.privacy import make_private, sample_size
 from pollen.rounds import request_initial_arrays, run_rounds, wait_for_clients
-from pollen.strategy import make_strategy
+from pollen.strategy import check_sample_size, make_strategy
 
 app = ServerApp()
 
@@ -177,6 +178,7 @@ def _run_and_report(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
         rounds=len(history.rounds),
         elapsed_seconds=round(history.elapsed_seconds, 2),
         final_server_accuracy=final.server.get("accuracy") if final else None,
+        **({"privacy": final.privacy} if final and final.privacy else {}),
     )
     announce_run_over(grid)
 
@@ -227,6 +229,18 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         history = History(config=config)
         first_round = 1
         nodes = wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
+        check_sample_size(cfg, sample_size(cfg, len(nodes)))
+        if cfg.dp:
+            strategy = make_private(strategy, cfg, len(nodes))
+            log(
+                INFO,
+                "Differential privacy: clipping norm %g, noise multiplier %g, %d clients "
+                "per round, delta %g",
+                strategy.clipping_norm,
+                strategy.noise_multiplier,
+                strategy.num_sampled_clients,
+                cfg.dp_delta,
+            )
         arrays, client_info = request_initial_arrays(grid, nodes[0], cfg.round_timeout)
         if "classes" in client_info:
             classes = json.dumps(list(client_info["classes"])) + "\n"
@@ -239,6 +253,20 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
                 history.initial_server["accuracy"],
             )
     writer = RunFolderWriter(run_dir, files, strategy, config, history.elapsed_seconds)
+    secure = None
+    if cfg.secagg:
+        from pollen.secagg import SecureAggregation
+
+        secure = SecureAggregation(cfg)
+        log(
+            INFO,
+            "Secure aggregation (SecAgg+): num-shares %g, reconstruction-threshold %g, "
+            "clipping range %g; BatchNorm re-estimation is off (bn-calibration-examples "
+            "treated as 0: per-client statistics would reveal the clients' data)",
+            cfg.secagg_num_shares,
+            cfg.secagg_reconstruction_threshold,
+            cfg.secagg_clipping_range,
+        )
     run_rounds(
         grid,
         strategy,
@@ -253,5 +281,6 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         first_round=first_round,
         min_clients=cfg.min_clients,
         max_update_norm=cfg.max_update_norm,
+        secure=secure,
     )
     return history

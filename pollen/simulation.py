@@ -22,7 +22,14 @@ from typing import Any
 from pollen.config import RunConfig
 from pollen.errors import PollenError
 from pollen.history import read_status
-from pollen.runtime import free_port, start_superlink, submit_run, temporary_home, write_connection
+from pollen.runtime import (
+    free_port,
+    sigterm_as_interrupt,
+    start_superlink,
+    submit_run,
+    temporary_home,
+    write_connection,
+)
 
 
 def simulate(cfg: RunConfig, num_clients: int, *, stream: bool = True) -> dict[str, Any]:
@@ -53,7 +60,8 @@ def simulate(cfg: RunConfig, num_clients: int, *, stream: bool = True) -> dict[s
         f"num-supernodes={num_clients} client-resources-num-cpus={max(1, cores // parallel)} "
         "client-resources-num-gpus=0.0"
     )
-    with temporary_home("pollen-sim-") as home:
+    # SIGTERM unwinds like Ctrl-C, so the SuperLink below is stopped either way.
+    with sigterm_as_interrupt(), temporary_home("pollen-sim-") as home:
         port = free_port()
         superlink = start_superlink(
             home, "127.0.0.1", port, simulation=True, log=home / "superlink.log"
@@ -68,7 +76,7 @@ def simulate(cfg: RunConfig, num_clients: int, *, stream: bool = True) -> dict[s
     if status is None or status.get("status") != "completed":
         reason = (status or {}).get("error") or "the server app ended before writing a status"
         raise PollenError(
-            f"The simulation did not complete: {reason}. Run folder: {run_dir}."
+            f"The simulation did not complete: {reason.rstrip('.')}. Run folder: {run_dir}."
             + (f"\nSuperLink log (last lines):\n{log_tail}" if status is None else "")
         )
     return status

@@ -20,12 +20,15 @@ from pollen.config import RunConfig
 def _common(cfg: RunConfig) -> dict[str, Any]:
     """Sampling settings shared by every strategy.
 
-    Every connected client evaluates (``fraction_evaluate=1``); ``min-clients``
-    is both the quorum to start a round and the minimum sample size.
+    As many clients evaluate as train (``fraction_evaluate = fraction_train``);
+    ``min-clients`` is both the quorum to start a round and the minimum sample
+    size. Under DP every client weighs the same (client-level DP averages
+    clients, not examples; see :mod:`pollen.privacy`).
     """
     return {
+        "weighted_by_key": "unit-weight" if cfg.dp else "num-examples",
         "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": 1.0,
+        "fraction_evaluate": cfg.fraction_train,
         "min_train_nodes": cfg.min_clients,
         "min_evaluate_nodes": cfg.min_clients,
         "min_available_nodes": cfg.min_clients,
@@ -37,17 +40,55 @@ STRATEGIES: dict[str, Callable[[RunConfig], fl.Strategy]] = {
     "fedavgm": lambda cfg: fl.FedAvgM(
         **_common(cfg), server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum
     ),
+    # FedProx aggregates like FedAvg and sends "proximal-mu" to the clients, which
+    # add mu/2 * ||w - w_global||^2 to their loss (pollen.training.ProximalTerm).
+    "fedprox": lambda cfg: fl.FedProx(**_common(cfg), proximal_mu=cfg.proximal_mu),
     # Flower's defaults for the adaptive strategies are eta=0.1 (0.01 for FedYogi): their
     # server step is eta * m / (sqrt(v) + tau); server-lr scales it.
     "fedadam": lambda cfg: fl.FedAdam(**_common(cfg), eta=0.1 * cfg.server_lr),
     "fedyogi": lambda cfg: fl.FedYogi(**_common(cfg), eta=0.01 * cfg.server_lr),
     "fedadagrad": lambda cfg: fl.FedAdagrad(**_common(cfg), eta=0.1 * cfg.server_lr),
     "fedmedian": lambda cfg: fl.FedMedian(**_common(cfg)),
-    "trimmedmean": lambda cfg: fl.FedTrimmedAvg(**_common(cfg)),
-    "krum": lambda cfg: fl.Krum(**_common(cfg)),
-    "multikrum": lambda cfg: fl.MultiKrum(**_common(cfg)),
-    "bulyan": lambda cfg: fl.Bulyan(**_common(cfg)),
+    "trimmedmean": lambda cfg: fl.FedTrimmedAvg(**_common(cfg), beta=cfg.trim_beta),
+    "krum": lambda cfg: fl.Krum(**_common(cfg), num_malicious_nodes=cfg.num_malicious_nodes),
+    "multikrum": lambda cfg: fl.MultiKrum(
+        **_common(cfg),
+        num_malicious_nodes=cfg.num_malicious_nodes,
+        num_nodes_to_select=cfg.num_nodes_to_select,
+    ),
+    "bulyan": lambda cfg: fl.Bulyan(**_common(cfg), num_malicious_nodes=cfg.num_malicious_nodes),
 }
+
+#: Fewest updates per round a robust strategy needs for ``f`` assumed malicious clients.
+MIN_UPDATES = {
+    "krum": lambda f: 2 * f + 3,
+    "multikrum": lambda f: 2 * f + 3,
+    "bulyan": lambda f: 4 * f + 3,
+}
+
+
+def check_sample_size(cfg: RunConfig, sampled: int) -> None:
+    """Refuse a round size the configured robust strategy cannot work with.
+
+    Krum and Multi-Krum need ``n >= 2f + 3`` updates, Bulyan ``n >= 4f + 3``
+    (f = ``num-malicious-nodes``); below that Flower's strategies fail deep
+    inside aggregation or silently return a useless choice.
+
+    Raises:
+        PollenError: ``sampled`` clients are too few.
+    """
+    from pollen.errors import PollenError
+
+    need = MIN_UPDATES.get(cfg.strategy)
+    if need is None:
+        return
+    f = cfg.num_malicious_nodes
+    if sampled < need(f):
+        raise PollenError(
+            f"The {cfg.strategy} strategy with num-malicious-nodes={f} needs at least "
+            f"{need(f)} clients per round, but rounds have {sampled}. Run more clients, "
+            "lower --num-malicious-nodes, or choose fedmedian or trimmedmean."
+        )
 
 
 def make_strategy(cfg: RunConfig) -> fl.Strategy:

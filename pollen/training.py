@@ -190,6 +190,67 @@ def fit(
     )
 
 
+class ProximalTerm:
+    """FedProx's proximal term, added to a compiled model's training loss.
+
+    The training loss becomes ``loss + mu / 2 * ||w - w_anchor||^2`` over the
+    model's trainable variables, where ``w_anchor`` are the global weights the
+    client received this round (Li et al., 2020). Evaluation losses and the
+    reported training loss stay the plain loss.
+
+    Keras has no hook for a loss that depends on other weights, so this wraps
+    the model instance's ``compute_loss``; the anchors and ``mu`` are Keras
+    variables, so a new round only assigns them and the traced train step is
+    reused.
+
+    Args:
+        model: Compiled model; its ``compute_loss`` is wrapped in place.
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        from keras import ops
+
+        self.model = model
+        self.mu = keras.Variable(0.0, trainable=False, dtype="float32", name="proximal_mu")
+        self.anchors = [
+            keras.Variable(np.asarray(v.numpy()), trainable=False, dtype=v.dtype)
+            for v in model.trainable_variables
+        ]
+        original = model.compute_loss
+
+        def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            loss = original(x, y, y_pred, sample_weight, training=training)
+            if not training:
+                return loss
+            distance = ops.sum(
+                ops.stack(
+                    [
+                        ops.sum(ops.square(w - ops.convert_to_tensor(a)))
+                        for w, a in zip(model.trainable_variables, self.anchors, strict=True)
+                    ]
+                )
+            )
+            return loss + 0.5 * ops.cast(self.mu, loss.dtype) * ops.cast(distance, loss.dtype)
+
+        model.compute_loss = compute_loss
+        model.train_function = None  # retrace with the proximal term
+
+    def anchor(self, mu: float) -> None:
+        """Use the model's current weights as ``w_anchor`` and set ``mu``."""
+        self.mu.assign(float(mu))
+        for a, v in zip(self.anchors, self.model.trainable_variables, strict=True):
+            a.assign(v.value)
+
+    @classmethod
+    def of(cls, model: keras.Model) -> ProximalTerm:
+        """The model's proximal term, installed on first use."""
+        term = getattr(model, "_pollen_proximal", None)
+        if term is None:
+            term = cls(model)
+            model._pollen_proximal = term
+        return term
+
+
 def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
     """Give a compiled model a fresh optimizer state and a new learning rate.
 

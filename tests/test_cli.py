@@ -54,6 +54,40 @@ CASES: list[tuple[str, list[str], str]] = [
         ["simulate", "--clients", "2", "--min-clients", "3"],
         "--min-clients 3 is more than --clients 2",
     ),
+    ("sim-dp-no-noise", ["simulate", "--dp"], "--dp needs a noise level"),
+    (
+        "sim-dp-budget-impossible",
+        ["simulate", "--dp", "--dp-epsilon", "0.0001", "--rounds", "50"],
+        "needs a noise multiplier above 100",
+    ),
+    (
+        "sim-dp-noise-over-budget",
+        ["simulate", "--dp", "--dp-noise", "0.5", "--dp-epsilon", "2"],
+        "--dp-noise 0.5 spends epsilon=",
+    ),
+    (
+        "sim-dp-robust",
+        ["simulate", "--dp", "--dp-noise", "1", "--strategy", "krum"],
+        "Differential privacy works with fedavg or fedprox",
+    ),
+    (
+        "sim-secagg-robust",
+        ["simulate", "--secagg", "--strategy", "fedmedian"],
+        "fedavg strategy only",
+    ),
+    ("sim-secagg-dp", ["simulate", "--secagg", "--dp", "--dp-noise", "1"], "cannot be combined"),
+    ("sim-attack", ["simulate", "--attack", "poison"], "invalid choice: 'poison'"),
+    (
+        "sim-malicious-too-many",
+        ["simulate", "--clients", "2", "--malicious", "3"],
+        "--malicious 3 is more than --clients 2",
+    ),
+    (
+        "sim-bulyan-too-few",
+        ["simulate", "--clients", "5", "--strategy", "bulyan", "--num-malicious-nodes", "1"],
+        "needs at least 7 clients per round",
+    ),
+    ("sim-trim-beta", ["simulate", "--trim-beta", "0.7"], "trim-beta must be in [0, 0.5)"),
     ("client-no-server", ["client"], "the following arguments are required: --server"),
     ("client-no-data", ["client", "--server", "127.0.0.1:1"], "give --data-dir"),
     (

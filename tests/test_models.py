@@ -40,7 +40,8 @@ def cnn() -> keras.Model:
 
 @pytest.fixture
 def registry_model(request, mobilenet, cnn) -> keras.Model:
-    return {"mobilenetv2": mobilenet[0], "cnn": cnn}[request.param]
+    built = {"mobilenetv2": mobilenet[0], "cnn": cnn}
+    return built.get(request.param) or build_model(request.param, num_classes=10, seed=0)
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -302,3 +303,42 @@ def test_check_architecture(cnn) -> None:
     other = build_model("cnn", num_classes=4, seed=0).get_weights()
     with pytest.raises(PollenError, match=rf"\barray {len(weights) - 2}\b"):
         check_architecture(cnn, other)
+
+
+def test_cnn_gn_has_no_moving_statistics() -> None:
+    """Every array of cnn-gn is trainable: DP noise and SecAgg+ clipping touch weights only."""
+    model = build_model("cnn-gn", num_classes=10, seed=0)
+    assert batchnorm_stat_indices(model) == []
+    assert len(model.get_weights()) == len(model.trainable_weights)
+
+
+def test_proximal_term_keeps_local_training_near_the_global_weights() -> None:
+    from pollen.models import compile_model
+    from pollen.training import ProximalTerm, fit
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 64)
+    model = compile_model(build_model("cnn-gn", num_classes=3, seed=0), 1e-2)
+    start = [w.copy() for w in model.get_weights()]
+
+    def drift() -> float:
+        return float(
+            np.sqrt(
+                sum(((a - b) ** 2).sum() for a, b in zip(model.get_weights(), start, strict=True))
+            )
+        )
+
+    fit(model, x, y, epochs=3, batch_size=16, seed=0, verbose=0)
+    plain = drift()
+    model.set_weights(start)
+    training.reset_optimizer(model, 1e-2)
+    ProximalTerm.of(model).anchor(100.0)
+    fit(model, x, y, epochs=3, batch_size=16, seed=0, verbose=0)
+    assert drift() < 0.5 * plain
+    assert ProximalTerm.of(model) is ProximalTerm.of(model)  # installed once
+    model.set_weights(start)
+    training.reset_optimizer(model, 1e-2)
+    ProximalTerm.of(model).anchor(0.0)  # mu 0 = plain training again
+    fit(model, x, y, epochs=3, batch_size=16, seed=0, verbose=0)
+    assert drift() == pytest.approx(plain, rel=0.05)

@@ -1,0 +1,197 @@
+"""Client-level differential privacy: Flower's DP strategy plus an accountant.
+
+With ``dp = true`` the aggregation strategy is wrapped in Flower's
+:class:`~flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping`:
+each sampled client's update (trained minus global weights, all arrays
+together) is clipped to L2 norm ``dp-clip``, the clipped updates are averaged
+with equal weights, and Gaussian noise of standard deviation
+``dp-noise * dp-clip / sampled clients`` is added to every coordinate of the
+average. Flower's :class:`~flwr.serverapp.RdpAccountant` composes one Gaussian
+mechanism per round and reports the spent (epsilon, delta) after each.
+
+What the guarantee covers (see also the README's "Privacy" section):
+
+- client-level DP: neighbouring datasets differ by one client's whole data
+  (add or remove one client), not by one example;
+- the accountant uses ``SamplingMethod.NO_AMPLIFICATION`` (the only one Flower
+  1.42 supports with fixed clipping), so sampling a fraction of the clients
+  per round is not credited: the epsilon is an upper bound;
+- the guarantee covers the global weights released after each round; the
+  clients' plain-text metrics (loss, accuracy, example counts) are not
+  covered, and per-client BatchNorm re-estimation is switched off under DP
+  because its statistics would bypass the noise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flwr.serverapp import (
+    NeighboringRelation,
+    PrivacyConfig,
+    PrivacySpent,
+    SamplingMethod,
+)
+from flwr.serverapp import strategy as fl
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from pollen.config import RunConfig
+from pollen.errors import PollenError
+
+#: Noise multipliers above this drown any model's update: refuse such a budget.
+MAX_NOISE_MULTIPLIER = 100.0
+
+#: The metric every client sends as its aggregation weight under DP (always 1):
+#: client-level DP averages clients with equal weights.
+UNIT_WEIGHT_KEY = "unit-weight"
+
+
+class PicklableRdpAccountant(RdpAccountant):
+    """Flower's RDP accountant, picklable for Pollen's checkpoints.
+
+    Flower's accountant holds module objects of ``dp-accounting`` (flwr's
+    ``dp`` extra); its own ``state_dict``/``load_state_dict`` are the portable
+    state, so pickling goes through them (the strategy, accountant included,
+    is checkpointed after every round and restored by ``--resume``).
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "state": self.state_dict()}
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        self.__init__(data["config"])
+        self.load_state_dict(data["state"])
+
+
+def _accountant(
+    delta: float, max_epsilon: float | None = None, population: int = 1
+) -> PicklableRdpAccountant:
+    """A fresh RDP accountant for per-round Gaussian releases (no amplification).
+
+    With ``NO_AMPLIFICATION`` the population size does not enter the bound;
+    Flower only checks that each round's sample fits in it.
+    """
+    return PicklableRdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=max_epsilon,
+        )
+    )
+
+
+def epsilon_after(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon at ``delta`` after ``rounds`` Gaussian releases of ``noise_multiplier``.
+
+    Args:
+        noise_multiplier: z = noise standard deviation / clipping norm (> 0).
+        rounds: Releases (rounds) composed, >= 1.
+        delta: Target delta in (0, 1).
+    """
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    accountant = _accountant(delta)
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), rounds)
+    return accountant.get_epsilon(delta)
+
+
+def noise_for_budget(epsilon: float, rounds: int, delta: float) -> float:
+    """The smallest noise multiplier that keeps ``rounds`` releases within ``epsilon``.
+
+    Bisection on :func:`epsilon_after` (epsilon falls as z grows), to a
+    relative precision of 1e-4, rounded up.
+
+    Raises:
+        PollenError: Even ``MAX_NOISE_MULTIPLIER`` spends more than ``epsilon``.
+    """
+    hi = MAX_NOISE_MULTIPLIER
+    if epsilon_after(hi, rounds, delta) > epsilon:
+        raise PollenError(
+            f"A privacy budget of epsilon={epsilon:g} at delta={delta:g} over {rounds} rounds "
+            f"needs a noise multiplier above {MAX_NOISE_MULTIPLIER:g}, which leaves nothing "
+            "of the clients' updates. Allow a larger --dp-epsilon, a larger --dp-delta or "
+            "fewer --rounds."
+        )
+    lo = 1e-3
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        if epsilon_after(mid, rounds, delta) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return math.ceil(hi * 1e4) / 1e4
+
+
+def resolve_noise(cfg: RunConfig) -> float:
+    """The noise multiplier a DP run uses; checks the budget before anything starts.
+
+    ``dp-noise`` if given (then it must keep the run within ``dp-epsilon`` if
+    that is set), else the smallest multiplier within ``dp-epsilon``.
+
+    Raises:
+        PollenError: Neither is given, or the budget cannot be kept.
+    """
+    if cfg.dp_noise > 0:
+        if cfg.dp_epsilon > 0:
+            spent = epsilon_after(cfg.dp_noise, cfg.num_rounds, cfg.dp_delta)
+            if spent > cfg.dp_epsilon:
+                need = noise_for_budget(cfg.dp_epsilon, cfg.num_rounds, cfg.dp_delta)
+                raise PollenError(
+                    f"--dp-noise {cfg.dp_noise:g} spends epsilon={spent:.3g} (delta="
+                    f"{cfg.dp_delta:g}) over {cfg.num_rounds} rounds, more than --dp-epsilon "
+                    f"{cfg.dp_epsilon:g}. Use --dp-noise {need:g} or more, fewer rounds, or "
+                    "leave --dp-noise out to let Pollen pick the noise."
+                )
+        return cfg.dp_noise
+    if cfg.dp_epsilon > 0:
+        return noise_for_budget(cfg.dp_epsilon, cfg.num_rounds, cfg.dp_delta)
+    raise PollenError(
+        "--dp needs a noise level: give --dp-epsilon E (the budget for the whole run; Pollen "
+        "picks the noise) or --dp-noise Z (the noise multiplier)."
+    )
+
+
+def sample_size(cfg: RunConfig, connected: int) -> int:
+    """Clients Flower's FedAvg samples per round out of ``connected`` (its own rule)."""
+    return max(int(connected * cfg.fraction_train), cfg.min_clients)
+
+
+def make_private(strategy: fl.FedAvg, cfg: RunConfig, connected: int) -> fl.Strategy:
+    """Wrap ``strategy`` in server-side fixed-clipping DP with an accountant.
+
+    Args:
+        strategy: A FedAvg (or FedProx) built with ``weighted_by_key =
+            UNIT_WEIGHT_KEY``.
+        cfg: The run config (``dp-clip``, ``dp-noise``/``dp-epsilon``, ``dp-delta``).
+        connected: Clients connected when the run starts; every round samples
+            :func:`sample_size` of them, and every sampled client must reply
+            (noise is calibrated to that count).
+    """
+    noise = resolve_noise(cfg)
+    return fl.DifferentialPrivacyServerSideFixedClipping(
+        strategy,
+        noise_multiplier=noise,
+        clipping_norm=cfg.dp_clip,
+        num_sampled_clients=sample_size(cfg, connected),
+        accountant=_accountant(cfg.dp_delta, cfg.dp_epsilon or None, max(connected, 1)),
+    )
+
+
+def privacy_record(strategy: Any) -> dict[str, float]:
+    """``{"epsilon", "delta", "noise_multiplier", "clipping_norm", "releases"}`` so far.
+
+    Empty for a strategy without DP.
+    """
+    spent: PrivacySpent | None = getattr(strategy, "privacy_spent", lambda: None)()
+    if spent is None:
+        return {}
+    return {
+        "epsilon": spent.epsilon,
+        "delta": spent.delta,
+        "noise_multiplier": strategy.noise_multiplier,
+        "clipping_norm": strategy.clipping_norm,
+        "releases": spent.num_releases,
+    }

@@ -1,0 +1,626 @@
+"""Secure aggregation: Flower's SecAgg+ inside Pollen's round loop.
+
+With ``--secagg`` the server never sees one client's update, only the
+weighted sum of the updates of the clients that finished the round. Flower
+1.42 offers SecAgg+ only on its legacy path: :class:`SecAggPlusWorkflow`
+called with a :class:`flwr.server.LegacyContext` that holds a legacy
+:class:`flwr.server.strategy.FedAvg` and a client manager. This module
+bridges that path and Pollen's round loop (:mod:`pollen.rounds`):
+
+Server side (:class:`SecureAggregation`, :func:`secure_train_phase`):
+
+1. Pollen's own strategy (``pollen.strategy.make_strategy``, a new-style
+   FedAvg) samples the round's clients, exactly as without SecAgg; that
+   strategy object is also what the checkpoint pickles.
+2. Each sampled client's training-example count is learned once (query
+   ``request="train-examples"``); ``max_weight`` of the round is their
+   maximum (the protocol scales each update by ``num_examples / max_weight``
+   before quantizing, so it must be >= every count and not much bigger).
+3. The workflow runs its four stages (setup, share keys, collect masked
+   vectors, unmask) through a grid wrapper that gives every exchange
+   Pollen's hard deadline (:func:`pollen.rounds.exchange`) and records
+   failures, bytes and the per-client metrics for the history.
+4. What comes back is the weighted average of the clients' *updates*
+   (trained minus global weights); the new global model is the old one plus
+   that average, checked for shapes and finite values (individual updates
+   cannot be checked: :func:`pollen.rounds.validate_update` never sees them).
+
+Client side (:func:`secagg_client_mod`, :func:`legacy_train_input`,
+:func:`legacy_train_reply`): the ClientApp's train handler runs behind a mod
+that applies Flower's ``secaggplus_mod`` to SecAgg+ messages only. In the
+collect-masked-vectors stage that mod calls the train handler with a legacy
+``FitIns`` and expects a legacy ``FitRes``; the handler converts them with
+the two helpers here and runs its normal training in between. Under SecAgg a
+client sends its update, not its weights: weights such as BatchNorm moving
+variances exceed the ``+-clipping_range`` every value is clipped to.
+
+What stays in plaintext: each client's ``num_examples`` and its train
+metrics (loss, accuracy, seconds); only the arrays are masked. BatchNorm
+re-estimation (per-client ``bn-stats`` in the evaluate phase) would reveal
+per-client data statistics, so under SecAgg it is off: clients calibrate on
+0 examples and the server ignores any statistics it is sent.
+
+Thresholds (see :func:`resolve_protocol`): ``secagg-num-shares`` <= 1 is a
+fraction of the sampled clients, an integer > 2 a count;
+``secagg-reconstruction-threshold`` <= 1 is a fraction of the shares, an
+integer > 1 a count. With the defaults (1.0, 0.67): 2 clients -> 2 shares,
+threshold 2, no dropout tolerated; 3 -> 3/2, 1 dropout; 5 -> 5/3, 2;
+10 -> 10/7, 3.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
+from flwr.client.mod import secaggplus_mod
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from pollen.config import RunConfig
+from pollen.errors import PollenError
+from pollen.history import RoundRecord
+from pollen.rounds import (
+    _failures_text,
+    _RoundClients,
+    exchange,
+    learn_names,
+    readable_reason,
+    record_bytes,
+    validate_update,
+)
+
+#: Quantization levels of SecAgg+ (Flower's default, 2**22).
+QUANTIZATION_RANGE = 2**22
+
+#: Legacy record names of a FitIns/FitRes in a RecordDict (``flwr.compat``).
+FITINS_PARAMETERS = "fitins.parameters"
+FITINS_CONFIG = "fitins.config"
+
+#: Query request that asks a client for its number of training examples.
+TRAIN_EXAMPLES_REQUEST = "train-examples"
+
+
+# --- thresholds -------------------------------------------------------------------
+
+
+def workflow_counts(num_shares: float, threshold: float) -> tuple[int | float, int | float]:
+    """Run-config values in the types :class:`SecAggPlusWorkflow` reads.
+
+    Flower reads a ``float`` as a fraction and an ``int`` as a count.
+
+    Args:
+        num_shares: ``secagg-num-shares``: <= 1 a fraction of the sampled
+            clients, an integer > 2 a count.
+        threshold: ``secagg-reconstruction-threshold``: <= 1 a fraction of
+            the shares, an integer > 1 a count (less than a count of shares).
+
+    Raises:
+        PollenError: A value is neither.
+    """
+    if num_shares <= 1:
+        shares: int | float = float(num_shares)
+    elif num_shares > 2 and float(num_shares).is_integer():
+        shares = int(num_shares)
+    else:
+        raise PollenError(
+            f"secagg-num-shares {num_shares:g} is neither a fraction (<= 1) nor a count "
+            "(an integer > 2)."
+        )
+    if threshold <= 1:
+        thr: int | float = float(threshold)
+    elif float(threshold).is_integer():
+        thr = int(threshold)
+    else:
+        raise PollenError(
+            f"secagg-reconstruction-threshold {threshold:g} is neither a fraction (<= 1) "
+            "nor a count (an integer > 1)."
+        )
+    if isinstance(shares, int) and isinstance(thr, int) and thr >= shares:
+        raise PollenError(
+            f"secagg-reconstruction-threshold ({thr}) must be less than secagg-num-shares "
+            f"({shares})."
+        )
+    return shares, thr
+
+
+def resolve_protocol(num_shares: float, threshold: float, clients: int) -> tuple[int, int]:
+    """Shares and threshold SecAgg+ uses for a round of ``clients`` sampled clients.
+
+    Mirrors ``SecAggPlusWorkflow.setup_stage`` of Flower 1.42: a fractional
+    share count is ``round(fraction * clients)``, made odd if below
+    ``clients``, and ``clients`` if that leaves <= 2; a fractional threshold
+    is ``max(2, round(fraction * shares))``. Each client's neighbourhood
+    (itself included) holds ``min(clients, shares)`` clients (rounded up to
+    odd); every client needs ``threshold`` of its neighbours alive to the
+    end, so ``neighbourhood - threshold`` dropouts are tolerated.
+
+    Returns:
+        ``(shares, threshold)``.
+    """
+    shares_in, thr_in = workflow_counts(num_shares, threshold)
+    if isinstance(shares_in, float):
+        shares = round(shares_in * clients)
+        if shares < clients and shares % 2 == 0:
+            shares += 1
+        if shares <= 2:
+            shares = clients
+    else:
+        shares = shares_in
+    thr = max(round(thr_in * shares), 2) if isinstance(thr_in, float) else thr_in
+    return shares, thr
+
+
+def tolerated_dropouts(num_shares: float, threshold: float, clients: int) -> int:
+    """Clients that may drop out of a round after setup without failing it.
+
+    Args:
+        num_shares: ``secagg-num-shares`` (see :func:`workflow_counts`).
+        threshold: ``secagg-reconstruction-threshold``.
+        clients: Clients sampled for the round.
+
+    Returns:
+        ``max(0, neighbourhood - threshold)`` where the neighbourhood is
+        ``min(clients, shares)`` (shares made odd when below ``clients``).
+    """
+    shares, thr = resolve_protocol(num_shares, threshold, clients)
+    if shares != clients and shares % 2 == 0:
+        shares += 1
+    return max(0, min(clients, shares) - thr)
+
+
+# --- client side -------------------------------------------------------------------
+
+
+def is_secagg_message(msg: Message) -> bool:
+    """Whether ``msg`` is a step of the SecAgg+ protocol (a TRAIN with its config record)."""
+    return (
+        msg.metadata.message_type == MessageType.TRAIN
+        and RECORD_KEY_CONFIGS in msg.content.config_records
+    )
+
+
+def secagg_client_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """ClientApp mod: Flower's ``secaggplus_mod`` for SecAgg+ messages, else a no-op.
+
+    ``secaggplus_mod`` handles every TRAIN message and fails on one without
+    its config record; a plain Pollen run sends such messages, so they pass
+    straight to the handler here.
+    """
+    if is_secagg_message(msg):
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def is_legacy_train(content: RecordDict) -> bool:
+    """Whether a train message carries a legacy ``FitIns`` (the SecAgg+ collect stage)."""
+    return FITINS_PARAMETERS in content.array_records and "arrays" not in content
+
+
+def legacy_train_input(content: RecordDict) -> RecordDict:
+    """Pollen's train input (``arrays`` keyed ``"0"``, ``"1"``, ..., ``config``) from a FitIns."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(array_dict={str(i): Array(a) for i, a in enumerate(arrays)}),
+            "config": ConfigRecord(dict(fitins.config)),
+        }
+    )
+
+
+def legacy_train_reply(reply: RecordDict, global_arrays: ArrayRecord) -> RecordDict:
+    """Pollen's train reply as a legacy ``FitRes`` holding the update, not the weights.
+
+    Args:
+        reply: What Pollen's train handler returns: ``arrays`` (trained
+            weights), ``metrics`` (with ``num-examples``) and ``client``.
+        global_arrays: The global weights the client trained from.
+
+    Returns:
+        ``fitres.*`` records with parameters ``trained - global`` (same
+        dtypes and shapes), ``num_examples`` and the metrics, plus the
+        ``client`` record (name for the server's history).
+    """
+    trained = reply["arrays"].to_numpy_ndarrays()
+    start = global_arrays.to_numpy_ndarrays()
+    update = [
+        np.asarray(w, dtype=np.float64) - np.asarray(g, dtype=np.float64)
+        for w, g in zip(trained, start, strict=True)
+    ]
+    update = [u.astype(g.dtype) for u, g in zip(update, start, strict=True)]
+    metrics = dict(reply["metrics"])
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(update),
+        num_examples=int(metrics["num-examples"]),
+        metrics=metrics,
+    )
+    content = compat.fitres_to_recorddict(fitres, keep_input=False)
+    if "client" in reply:
+        content["client"] = reply["client"]
+    return content
+
+
+# --- server side -------------------------------------------------------------------
+
+
+def _fit_metrics(_: list[tuple[int, dict]]) -> dict:
+    """Legacy FedAvg's metrics aggregation: none (Pollen aggregates them itself)."""
+    return {}
+
+
+def make_legacy_context(
+    grid: Grid, nodes: Sequence[int], rnd: int, arrays: ArrayRecord, config: dict
+) -> LegacyContext:
+    """The :class:`LegacyContext` that runs one SecAgg+ round over exactly ``nodes``.
+
+    A legacy FedAvg with ``fraction_fit=1`` and all minimums ``len(nodes)``
+    over a client manager that holds only ``nodes``: Pollen's strategy has
+    already sampled them. The FitIns config is ``{"server-round": rnd,
+    **config}``, as Pollen's own strategy sends.
+    """
+    n = len(nodes)
+    fit_config = {"server-round": rnd, **config}
+    strategy = LegacyFedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=n,
+        min_evaluate_clients=n,
+        min_available_clients=n,
+        on_fit_config_fn=lambda _: dict(fit_config),
+        fit_metrics_aggregation_fn=_fit_metrics,
+    )
+    manager = SimpleClientManager()
+    for node in nodes:
+        manager.register(GridClientProxy(node_id=node, grid=grid, run_id=0))
+    state = RecordDict(
+        {
+            MAIN_PARAMS_RECORD: _as_legacy_record(arrays),
+            MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd}),
+        }
+    )
+    base = Context(run_id=0, node_id=0, node_config={}, state=state, run_config={})
+    return LegacyContext(context=base, strategy=strategy, client_manager=manager)
+
+
+def _as_legacy_record(arrays: ArrayRecord) -> ArrayRecord:
+    """``arrays`` in the order of their keys ``"0"``, ``"1"``, ... (legacy Parameters order)."""
+    return ArrayRecord(array_dict={k: arrays[k] for k in arrays})
+
+
+def _from_legacy_record(record: ArrayRecord) -> list[np.ndarray]:
+    """Arrays of a record built from legacy Parameters, in order."""
+    return parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of arrays plus ``bytes`` config values (keys, ciphertexts, masked vectors)."""
+    total = sum(record_bytes(r) for r in content.array_records.values())
+    for rec in content.config_records.values():
+        for value in rec.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if isinstance(v, bytes))
+    return total
+
+
+def _stage(msg: Message) -> str:
+    cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return str(cfg.get(Key.STAGE, "?")) if cfg is not None else "?"
+
+
+class DeadlineGrid:
+    """A Grid for the workflow: hard deadlines, failure and byte bookkeeping.
+
+    ``SecAggPlusWorkflow`` talks to clients with ``grid.send_and_receive``
+    only; that call can hang in Flower 1.42 when a node dies mid-push. Here
+    it is :func:`pollen.rounds.exchange` with ``timeout``; error replies and
+    missing replies are recorded as the client's ``train`` failure, payload
+    bytes in ``record``, and the collect-stage replies (masked vectors plus
+    plaintext metrics) kept in :attr:`collected`. Everything else is
+    delegated to the wrapped grid.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        timeout: float,
+        rnd: int,
+        record: RoundRecord,
+        clients: _RoundClients,
+    ) -> None:
+        self.grid = grid
+        self.timeout = timeout
+        self.rnd = rnd
+        self.record = record
+        self.clients = clients
+        #: Node id -> its reply in the collect-masked-vectors stage.
+        self.collected: dict[int, Message] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Exchange ``messages`` within ``min(timeout, self.timeout)``; return the replies."""
+        messages = list(messages)
+        if not messages:
+            return []
+        stage = _stage(messages[0])
+        self.record.bytes_sent += sum(payload_bytes(m.content) for m in messages)
+        limit = self.timeout if timeout is None else min(timeout, self.timeout)
+        result = exchange(self.grid, messages, limit)
+        phase = f"train (secagg {stage})"
+        for node, msg in result.replies.items():
+            if msg.has_error():
+                c = self.clients.fail(node, phase, readable_reason(msg.error.reason))
+                log(WARNING, "Round %d: client %s failed: %s", self.rnd, c.name, c.error)
+                continue
+            self.clients(msg, node)
+            self.record.bytes_received += payload_bytes(msg.content)
+            if stage == Stage.COLLECT_MASKED_VECTORS:
+                self.collected[node] = msg
+        for node in result.missing:
+            c = self.clients.fail(node, phase, f"no reply within round-timeout ({limit:g} s)")
+            log(WARNING, "Round %d: client %s sent no %s reply", self.rnd, c.name, phase)
+        return list(result.replies.values())
+
+
+def learn_train_examples(
+    grid: Grid, nodes: Iterable[int], counts: dict[int, int], timeout: float
+) -> None:
+    """Ask clients not in ``counts`` how many training examples they hold."""
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"request": TRAIN_EXAMPLES_REQUEST})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in nodes
+        if node not in counts
+    ]
+    for node, reply in exchange(grid, messages, timeout).replies.items():
+        info = reply.content.config_records.get("client") if reply.has_content() else None
+        if info is not None and TRAIN_EXAMPLES_REQUEST in info:
+            counts[node] = int(info[TRAIN_EXAMPLES_REQUEST])
+
+
+def secure_train_phase(
+    grid: Grid,
+    nodes: Sequence[int],
+    rnd: int,
+    arrays: ArrayRecord,
+    config: dict,
+    timeout: float,
+    record: RoundRecord,
+    clients: _RoundClients,
+    *,
+    num_shares: float = 1.0,
+    reconstruction_threshold: float = 0.67,
+    clipping_range: float = 8.0,
+    max_weight: float = 1000.0,
+    min_valid: int = 1,
+) -> tuple[ArrayRecord, DeadlineGrid]:
+    """One round of training under SecAgg+ over the sampled ``nodes``.
+
+    Fills ``record`` (``train`` aggregate, bytes) and ``clients`` (per-client
+    train loss, accuracy, examples, seconds; failures per protocol stage) as
+    :func:`pollen.rounds.train_phase` does.
+
+    Args:
+        grid: The run's grid.
+        nodes: Sampled node ids (at least 2).
+        rnd: Round number, from 1.
+        arrays: Global weights, keys ``"0"``, ``"1"``, ...
+        config: Train config sent to clients (``learning-rate``).
+        timeout: Deadline of each of the protocol's four exchanges, seconds.
+        record: The round's record.
+        clients: The round's per-client records.
+        num_shares: ``secagg-num-shares`` (see :func:`workflow_counts`).
+        reconstruction_threshold: ``secagg-reconstruction-threshold``.
+        clipping_range: Every scaled update value is clipped to +- this.
+        max_weight: >= every client's ``num_examples``.
+        min_valid: Updates the aggregate must hold.
+
+    Returns:
+        The new global weights (``arrays`` plus the weighted mean update, in
+        ``arrays``' dtypes), and the grid wrapper (its replies, for tests).
+
+    Raises:
+        PollenError: Fewer than 2 clients, the protocol halted (too many
+            dropouts), fewer than ``min_valid`` updates, or the aggregate is
+            not finite or has the wrong shapes.
+    """
+    if len(nodes) < 2:
+        raise PollenError(
+            f"Round {rnd}: SecAgg+ needs at least 2 clients in a round, {len(nodes)} were "
+            "sampled. Raise --min-clients or --fraction-train, or drop --secagg."
+        )
+    shares, thr = workflow_counts(num_shares, reconstruction_threshold)
+    workflow = SecAggPlusWorkflow(
+        shares,
+        thr,
+        max_weight=float(max_weight),
+        clipping_range=float(clipping_range),
+        quantization_range=QUANTIZATION_RANGE,
+        timeout=timeout,
+    )
+    context = make_legacy_context(grid, nodes, rnd, arrays, config)
+    before = context.state.array_records[MAIN_PARAMS_RECORD]
+    wrapped = DeadlineGrid(grid, timeout, rnd, record, clients)
+    workflow(wrapped, context)  # type: ignore[arg-type]
+    after = context.state.array_records[MAIN_PARAMS_RECORD]
+    if after is before:
+        raise PollenError(
+            f"Round {rnd}: secure aggregation halted: too few clients stayed to the end "
+            f"({len(wrapped.collected)} of {len(nodes)} sent masked updates; SecAgg+ "
+            f"tolerates {tolerated_dropouts(num_shares, reconstruction_threshold, len(nodes))} "
+            f"dropout(s) here); failed: {_failures_text(clients)}. The last completed round "
+            "is checkpointed: continue with --resume RUN_DIR, or lower "
+            "--secagg-reconstruction-threshold."
+        )
+    used = _record_clients(wrapped.collected, clients, record)
+    if used < min_valid:
+        raise PollenError(
+            f"Round {rnd} has {used} update(s) in its secure aggregate, fewer than the "
+            f"{min_valid} --min-clients needs; failed: {_failures_text(clients)}."
+        )
+    start = arrays.to_numpy_ndarrays()
+    mean_update = _from_legacy_record(after)
+    new = []
+    for g, u in zip(start, mean_update, strict=False):
+        if np.issubdtype(g.dtype, np.floating):
+            new.append((g.astype(np.float64) + u).astype(g.dtype))
+        else:
+            new.append((g + np.rint(u)).astype(g.dtype))
+    # Individual updates are masked, so validate_update can only see the aggregate:
+    # it must have the global model's shapes and dtypes and finite values.
+    reason = validate_update(start, new, 0.0) if len(new) == len(start) else "wrong array count"
+    if reason is not None:
+        raise PollenError(f"Round {rnd}: the secure aggregate is unusable: {reason}.")
+    out = ArrayRecord(array_dict={k: Array(a) for k, a in zip(arrays, new, strict=True)})
+    return out, wrapped
+
+
+def _record_clients(
+    collected: dict[int, Message], clients: _RoundClients, record: RoundRecord
+) -> int:
+    """Per-client and aggregated train metrics from the plaintext part of the masked replies."""
+    weights, losses, accuracies = [], [], []
+    for node, msg in collected.items():
+        c = clients.get(node)
+        metrics = msg.content.config_records.get("fitres.metrics", ConfigRecord())
+        count = msg.content.metric_records.get("fitres.num_examples")
+        n = int(count["num_examples"]) if count is not None else int(metrics["num-examples"])
+        c.train_loss, c.train_accuracy = metrics.get("train_loss"), metrics.get("train_accuracy")
+        c.train_examples, c.fit_seconds = n, metrics.get("fit_seconds")
+        weights.append(n)
+        losses.append(c.train_loss)
+        accuracies.append(c.train_accuracy)
+    total = sum(weights)
+    if collected and total > 0:
+
+        def mean(values: list) -> float | None:
+            if any(v is None for v in values):
+                return None
+            return float(sum(w * v for w, v in zip(weights, values, strict=True)) / total)
+
+        record.train = {"loss": mean(losses), "accuracy": mean(accuracies), "examples": total}
+    return len(collected)
+
+
+class SecureAggregation:
+    """SecAgg+ for :func:`pollen.rounds.run_rounds` (``secure=``).
+
+    Holds the run's SecAgg+ settings and the clients' training-example counts
+    (asked once per client). :meth:`train_phase` has the signature of
+    :func:`pollen.rounds.train_phase`.
+
+    Args:
+        cfg: The run config (``secagg-*`` settings).
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        workflow_counts(cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)  # check
+        self.cfg = cfg
+        #: Node id -> training examples (learned before the node's first round).
+        self.train_examples: dict[int, int] = {}
+        self._warned_norm = False
+
+    def train_phase(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        rnd: int,
+        arrays: ArrayRecord,
+        config: dict,
+        timeout: float,
+        record: RoundRecord,
+        clients: _RoundClients,
+        *,
+        max_update_norm: float = 0.0,
+        min_valid: int = 1,
+    ) -> ArrayRecord:
+        """Sample with ``strategy``, train under SecAgg+, return the new global arrays."""
+        if max_update_norm > 0 and not self._warned_norm:
+            log(
+                INFO,
+                "SecAgg+: max-update-norm (%g) is not checked: single updates are masked; "
+                "only the aggregate's shapes and finiteness are",
+                max_update_norm,
+            )
+            self._warned_norm = True
+        sampled = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
+        nodes = [m.metadata.dst_node_id for m in sampled]
+        # The strategy's own train config (server-round, learning-rate, anything it adds).
+        config = dict(sampled[0].content["config"]) if sampled else dict(config)
+        learn_names(grid, nodes, clients.names, min(timeout, 15))
+        learn_train_examples(grid, nodes, self.train_examples, timeout)
+        known = [self.train_examples[n] for n in nodes if n in self.train_examples]
+        max_weight = float(max(known)) if known else 1000.0
+        shares, thr = resolve_protocol(
+            self.cfg.secagg_num_shares, self.cfg.secagg_reconstruction_threshold, len(nodes)
+        )
+        log(
+            INFO,
+            "Round %d: SecAgg+ over %d clients, %d shares, threshold %d, max weight %g",
+            rnd,
+            len(nodes),
+            shares,
+            thr,
+            max_weight,
+        )
+        start = time.perf_counter()
+        new, _ = secure_train_phase(
+            grid,
+            nodes,
+            rnd,
+            arrays,
+            config,
+            timeout,
+            record,
+            clients,
+            num_shares=self.cfg.secagg_num_shares,
+            reconstruction_threshold=self.cfg.secagg_reconstruction_threshold,
+            clipping_range=self.cfg.secagg_clipping_range,
+            max_weight=max_weight,
+            min_valid=min_valid,
+        )
+        log(INFO, "Round %d: secure aggregation took %.1f s", rnd, time.perf_counter() - start)
+        return new
