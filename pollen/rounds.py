@@ -37,6 +37,8 @@ from pollen.history import ClientRound, History, RoundRecord
 from pollen.privacy import privacy_record
 
 EvaluateFn = Callable[[int, ArrayRecord], "dict[str, float] | None"]
+#: A round's train phase: :func:`train_phase` or a replacement with its signature.
+TrainPhase = Callable[..., ArrayRecord]
 
 
 # --- pure helpers ---------------------------------------------------------------
@@ -243,26 +245,6 @@ def exchange(
 
 
 # --- the loop -------------------------------------------------------------------
-
-
-class SecureTrain(Protocol):
-    """A replacement for :func:`train_phase` (see :mod:`pollen.secagg`)."""
-
-    def train_phase(
-        self,
-        grid: Grid,
-        strategy: Strategy,
-        rnd: int,
-        arrays: ArrayRecord,
-        config: dict,
-        timeout: float,
-        record: RoundRecord,
-        clients: _RoundClients,
-        *,
-        max_update_norm: float = 0.0,
-        min_valid: int = 1,
-    ) -> ArrayRecord:
-        """Same contract as :func:`train_phase`."""
 
 
 class RoundObserver(Protocol):
@@ -566,7 +548,8 @@ def run_rounds(
     min_clients: int = 1,
     max_update_norm: float = 0.0,
     names: dict[int, str] | None = None,
-    secure: SecureTrain | None = None,
+    train: TrainPhase | None = None,
+    bn_stats: bool = True,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; return the final global arrays.
 
@@ -584,10 +567,10 @@ def run_rounds(
 
     Stops early once the central accuracy reaches ``target_accuracy`` (> 0).
 
-    With ``secure`` (a :class:`pollen.secagg.SecureAggregation`) its
-    ``train_phase`` replaces :func:`train_phase` (secure aggregation: the
-    server sees only the aggregate) and clients' BatchNorm statistics are
-    not used.
+    ``train`` replaces :func:`train_phase` (same arguments and result): secure
+    aggregation passes ``pollen.secagg.SecureAggregation.train_phase``, under
+    which the server sees only the aggregate. ``bn_stats=False`` ignores the
+    clients' BatchNorm statistics (per-client data statistics).
 
     Raises:
         PollenError: Fewer than ``min_clients`` clients are connected within
@@ -600,7 +583,7 @@ def run_rounds(
         clients = _RoundClients(names)
         # Flower's samplers wait for enough nodes forever: bound that wait here.
         _wait_for_quorum(grid, min_clients, timeout, rnd)
-        arrays = (train_phase if secure is None else secure.train_phase)(
+        arrays = (train or train_phase)(
             grid,
             strategy,
             rnd,
@@ -616,7 +599,7 @@ def run_rounds(
         failed = [n for n, c in clients.by_node.items() if c.error]
         _wait_for_quorum(grid, min_clients, timeout, rnd)
         arrays = evaluate_phase(
-            grid, strategy, rnd, arrays, timeout, record, clients, failed, secure is None
+            grid, strategy, rnd, arrays, timeout, record, clients, failed, bn_stats
         )
         if evaluate_fn is not None:
             record.server = evaluate_fn(rnd, arrays) or {}

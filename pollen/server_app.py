@@ -253,11 +253,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
                 history.initial_server["accuracy"],
             )
     writer = RunFolderWriter(run_dir, files, strategy, config, history.elapsed_seconds)
-    secure = None
+    train = None
     if cfg.secagg:
         from pollen.secagg import SecureAggregation
 
-        secure = SecureAggregation(cfg)
+        train = SecureAggregation(cfg).train_phase
         log(
             INFO,
             "Secure aggregation (SecAgg+): num-shares %g, reconstruction-threshold %g, "
@@ -281,6 +281,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         first_round=first_round,
         min_clients=cfg.min_clients,
         max_update_norm=cfg.max_update_norm,
-        secure=secure,
+        train=train,
+        bn_stats=not cfg.secagg,
     )
     return history

@@ -61,6 +61,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def flower_task(monkeypatch):
+    """Let Flower build Messages outside a run: its constructor reads the task's identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class NodesGrid:
+    """Just enough of a Grid for a strategy's ``configure_train``: the connected node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def train_reply(node: int, arrays: list, n: int = 100):
+    """A client's train reply as the Grid hands it to a strategy (weights + metrics)."""
+    import time
+
+    from flwr.app import (
+        DEFAULT_TTL,
+        ArrayRecord,
+        Message,
+        MessageType,
+        Metadata,
+        MetricRecord,
+        RecordDict,
+    )
+
+    meta = Metadata(
+        run_id=1,
+        message_id=f"reply-{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id=f"instruction-{node}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=MessageType.TRAIN,
+    )
+    metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "train_loss": 0.1})
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics})
+    return Message(metadata=meta, content=content)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Fast unit tests first, then the end-to-end tests (marked ``e2e``)."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)

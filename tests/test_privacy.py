@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import pickle
-import time
 
 import numpy as np
 import pytest
+from conftest import NodesGrid, train_reply
 from flwr.app import (
-    DEFAULT_TTL,
     Array,
     ArrayRecord,
     ConfigRecord,
-    Message,
-    MessageType,
-    Metadata,
-    MetricRecord,
-    RecordDict,
 )
 
 from pollen.config import RunConfig
@@ -34,42 +28,7 @@ from pollen.strategy import make_strategy
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Flower's Message constructor reads the run id of the process's task."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid:
-    """Just enough of a Grid for a strategy's configure_train: the connected node ids."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-
-def _reply(node: int, arrays: list[np.ndarray], n: int = 50) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"instruction-{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=DEFAULT_TTL,
-        message_type=MessageType.TRAIN,
-    )
-    metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "train_loss": 0.0})
-    return Message(
-        metadata=meta, content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics})
-    )
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -122,13 +81,13 @@ def test_private_fedavg_clips_each_update_adds_calibrated_noise_and_accounts() -
     cfg = RunConfig().replace(dp=True, dp_noise=z, dp_clip=clip, min_clients=n, model="cnn-gn")
     strategy = make_private(make_strategy(cfg), cfg, n)
     global_w = [np.zeros(size, np.float32)]
-    grid = FakeGrid(list(range(1, n + 1)))
+    grid = NodesGrid(list(range(1, n + 1)))
     messages = list(strategy.configure_train(1, ArrayRecord(global_w), ConfigRecord({}), grid))
     assert len(messages) == n
     # Every client's update points the same way with norm 10 (5x the clipping norm),
     # and claims a different example count, which DP must ignore.
     direction = np.ones(size, np.float32) / np.sqrt(size)
-    replies = [_reply(i + 1, [10.0 * direction], n=10 * (i + 1)) for i in range(n)]
+    replies = [train_reply(i + 1, [10.0 * direction], n=10 * (i + 1)) for i in range(n)]
     new, _ = strategy.aggregate_train(1, replies)
     got = new.to_numpy_ndarrays()[0]
     # Mean of the clipped updates is clip * direction; what remains is the noise.
@@ -145,11 +104,11 @@ def test_private_strategy_survives_a_checkpoint_pickle() -> None:
     n = 3
     cfg = RunConfig().replace(dp=True, dp_noise=1.0, min_clients=n, model="cnn-gn")
     strategy = make_private(make_strategy(cfg), cfg, n)
-    grid = FakeGrid([1, 2, 3])
+    grid = NodesGrid([1, 2, 3])
     w = [np.zeros(4, np.float32)]
     for rnd in (1, 2):
         list(strategy.configure_train(rnd, ArrayRecord(w), ConfigRecord({}), grid))
-        strategy.aggregate_train(rnd, [_reply(i, [np.ones(4, np.float32)]) for i in (1, 2, 3)])
+        strategy.aggregate_train(rnd, [train_reply(i, [np.ones(4, np.float32)]) for i in (1, 2, 3)])
     restored = pickle.loads(pickle.dumps(strategy))
     assert privacy_record(restored) == privacy_record(strategy)
     assert privacy_record(restored)["epsilon"] == pytest.approx(epsilon_after(1.0, 2, DELTA))
@@ -160,8 +119,8 @@ def test_a_missing_reply_is_not_aggregated_under_dp() -> None:
     cfg = RunConfig().replace(dp=True, dp_noise=1.0, min_clients=3, model="cnn-gn")
     strategy = make_private(make_strategy(cfg), cfg, 3)
     w = [np.zeros(4, np.float32)]
-    list(strategy.configure_train(1, ArrayRecord(w), ConfigRecord({}), FakeGrid([1, 2, 3])))
-    new, _ = strategy.aggregate_train(1, [_reply(i, [np.ones(4, np.float32)]) for i in (1, 2)])
+    list(strategy.configure_train(1, ArrayRecord(w), ConfigRecord({}), NodesGrid([1, 2, 3])))
+    new, _ = strategy.aggregate_train(1, [train_reply(i, [np.ones(4, np.float32)]) for i in (1, 2)])
     assert new is None
     assert privacy_record(strategy)["releases"] == 0
 
@@ -170,8 +129,8 @@ def test_arrays_stay_float32_after_noise() -> None:
     cfg = RunConfig().replace(dp=True, dp_noise=1.0, min_clients=2, model="cnn-gn")
     strategy = make_private(make_strategy(cfg), cfg, 2)
     w = [np.zeros(4, np.float32)]
-    list(strategy.configure_train(1, ArrayRecord(w), ConfigRecord({}), FakeGrid([1, 2])))
-    new, _ = strategy.aggregate_train(1, [_reply(i, [np.ones(4, np.float32)]) for i in (1, 2)])
+    list(strategy.configure_train(1, ArrayRecord(w), ConfigRecord({}), NodesGrid([1, 2])))
+    new, _ = strategy.aggregate_train(1, [train_reply(i, [np.ones(4, np.float32)]) for i in (1, 2)])
     assert isinstance(new["0"], Array) and new.to_numpy_ndarrays()[0].shape == (4,)
 
 

@@ -2,60 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
+from conftest import NodesGrid, train_reply
 from flwr.app import (
-    DEFAULT_TTL,
     ArrayRecord,
     ConfigRecord,
-    Message,
-    MessageType,
-    Metadata,
-    MetricRecord,
-    RecordDict,
 )
 
 from pollen.client_app import corrupt, fault_of
 from pollen.config import RunConfig
 from pollen.strategy import STRATEGIES, make_strategy
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Flower's Message constructor reads the run id of the process's task."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-
-def _reply(node: int, arrays: list[np.ndarray]) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"instruction-{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=DEFAULT_TTL,
-        message_type=MessageType.TRAIN,
-    )
-    metrics = MetricRecord({"num-examples": 100, "unit-weight": 1, "train_loss": 0.1})
-    return Message(
-        metadata=meta, content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics})
-    )
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def _round(name: str, attack: str, clients: int = 5, **cfg_changes) -> tuple[float, float]:
@@ -77,8 +36,8 @@ def _round(name: str, attack: str, clients: int = 5, **cfg_changes) -> tuple[flo
     cfg = RunConfig().replace(strategy=name, min_clients=clients, **cfg_changes)
     strategy = make_strategy(cfg)
     nodes = list(range(1, clients + 1))
-    list(strategy.configure_train(1, ArrayRecord(global_w), ConfigRecord({}), FakeGrid(nodes)))
-    replies = [_reply(1, poisoned)] + [_reply(i + 2, h) for i, h in enumerate(honest)]
+    list(strategy.configure_train(1, ArrayRecord(global_w), ConfigRecord({}), NodesGrid(nodes)))
+    replies = [train_reply(1, poisoned)] + [train_reply(i + 2, h) for i, h in enumerate(honest)]
     new, _ = strategy.aggregate_train(1, replies)
     got = new.to_numpy_ndarrays()
     mean = [np.mean([h[i] for h in honest], axis=0) for i in range(len(global_w))]
@@ -132,7 +91,7 @@ def test_fedprox_sends_mu_to_the_clients() -> None:
     cfg = RunConfig().replace(strategy="fedprox", proximal_mu=0.25, min_clients=2)
     w = [np.zeros(3, np.float32)]
     msgs = list(
-        make_strategy(cfg).configure_train(1, ArrayRecord(w), ConfigRecord({}), FakeGrid([1, 2]))
+        make_strategy(cfg).configure_train(1, ArrayRecord(w), ConfigRecord({}), NodesGrid([1, 2]))
     )
     assert [m.content["config"]["proximal-mu"] for m in msgs] == [0.25, 0.25]
 
