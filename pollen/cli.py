@@ -899,6 +899,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _print_summary(run_dir: Path, status: dict[str, Any]) -> None:
     acc = status.get("final_server_accuracy")
     acc_text = f", final server test accuracy {acc:.4f}" if isinstance(acc, float) else ""
+    target = status.get("target_accuracy")
+    if target:
+        if target.get("reached_round"):
+            acc_text += (
+                f"; target accuracy {target['target']:g} reached after round "
+                f"{target['reached_round']}, {target['seconds']:.1f} s into the run"
+            )
+        else:
+            acc_text += f"; target accuracy {target['target']:g} not reached"
     privacy = status.get("privacy")
     if privacy:
         acc_text += (

@@ -179,8 +179,30 @@ def _run_and_report(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
         elapsed_seconds=round(history.elapsed_seconds, 2),
         final_server_accuracy=final.server.get("accuracy") if final else None,
         **({"privacy": final.privacy} if final and final.privacy else {}),
+        **_target_status(cfg, history),
     )
     announce_run_over(grid)
+
+
+def _target_status(cfg: RunConfig, history: History) -> dict:
+    """``{"target_accuracy": {...}}`` for status.json when the run had a target.
+
+    ``reached_round`` is the first round whose server test accuracy reached
+    the target (None if none did); ``seconds`` is the server's time from the
+    start of the run to the end of that round (the run stops there).
+    """
+    if cfg.target_accuracy <= 0:
+        return {}
+    hit = next(
+        (r for r in history.rounds if r.server.get("accuracy", 0.0) >= cfg.target_accuracy), None
+    )
+    return {
+        "target_accuracy": {
+            "target": cfg.target_accuracy,
+            "reached_round": hit.round if hit else None,
+            "seconds": round(history.elapsed_seconds, 2) if hit else None,
+        }
+    }
 
 
 def _last_round(run_dir: Path) -> dict:

@@ -314,3 +314,24 @@ def test_saved_model_gets_ordinary_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(old_umask)
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_target_accuracy_status_and_summary(capsys) -> None:
+    from pollen.cli import _print_summary
+    from pollen.config import RunConfig
+    from pollen.server_app import _target_status
+
+    history = History(config={}, elapsed_seconds=42.5)
+    history.rounds = [
+        RoundRecord(round=1, server={"accuracy": 0.5}),
+        RoundRecord(round=2, server={"accuracy": 0.81}),
+    ]
+    assert _target_status(RunConfig(), history) == {}
+    reached = _target_status(RunConfig().replace(target_accuracy=0.8), history)
+    assert reached == {"target_accuracy": {"target": 0.8, "reached_round": 2, "seconds": 42.5}}
+    missed = _target_status(RunConfig().replace(target_accuracy=0.9), history)
+    assert missed["target_accuracy"]["reached_round"] is None
+    _print_summary(Path("/run"), {"rounds": 2, "elapsed_seconds": 42.5, **reached})
+    assert (
+        "target accuracy 0.8 reached after round 2, 42.5 s into the run" in capsys.readouterr().out
+    )
