@@ -886,7 +886,15 @@ def test_ctrl_c_stops_the_server_cleanly_and_says_how_to_resume(fleet, tmp_path,
     tree = _descendants(server.pid)
     assert len(tree) > 3  # pollen, flwr run, SuperLink, SuperExec, server app, ...
     server.send_signal(signal.SIGINT)
-    assert server.wait(timeout=60) == 130, fleet.log("server")[-3000:]
+    # By design the shutdown may take ~50 s: the relay drains for up to 15 s, the
+    # SuperLink gets 15 s before SIGKILL, the server app 20 s to release the folder.
+    try:
+        code = server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            "pollen server did not stop within 120 s of Ctrl-C:\n" + fleet.log("server")[-3000:]
+        )
+    assert code == 130, fleet.log("server")[-3000:]
     time.sleep(2)
     alive = [p for p in tree if _running(p)]
     assert not alive, f"left behind: {alive}"
