@@ -44,6 +44,7 @@ import contextlib
 import errno
 import logging
 import posixpath
+import signal
 import socket
 import ssl
 import sys
@@ -643,6 +644,9 @@ class FleetProxy:
             time.sleep(0.01)
 
     def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        # Ctrl-C and SIGTERM are for the main thread (which stops the server): block
+        # them here so the kernel does not hand them to this thread.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             # Not the main thread, so uvicorn installs no signal handlers.
             server.run(sockets=[sock])

@@ -330,7 +330,33 @@ def submit_run(
         argv += ["--federation-config", federation_config]
     if stream:
         argv.append("--stream")
-    return subprocess.call(argv, env=flower_env(flwr_home), stdin=subprocess.DEVNULL)
+    return wait_interruptibly(
+        subprocess.Popen(argv, env=flower_env(flwr_home), stdin=subprocess.DEVNULL)
+    )
+
+
+def wait_interruptibly(proc: subprocess.Popen) -> int:
+    """Wait for ``proc`` so that Ctrl-C and SIGTERM reach this process promptly.
+
+    The kernel may hand a process-directed signal to any thread (the fleet
+    relay runs in one); Python then runs the handler in the main thread only
+    once that thread executes bytecode again, which a plain ``wait()``, blocked
+    in ``waitpid``, never does until the child exits. Waiting in short slices
+    lets the ``KeyboardInterrupt`` through; the child is then killed.
+
+    Returns:
+        The child's exit code.
+    """
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 @contextlib.contextmanager
