@@ -875,6 +875,20 @@ def test_a_killed_server_resumes_and_its_clients_rejoin(fleet, tmp_path, tiny_da
     assert "has already completed" in again.stderr
 
 
+def _signal_state(pid: int) -> str:
+    """The SigBlk/SigIgn/SigCgt masks of every thread of ``pid`` (Linux /proc)."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            status = (task / "status").read_text().splitlines()
+        except OSError:
+            continue
+        keep = ("SigBlk", "SigIgn", "SigCgt")
+        masks = [line.replace("\t", "") for line in status if line.startswith(keep)]
+        lines.append(f"thread {task.name}: " + " ".join(masks))
+    return "; ".join(lines) or "no /proc"
+
+
 @pytest.mark.e2e
 def test_ctrl_c_stops_the_server_cleanly_and_says_how_to_resume(fleet, tmp_path, tiny_data):
     from conftest import free_port
@@ -885,6 +899,9 @@ def test_ctrl_c_stops_the_server_cleanly_and_says_how_to_resume(fleet, tmp_path,
     _wait_for((run / "checkpoint" / "manifest.json").exists, 180, "round 1's checkpoint")
     tree = _descendants(server.pid)
     assert len(tree) > 3  # pollen, flwr run, SuperLink, SuperExec, server app, ...
+    # What the server process does with signals, for the failure message: in full-suite
+    # runs it was seen to ignore this SIGINT (the run went on); cause not found yet.
+    signals = _signal_state(server.pid)
     server.send_signal(signal.SIGINT)
     # By design the shutdown may take ~50 s: the relay drains for up to 15 s, the
     # SuperLink gets 15 s before SIGKILL, the server app 20 s to release the folder.
@@ -892,9 +909,10 @@ def test_ctrl_c_stops_the_server_cleanly_and_says_how_to_resume(fleet, tmp_path,
         code = server.wait(timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail(
-            "pollen server did not stop within 120 s of Ctrl-C:\n" + fleet.log("server")[-3000:]
+            f"pollen server did not stop within 120 s of Ctrl-C ({signals}):\n"
+            + fleet.log("server")[-3000:]
         )
-    assert code == 130, fleet.log("server")[-3000:]
+    assert code == 130, f"({signals})\n" + fleet.log("server")[-3000:]
     time.sleep(2)
     alive = [p for p in tree if _running(p)]
     assert not alive, f"left behind: {alive}"
