@@ -2,13 +2,14 @@
 
 The yardstick for a federated run: the registry model trained on the whole
 training set for as many epochs as the federation's rounds x local epochs,
-with Pollen's local-training recipe (input scaling and BatchNorm momentum of
-the registry model, Adam, the run-wide learning-rate schedule, tf.data
-pipeline). Prints test accuracy and wall time after every epoch.
+with Pollen's local-training recipe (the registry model's optimizer, batch
+size, learning rate and run-wide schedule, augmentation, preferred Keras
+backend and tf.data pipeline). Prints test accuracy and wall time after every epoch.
 
 Usage:
     python benchmarks/centralized.py [--data-dir PATH] [--epochs 3] [--model mobilenetv2]
-        [--batch-size 32] [--lr 0.001] [--lr-schedule cosine] [--json OUT.json]
+        [--batch-size B] [--lr LR] [--lr-schedule S] [--json OUT.json]
+    (batch size, lr and schedule default to the model's recipe)
 """
 
 from __future__ import annotations
@@ -30,19 +31,31 @@ def main() -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model", default="mobilenetv2")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.001)
-    parser.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"))
+    parser.add_argument("--batch-size", type=int, default=0, help="0 = the model's recipe")
+    parser.add_argument("--lr", type=float, default=0.0, help="0 = the model's recipe")
+    parser.add_argument("--lr-schedule", default="auto", help="auto = the model's recipe")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    from pollen.config import RunConfig
+    from pollen.models import MODELS, select_backend
+
+    cfg = RunConfig.from_mapping(
+        {"model": args.model, "batch-size": args.batch_size, "learning-rate": args.lr,
+         "lr-schedule": args.lr_schedule}
+    )  # fmt: skip
+    args.batch_size, args.lr, args.lr_schedule = cfg.batch_size, cfg.learning_rate, cfg.lr_schedule
+    print(f"backend {select_backend(args.model)}: batch {args.batch_size}, lr {args.lr}, "
+          f"schedule {args.lr_schedule}")  # fmt: skip
     from pollen.data import load_dataset
-    from pollen.models import MODELS, build_model, compile_model
+    from pollen.models import build_model, compile_model
     from pollen.training import RunSchedule, evaluate, fit
 
     ds = load_dataset(resolve_data(args.data_dir))
-    model = compile_model(build_model(args.model, ds.num_classes, args.seed), args.lr)
+    spec = MODELS[args.model]
+    model = build_model(args.model, ds.num_classes, args.seed, fastest_layout=True)
+    model = compile_model(model, args.lr, spec.recipe)
     steps = math.ceil(len(ds.y_train) / args.batch_size)
     rows = []
     start = time.perf_counter()

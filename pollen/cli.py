@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from datetime import datetime
@@ -27,6 +28,8 @@ from pollen.config import ATTACK_KINDS, FAULT_KINDS, LR_SCHEDULES, PARTITION_MET
 from pollen.errors import PollenError
 
 DEFAULTS = RunConfig()
+#: Field defaults as declared (0 / "auto" where the model's recipe decides).
+DECLARED = {k.replace("-", "_"): v for k, v in RunConfig.declared_defaults().items()}
 
 
 def _positive_int(text: str) -> int:
@@ -158,21 +161,23 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=DEFAULTS.batch_size,
-        help="local batch size (default: %(default)s)",
+        default=DECLARED["batch_size"],
+        help="local batch size (default: the model's recipe: 32 for mobilenetv2, 128 for fastnet)",
     )
     g.add_argument(
         "--lr",
         type=_positive_float,
-        default=DEFAULTS.learning_rate,
-        help="local learning rate (default: %(default)s)",
+        default=DECLARED["learning_rate"],
+        help="peak local learning rate (default: the model's recipe: 0.001 for "
+        "mobilenetv2, 0.15 for fastnet)",
     )
     g.add_argument(
         "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default=DEFAULTS.lr_schedule,
-        help="local learning rate over the run: cosine decay to 0 across all "
-        "rounds, or constant (default: %(default)s)",
+        choices=("auto", *LR_SCHEDULES),
+        default=DECLARED["lr_schedule"],
+        help="local learning rate over the run: cosine decay to 0 across all rounds, "
+        "onecycle (linear warm-up, then linear decay to 0), or constant (default: auto, "
+        "the model's recipe: cosine for mobilenetv2, onecycle for fastnet)",
     )
     g.add_argument(
         "--strategy",
@@ -327,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-clients",
         type=_positive_int,
         default=None,
-        help="fewest clients a round needs (default: all of --clients)",
+        help="fewest clients a round needs (default: the clients a round samples: all of "
+        "--clients, or --fraction-train of them)",
     )
     sim.add_argument(
         "--client-threads",
@@ -582,7 +588,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         data_dir = cfg.data_dir
     else:
         clients = args.clients
-        min_clients = args.min_clients or args.clients
+        # Default: as many as a round samples (all clients unless --fraction-train is lower).
+        sampled = max(1, math.ceil(args.fraction_train * args.clients))
+        min_clients = args.min_clients or sampled
         if min_clients > args.clients:
             raise PollenError(
                 f"--min-clients {min_clients} is more than --clients {args.clients}: the run "
@@ -805,7 +813,7 @@ def resume_config(args: argparse.Namespace, command: str) -> RunConfig:
     conflicts = []
     for option, field in _OPTION_FIELDS.items():
         value = getattr(args, option, None)
-        if value is None or not hasattr(saved, field) or value == getattr(DEFAULTS, field):
+        if value is None or not hasattr(saved, field) or value == DECLARED[field]:
             continue  # not given (or given as the default, which is indistinguishable)
         if field in RESUME_MAY_CHANGE:
             changes[field] = value

@@ -156,13 +156,22 @@ def get_model(name: str, num_classes: int, seed: int, threads: int, sharing: int
     """Build (once per process) the compiled registry model.
 
     The model object is reused across rounds: each round overwrites its
-    weights with the global ones and gives it a fresh optimizer.
+    weights with the global ones and gives it a fresh optimizer. Keras loads
+    here for the first time in a client process, on the model's preferred
+    backend (see :func:`pollen.models.select_backend`).
     """
-    from pollen.models import build_model, compile_model
+    from pollen.models import MODELS, build_model, compile_model, select_backend
+
+    select_backend(name)
     from pollen.training import configure_threads
 
     configure_threads(threads, sharing)
-    return compile_model(build_model(name, num_classes, seed), 1e-3)
+    spec = MODELS[name]
+    return compile_model(
+        build_model(name, num_classes, seed, fastest_layout=True),
+        spec.recipe.learning_rate,
+        spec.recipe,
+    )
 
 
 def thread_plan(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from typing import Any
 from pollen.errors import PollenError
 
 PARTITION_METHODS = ("iid", "dirichlet")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "onecycle", "constant")
 #: Deliberate client misbehaviour for tests and experiments (see pollen.client_app.FAULTS).
 FAULT_KINDS = ("nan", "scale", "signflip", "noise", "arch")
 #: Poisoned updates the attack harness (``malicious``/``attack``) can send.
@@ -35,11 +35,19 @@ class RunConfig:
         num_classes: Classes the model predicts; every client's labels must
             be below it. Default 10 (CIFAR-10).
         local_epochs: Local epochs per round on each client. Default 1.
-        batch_size: Local training batch size. Default 32.
-        learning_rate: Peak learning rate of the local optimizer. Default 0.001.
+        batch_size: Local training batch size. 0 (the default) = the
+            model's recipe (``pollen.models.Recipe``: 32 for ``mobilenetv2``,
+            128 for ``fastnet``).
+        learning_rate: Peak learning rate of the local optimizer. 0 (the
+            default) = the model's recipe (0.001 for ``mobilenetv2``, 0.15 for
+            ``fastnet``).
         lr_schedule: ``"cosine"``: the local learning rate decays from
             ``learning_rate`` to 0 over the run's local steps (all rounds);
-            ``"constant"``: it stays. Default cosine.
+            ``"onecycle"``: linear warm-up, then linear decay to 0;
+            ``"constant"``: it stays; ``"auto"`` (the default): the model's
+            recipe (cosine for ``mobilenetv2``, onecycle for ``fastnet``).
+            The three values left to the recipe are resolved when the config
+            is built, so every process sees the concrete values.
         partition: How the dataset is split among clients in simulation or
             with ``--partition-id``: ``"iid"`` or ``"dirichlet"``. Default iid.
         alpha: Concentration of the Dirichlet label skew (smaller = more
@@ -137,9 +145,9 @@ class RunConfig:
     model: str = "mobilenetv2"
     num_classes: int = 10
     local_epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 0.001
-    lr_schedule: str = "cosine"
+    batch_size: int = 0
+    learning_rate: float = 0.0
+    lr_schedule: str = "auto"
     partition: str = "iid"
     alpha: float = 0.5
     seed: int = 42
@@ -175,6 +183,24 @@ class RunConfig:
     dp_clip: float = 1.0
     dp_delta: float = 1e-5
     dp_epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Fill ``batch-size``, ``learning-rate`` and ``lr-schedule`` left to the recipe."""
+        from pollen.models import MODELS, Recipe
+
+        recipe = MODELS[self.model].recipe if self.model in MODELS else Recipe()
+        for name, auto in (("batch_size", 0), ("learning_rate", 0.0), ("lr_schedule", "auto")):
+            if getattr(self, name) == auto:
+                object.__setattr__(self, name, getattr(recipe, name))
+
+    @classmethod
+    def declared_defaults(cls) -> dict[str, Any]:
+        """Field defaults as declared, kebab-case (0 / ``"auto"`` left to the recipe).
+
+        These are the values of ``[tool.flwr.app.config]``; ``RunConfig()``
+        holds them resolved for the default model.
+        """
+        return {f.name.replace("_", "-"): f.default for f in fields(cls)}
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -44,7 +44,11 @@ CSV_COLUMNS = (
 
 @dataclass
 class ClientRound:
-    """One client's part in one round (``None`` where it did not report)."""
+    """One client's part in one round (``None`` where it did not report).
+
+    ``fit_seconds`` and ``eval_seconds`` are the client's own wall time of its
+    local training and of its evaluation (BatchNorm re-estimation included).
+    """
 
     node_id: int
     name: str
@@ -55,6 +59,7 @@ class ClientRound:
     eval_loss: float | None = None
     eval_accuracy: float | None = None
     eval_examples: int | None = None
+    eval_seconds: float | None = None
     error: str | None = None
 
 

@@ -520,7 +520,7 @@ def evaluate_phase(
     for node, msg in ok:
         m, c = msg.content["metrics"], clients.get(node)
         c.eval_loss, c.eval_accuracy = m.get("eval_loss"), m.get("eval_accuracy")
-        c.eval_examples = int(m["num-examples"])
+        c.eval_examples, c.eval_seconds = int(m["num-examples"]), m.get("eval_seconds")
     replies = [msg for _, msg in ok]
     metrics = strategy.aggregate_evaluate(rnd, replies) if replies else None
     if metrics is not None:

@@ -126,7 +126,7 @@ def app_dir() -> Path:
 
     gen = Path(tempfile.gettempdir()) / "pollen-app"
     gen.mkdir(exist_ok=True)
-    config_lines = [f"{k} = {toml_value(v)}" for k, v in RunConfig().to_mapping().items()]
+    config_lines = [f"{k} = {toml_value(v)}" for k, v in RunConfig.declared_defaults().items()]
     (gen / "pyproject.toml").write_text(
         "\n".join(
             [
@@ -193,21 +193,71 @@ class ManagedProcess:
         return "\n".join(text[-lines:])
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left."""
+        """SIGTERM the process group, then SIGKILL whatever is left.
+
+        Processes below it that started their own sessions (the SuperLink's
+        SuperExec and the simulation's server app and Ray workers under it)
+        are outside the group: they get the same SIGTERM, then SIGKILL.
+        """
+        tree = descendants(self.proc.pid)[1:] if self.alive() else []
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
+            _signal_all(tree, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(is_running(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal_all(tree, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
         if self._log:
             self._log.close()
             self._log = None
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it, parents first (read from ``/proc``).
+
+    Returns ``[pid]`` where ``/proc`` is not available.
+    """
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _signal_all(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 def start_superlink(
@@ -217,10 +267,14 @@ def start_superlink(
     *,
     simulation: bool = False,
     extra_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
     log: Path | None = None,
     timeout: float = 60.0,
 ) -> ManagedProcess:
     """Start ``flower-superlink`` on ``host:port`` and wait until it listens.
+
+    ``extra_env`` is added to its environment, which the processes it starts
+    (a simulation's server app and client workers) inherit.
 
     Raises:
         PollenError: It exited or did not listen within ``timeout`` seconds.
@@ -237,7 +291,7 @@ def start_superlink(
     ]
     if "--ssl-certfile" not in extra_args:
         argv.append("--insecure")
-    proc = ManagedProcess("superlink", argv, flower_env(flwr_home), log)
+    proc = ManagedProcess("superlink", argv, flower_env(flwr_home, extra_env), log)
     deadline = time.monotonic() + timeout
     while not port_open(host, port):
         if not proc.alive() or time.monotonic() > deadline:

@@ -59,10 +59,29 @@ class ModelFiles:
 
     @functools.cached_property
     def model(self):
-        """The compiled registry model (built on first use)."""
+        """The compiled registry model for ``model.keras`` (built on first use).
+
+        Laid out so that any Keras backend can load the file.
+        """
         from pollen.models import build_model, compile_model
 
         return compile_model(build_model(self.cfg.model, self.cfg.num_classes), 1e-3)
+
+    @functools.cached_property
+    def eval_model(self):
+        """The compiled registry model for central evaluation, in the fastest layout.
+
+        The same model as :attr:`model` where the backend has no faster
+        layout for it; otherwise a second instance (same weights, another
+        tensor layout: ``fastnet`` under torch evaluates 1.7x faster
+        channels-first).
+        """
+        from pollen.models import build_model, compile_model
+
+        fast = build_model(self.cfg.model, self.cfg.num_classes, fastest_layout=True)
+        if [layer.name for layer in fast.layers] == [layer.name for layer in self.model.layers]:
+            return self.model
+        return compile_model(fast, 1e-3)
 
     @functools.cached_property
     def test_set(self):
@@ -76,9 +95,9 @@ class ModelFiles:
         """Central evaluation of the global arrays on the test split."""
         from pollen.training import evaluate
 
-        self.model.set_weights(arrays.to_numpy_ndarrays())
+        self.eval_model.set_weights(arrays.to_numpy_ndarrays())
         x, y = self.test_set
-        loss, accuracy = evaluate(self.model, x, y)
+        loss, accuracy = evaluate(self.eval_model, x, y)
         return {"loss": loss, "accuracy": accuracy, "examples": len(y)}
 
     def save(self, run_dir: Path, arrays: ArrayRecord) -> Path:

@@ -11,6 +11,10 @@ one CPU share and, unless ``client-threads`` says otherwise, lets each
 client's TensorFlow use ``cores // parallel clients`` intra-op threads and a
 single inter-op thread, so two clients on two cores each get one core
 instead of both fighting over two.
+
+Backend: the server app and client workers run Keras on the model's
+preferred backend (``pollen.models.preferred_backend``: ``KERAS_BACKEND`` if
+set, else e.g. torch for ``fastnet`` when torch is installed).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from pollen.config import RunConfig
 from pollen.errors import PollenError
 from pollen.history import read_status
+from pollen.models import preferred_backend
 from pollen.runtime import (
     free_port,
     sigterm_as_interrupt,
@@ -64,7 +69,13 @@ def simulate(cfg: RunConfig, num_clients: int, *, stream: bool = True) -> dict[s
     with sigterm_as_interrupt(), temporary_home("pollen-sim-") as home:
         port = free_port()
         superlink = start_superlink(
-            home, "127.0.0.1", port, simulation=True, log=home / "superlink.log"
+            home,
+            "127.0.0.1",
+            port,
+            simulation=True,
+            # Flower's workers load Keras before the client app runs: choose its backend here.
+            extra_env={"KERAS_BACKEND": preferred_backend(cfg.model)},
+            log=home / "superlink.log",
         )
         try:
             write_connection(home, f"127.0.0.1:{port}")

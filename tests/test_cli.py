@@ -474,3 +474,27 @@ def test_predict_happy_path(results, workspace) -> None:
         assert values == sorted(values, reverse=True)
         assert names[0] == "abc"[int(np.argmax(p))]
         assert values[0] == pytest.approx(float(p.max()), abs=1e-3)
+
+
+class _Captured(Exception):
+    """Raised by the fake simulation with the run config it was given."""
+
+
+def test_simulate_samples_a_fraction_of_the_clients(monkeypatch, tmp_path) -> None:
+    """--fraction-train 0.3 of 10 clients samples 3 per round: the default --min-clients
+    follows it (it used to stay at all 10, which overrode the fraction)."""
+    import pollen.cli as cli
+    import pollen.simulation
+
+    def fake(cfg, clients):
+        raise _Captured(cfg, clients)
+
+    monkeypatch.setattr(pollen.simulation, "simulate", fake)
+    monkeypatch.setattr(cli, "_prepare_data", lambda data_dir: None)
+    argv = ["simulate", "--clients", "10", "--model", "cnn", "--out", str(tmp_path / "run")]
+    for extra, expected in (([], 10), (["--fraction-train", "0.3"], 3),
+                            (["--fraction-train", "0.3", "--min-clients", "5"], 5)):  # fmt: skip
+        with pytest.raises(_Captured) as caught:
+            cli.main(argv + extra)
+        cfg, clients = caught.value.args
+        assert (cfg.min_clients, clients) == (expected, 10)

@@ -37,7 +37,7 @@ def test_every_pyproject_key_is_a_runconfig_field() -> None:
 
 def test_runconfig_defaults_equal_pyproject_app_config() -> None:
     app_config = _app_config()
-    defaults = RunConfig().to_mapping()
+    defaults = RunConfig.declared_defaults()
     missing = set(defaults) - set(app_config)
     assert not missing, f"RunConfig fields missing from [tool.flwr.app.config]: {missing}"
     for key, value in app_config.items():
@@ -123,7 +123,9 @@ def test_from_mapping_ignores_unknown_keys() -> None:
         ({"num-rounds": "2.5"}, "num-rounds='2.5' is not a valid int"),
         ({"server-eval": "maybe"}, "server-eval='maybe' is not a valid bool"),
         ({"learning-rate": "fast"}, "learning-rate='fast' is not a valid float"),
-        ({"learning-rate": 0}, "learning rate must be positive"),
+        ({"learning-rate": -0.1}, "learning rate must be positive"),
+        ({"batch-size": -1}, "batch size must be at least 1"),
+        ({"lr-schedule": "linear"}, "Unknown learning-rate schedule"),
         ({"target-accuracy": 1.5}, "target accuracy must be in [0, 1]"),
         ({"min-clients": 0}, "min-clients must be at least 1"),
     ],
@@ -276,3 +278,46 @@ def test_split_address_bare_ipv6_is_not_misparsed() -> None:
     except PollenError:
         return
     assert result == ("::1", 8080)
+
+
+def test_training_settings_default_to_the_models_recipe() -> None:
+    ref = RunConfig.from_mapping({"model": "mobilenetv2"})
+    assert (ref.batch_size, ref.learning_rate, ref.lr_schedule) == (32, 0.001, "cosine")
+    assert (RunConfig().batch_size, RunConfig().learning_rate) == (32, 0.001)  # the reference
+    fast = RunConfig.from_mapping({"model": "fastnet"})
+    assert (fast.batch_size, fast.learning_rate, fast.lr_schedule) == (128, 0.15, "onecycle")
+    given = RunConfig.from_mapping(
+        {"model": "fastnet", "batch-size": 64, "learning-rate": 0.05, "lr-schedule": "cosine"}
+    )
+    assert (given.batch_size, given.learning_rate, given.lr_schedule) == (64, 0.05, "cosine")
+    # The resolved values travel to every process: no process resolves them differently.
+    assert RunConfig.from_mapping(fast.to_mapping()) == fast
+
+
+SPAWNS_OWN_SESSION = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                         start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_managed_process_stop_reaches_children_in_their_own_sessions(tmp_path: Path) -> None:
+    """Flower's SuperLink starts its SuperExec (and a simulation's server app and Ray
+    workers under it) in new sessions, outside the SuperLink's process group: stopping
+    the SuperLink must stop them too."""
+    import sys
+    import time
+
+    log = tmp_path / "spawner.log"
+    proc = runtime.ManagedProcess("spawner", [sys.executable, "-c", SPAWNS_OWN_SESSION],
+                                  {}, log)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not log.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(log.read_text().split()[0])
+    assert runtime.descendants(proc.proc.pid) == [proc.proc.pid, child]
+    proc.stop(timeout=5)
+    assert not proc.alive()
+    assert not runtime.is_running(child)

@@ -342,3 +342,101 @@ def test_proximal_term_keeps_local_training_near_the_global_weights() -> None:
     ProximalTerm.of(model).anchor(0.0)  # mu 0 = plain training again
     fit(model, x, y, epochs=3, batch_size=16, seed=0, verbose=0)
     assert drift() == pytest.approx(plain, rel=0.05)
+
+
+# --- the recommended fast model and its recipe --------------------------------------------------
+
+
+def test_fastnet_size_and_recipe() -> None:
+    model = build_model("fastnet", num_classes=10, seed=0)
+    assert 250_000 < model.count_params() < 350_000
+    recipe = MODELS["fastnet"].recipe
+    assert (recipe.optimizer, recipe.batch_size, recipe.lr_schedule) == ("sgd", 128, "onecycle")
+    assert MODELS["fastnet"].augment
+    assert len(batchnorm_stat_indices(model)) == 2 * 7  # stem + 3 blocks x 2 convs
+
+
+def test_fastnet_layouts_give_the_same_function() -> None:
+    """Under TensorFlow the fastest layout is channels-last: the very same model."""
+    a = build_model("fastnet", num_classes=4, seed=1)
+    b = build_model("fastnet", num_classes=4, seed=1, fastest_layout=True)
+    assert [w.shape for w in a.get_weights()] == [w.shape for w in b.get_weights()]
+    np.testing.assert_allclose(a.predict(RNG_IMAGES[:4], verbose=0),
+                               b.predict(RNG_IMAGES[:4], verbose=0), atol=1e-6)  # fmt: skip
+
+
+TORCH_LAYOUT_CHECK = """
+import numpy as np, keras
+from pollen.models import build_model
+assert keras.backend.backend() == "torch"
+x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+last = build_model("fastnet", num_classes=4, seed=1)
+first = build_model("fastnet", num_classes=4, seed=1, fastest_layout=True)
+assert first.get_layer("to_channels_first") is not None
+first.set_weights(last.get_weights())
+np.testing.assert_allclose(first.predict(x, verbose=0), last.predict(x, verbose=0), atol=1e-5)
+print("same")
+"""
+
+
+def test_fastnet_channels_first_under_torch_is_the_same_function() -> None:
+    """Clients train channels-first under torch; the server's channels-last model agrees."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed (pip install torch): TensorFlow-only setup")
+    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", TORCH_LAYOUT_CHECK], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "same" in out.stdout, out.stderr[-2000:]
+
+
+def test_onecycle_schedule_warms_up_then_decays_to_zero() -> None:
+    values = [training.schedule_value(0.2, s, 100, "onecycle") for s in range(101)]
+    assert values[0] == 0.0
+    assert values[15] == pytest.approx(0.2)
+    assert max(values) == pytest.approx(0.2)
+    assert values[100] == pytest.approx(0.0)
+    assert all(a <= b for a, b in zip(values[:15], values[1:16], strict=True))  # rising
+    assert all(a >= b for a, b in zip(values[15:-1], values[16:], strict=True))  # falling
+
+
+def test_recipe_compiles_sgd_with_label_smoothing() -> None:
+    from pollen.models import Recipe
+
+    recipe = Recipe(optimizer="sgd", learning_rate=0.1, label_smoothing=0.2, weight_decay=5e-4)
+    model = compile_model(build_model("cnn", num_classes=3, seed=0), 0.1, recipe)
+    assert isinstance(model.optimizer, keras.optimizers.SGD) and model.optimizer.nesterov
+    y_true = np.array([0, 2])
+    y_pred = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype="float32")
+    smoothed = np.array(
+        [[1 - 0.2 + 0.2 / 3, 0.2 / 3, 0.2 / 3], [0.2 / 3, 0.2 / 3, 1 - 0.2 + 0.2 / 3]]
+    )
+    expected = -(smoothed * np.log(y_pred)).sum(axis=1)
+    np.testing.assert_allclose(np.asarray(model.loss(y_true, y_pred)), expected, rtol=1e-5)
+    plain = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3)
+    assert isinstance(plain.optimizer, keras.optimizers.Adam)
+    assert plain.loss == "sparse_categorical_crossentropy"
+
+
+def test_preferred_backend(monkeypatch) -> None:
+    import importlib.util
+
+    from pollen import models
+
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert models.preferred_backend("mobilenetv2") == "tensorflow"
+    assert models.preferred_backend("no-such-model") == "tensorflow"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name: None if name == "torch" else real(name))  # fmt: skip
+    assert models.preferred_backend("fastnet") == "tensorflow"  # torch missing: fall back
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())
+    assert models.preferred_backend("fastnet") == "torch"
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert models.preferred_backend("fastnet") == "jax"  # the user's choice wins
+    # Keras is loaded in this process: its backend is fixed, whatever the model prefers.
+    assert models.select_backend("fastnet") == keras.backend.backend()

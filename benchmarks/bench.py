@@ -1,0 +1,202 @@
+"""Benchmark suite: the accuracy-per-minute figures, one entry point.
+
+Runs the configurations named in ``--configs`` (comma-separated, in this
+order; default all) through the same ``pollen simulate`` a user runs, and
+prints per configuration a table: test accuracy of the global model per
+round (server side, the 10,000 test images), round and elapsed wall time,
+federation overhead (round wall time / the slowest client's local fit +
+evaluate time), local images/s, bytes per round; then the time to each
+accuracy threshold reached. Everything is also written as JSON (``--json``).
+
+- ``fast``: the recommended model, ``fastnet``, 2 clients IID, its recipe,
+  up to ``--fast-rounds`` rounds, stopping at ``--target`` (time to 80%).
+- ``reference``: the reference configuration (``mobilenetv2``, 2 clients IID,
+  3 rounds, batch 32) and, side by side, the same model trained centrally
+  for the same 3 epochs (``centralized.py``).
+- ``throughput``: one local epoch, same process: Pollen's client path vs a
+  plain ``model.fit`` of the same model vs the naive client
+  (``throughput.py``); ratios, so a noisy machine does not change the verdict.
+- ``noniid``: 10 clients, Dirichlet alpha 0.5, ``fastnet``, ``--noniid-rounds``
+  rounds, each strategy of ``--noniid-strategies``.
+
+Usage:
+    python benchmarks/bench.py [--data-dir PATH] [--configs fast,reference,throughput,noniid]
+        [--json bench.json] [--out runs/bench-DATE]
+
+``--data-dir`` as in ``reference.py`` (default ``../shared/data/cifar10-jpg.tar.gz``
+beside the checkout, else CIFAR-10 from its official archive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference import ROOT, machine, resolve_data, simulate  # noqa: E402
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+HERE = Path(__file__).resolve().parent
+
+
+def run_figures(history: dict, wall: float) -> dict:
+    """Per-round figures of one ``pollen simulate`` run and its time to thresholds.
+
+    Args:
+        history: The run's ``history.json``.
+        wall: Wall seconds of the whole ``pollen simulate`` process.
+
+    Returns:
+        ``{"wall_seconds", "startup_seconds", "rounds": [...], "time_to": {...}}``;
+        each round has ``test_accuracy``, ``round_seconds``, ``elapsed_seconds``
+        (since the process started), ``overhead`` (round / slowest client's
+        fit + evaluate), ``images_per_second`` (slowest client's local epoch)
+        and ``bytes`` (sent + received).
+    """
+    rounds = history["rounds"]
+    startup = max(0.0, wall - sum(r["seconds"] for r in rounds))
+    elapsed, rows = startup, []
+    for r in rounds:
+        elapsed += r["seconds"]
+        busy = [
+            (c.get("fit_seconds") or 0.0) + (c.get("eval_seconds") or 0.0) for c in r["clients"]
+        ]
+        speeds = [
+            c["train_examples"] / c["fit_seconds"]
+            for c in r["clients"]
+            if c.get("fit_seconds") and c.get("train_examples")
+        ]
+        rows.append(
+            {
+                "round": r["round"],
+                "test_accuracy": (r.get("server") or {}).get("accuracy"),
+                "round_seconds": r["seconds"],
+                "elapsed_seconds": elapsed,
+                "overhead": r["seconds"] / max(busy) if busy and max(busy) > 0 else None,
+                "images_per_second": min(speeds) if speeds else None,
+                "bytes": r.get("bytes_sent", 0) + r.get("bytes_received", 0),
+            }
+        )
+    time_to = {}
+    for t in THRESHOLDS:
+        hit = next((x for x in rows if (x["test_accuracy"] or 0) >= t), None)
+        if hit:
+            time_to[f"{t:.0%}"] = {"round": hit["round"], "seconds": hit["elapsed_seconds"]}
+    return {"wall_seconds": wall, "startup_seconds": startup, "rounds": rows, "time_to": time_to}
+
+
+def print_table(title: str, figures: dict) -> None:
+    """Print one configuration's per-round table and its times to thresholds."""
+    print(f"\n{title}")
+    print(
+        f"{'round':>5} {'test acc':>9} {'round s':>8} {'elapsed s':>10} {'overhead':>9} "
+        f"{'img/s':>7} {'MB/round':>9}"
+    )
+    for r in figures["rounds"]:
+        acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
+        ovh = f"{r['overhead']:.3f}" if r["overhead"] else "-"
+        ips = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "-"
+        print(
+            f"{r['round']:>5} {acc:>9} {r['round_seconds']:>8.1f} {r['elapsed_seconds']:>10.0f} "
+            f"{ovh:>9} {ips:>7} {r['bytes'] / 1e6:>9.1f}"
+        )
+    reached = ", ".join(
+        f"{k} after round {v['round']} ({v['seconds']:.0f} s)"
+        for k, v in figures["time_to"].items()
+    )
+    print(
+        f"whole run {figures['wall_seconds']:.0f} s (start-up {figures['startup_seconds']:.0f} s); "
+        f"reached: {reached or 'none of ' + ', '.join(f'{t:.0%}' for t in THRESHOLDS)}"
+    )
+
+
+def federated(name: str, options: list[str], out: Path, data: str | None) -> dict:
+    """Run one ``pollen simulate`` configuration; print and return its figures."""
+    history, wall = simulate(options, out / name, data)
+    if history is None:
+        print(f"{name}: pollen simulate failed (see its output above)", file=sys.stderr)
+        return {"options": options, "failed": True, "wall_seconds": wall}
+    figures = {"options": options, **run_figures(history, wall)}
+    print_table(f"{name}: pollen simulate {' '.join(options)}", figures)
+    return figures
+
+
+def script(name: str, args: list[str], out: Path) -> dict:
+    """Run a sibling benchmark script with ``--json``; return what it wrote."""
+    target = out / f"{name}.json"
+    cmd = [sys.executable, str(HERE / f"{name}.py"), *args, "--json", str(target)]
+    print("$", " ".join(cmd), flush=True)
+    if subprocess.call(cmd) != 0 or not target.exists():
+        return {"failed": True}
+    return json.loads(target.read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--configs", default="fast,reference,throughput,noniid")
+    parser.add_argument("--fast-rounds", type=int, default=5)
+    parser.add_argument("--target", type=float, default=0.8)
+    parser.add_argument("--fast-options", default="", help="more `pollen simulate` options")
+    parser.add_argument("--noniid-rounds", type=int, default=20)
+    parser.add_argument("--noniid-fraction", type=float, default=0.5)
+    parser.add_argument("--noniid-strategies", default="fedavg,fedprox")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    args = parser.parse_args()
+
+    data = resolve_data(args.data_dir)
+    out = (args.out or ROOT / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_args = ["--data-dir", data] if data else []
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "configs": {}}
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for config in configs:
+        if config == "fast":
+            report["configs"]["fast"] = federated(
+                "fast",
+                ["--model", "fastnet", "--clients", "2", "--rounds", str(args.fast_rounds),
+                 "--target-accuracy", str(args.target), *shlex.split(args.fast_options)],
+                out, data,
+            )  # fmt: skip
+        elif config == "reference":
+            fed = federated(
+                "reference",
+                ["--model", "mobilenetv2", "--clients", "2", "--rounds", "3"],
+                out, data,
+            )  # fmt: skip
+            central = script("centralized", [*data_args, "--epochs", "3"], out)
+            report["configs"]["reference"] = {"federated": fed, "centralized": central}
+            if not central.get("failed"):
+                accs = [f"{e['test_accuracy']:.4f}" for e in central["epochs"]]
+                print(f"centralized, same model and recipe, per epoch: {', '.join(accs)}")
+        elif config == "throughput":
+            result = script("throughput", [*data_args, "--model", "mobilenetv2"], out)
+            report["configs"]["throughput"] = result
+        elif config == "noniid":
+            runs = {}
+            for strategy in args.noniid_strategies.split(","):
+                runs[strategy] = federated(
+                    f"noniid-{strategy}",
+                    ["--model", "fastnet", "--clients", "10", "--partition", "dirichlet",
+                     "--alpha", "0.5", "--rounds", str(args.noniid_rounds),
+                     "--fraction-train", str(args.noniid_fraction), "--strategy", strategy],
+                    out, data,
+                )  # fmt: skip
+            report["configs"]["noniid"] = runs
+        else:
+            print(f"unknown configuration {config!r}: use fast, reference, throughput, noniid")
+            return 2
+        args.json.write_text(json.dumps(report, indent=2) + "\n")  # after each: nothing lost
+    print(f"\nmachine: {report['machine']}; JSON: {args.json}; run folders: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The benchmark suite's arithmetic (benchmarks/bench.py), on a made-up history."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from bench import print_table, run_figures  # noqa: E402
+
+
+def _client(fit: float, evaluate: float, examples: int = 1000) -> dict:
+    return {"fit_seconds": fit, "eval_seconds": evaluate, "train_examples": examples}
+
+
+HISTORY = {
+    "rounds": [
+        {"round": 1, "seconds": 110.0, "server": {"accuracy": 0.55},
+         "clients": [_client(90, 10), _client(95, 5)], "bytes_sent": 4, "bytes_received": 2},
+        {"round": 2, "seconds": 100.0, "server": {"accuracy": 0.72},
+         "clients": [_client(80, 10), _client(100, 0)], "bytes_sent": 4, "bytes_received": 2},
+        {"round": 3, "seconds": 105.0, "server": {"accuracy": 0.81},
+         "clients": [_client(100, 5), _client(100, 5)], "bytes_sent": 4, "bytes_received": 2},
+    ]
+}  # fmt: skip
+
+
+def test_run_figures_overhead_throughput_and_time_to_threshold(capsys) -> None:
+    figures = run_figures(HISTORY, wall=345.0)
+    assert figures["startup_seconds"] == pytest.approx(30.0)  # 345 - 315 of rounds
+    r1, r2, r3 = figures["rounds"]
+    assert r1["overhead"] == pytest.approx(110 / 100)  # slowest client: 95 + 5 = 100 s busy
+    assert r2["overhead"] == pytest.approx(1.0)
+    assert r3["elapsed_seconds"] == pytest.approx(345.0)
+    assert r2["images_per_second"] == pytest.approx(10.0)  # the slower client: 1000 / 100 s
+    assert r1["bytes"] == 6
+    assert figures["time_to"]["50%"] == {"round": 1, "seconds": pytest.approx(140.0)}
+    assert figures["time_to"]["70%"]["round"] == 2
+    assert figures["time_to"]["80%"] == {"round": 3, "seconds": pytest.approx(345.0)}
+    assert "90%" not in figures["time_to"]
+    print_table("made up", figures)
+    out = capsys.readouterr().out
+    assert "80% after round 3 (345 s)" in out and "1.100" in out
+
+
+def test_run_figures_without_server_evaluation() -> None:
+    history = {"rounds": [{**HISTORY["rounds"][0], "server": {}}]}
+    figures = run_figures(history, wall=100.0)  # shorter than the round: no start-up
+    assert figures["startup_seconds"] == 0.0
+    assert figures["rounds"][0]["test_accuracy"] is None
+    assert figures["time_to"] == {}
