@@ -186,8 +186,8 @@ def build_fastnet(num_classes: int, seed: int, fastest_layout: bool = False) -> 
     each ``conv -> 2x2 max-pool -> BN -> ReLU -> conv -> BN -> ReLU``
     (pooling straight after the first convolution keeps most of the
     arithmetic at low resolution), global max pooling and a dense layer whose
-    logits are scaled by 1/8 before the softmax (about 0.30M parameters, about
-    20M multiply-adds per image). The block design follows Keller Jordan's
+    logits are scaled by 1/8 before the softmax (0.30M parameters, about
+    24M multiply-adds per image). The block design follows Keller Jordan's
     ``airbench`` CIFAR-10 speed-runs, narrowed to fit a 2-core CPU budget.
 
     With ``fastest_layout`` under the torch backend the convolutions run
