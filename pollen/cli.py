@@ -162,14 +162,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=_positive_int,
         default=DECLARED["batch_size"],
-        help="local batch size (default: the model's recipe: 32 for mobilenetv2, 128 for fastnet)",
+        help="local batch size (default: the model's recipe: 32 for mobilenetv2, 64 for fastnet)",
     )
     g.add_argument(
         "--lr",
         type=_positive_float,
         default=DECLARED["learning_rate"],
         help="peak local learning rate (default: the model's recipe: 0.001 for "
-        "mobilenetv2, 0.15 for fastnet)",
+        "mobilenetv2, 0.1 for fastnet)",
     )
     g.add_argument(
         "--lr-schedule",

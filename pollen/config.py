@@ -37,9 +37,9 @@ class RunConfig:
         local_epochs: Local epochs per round on each client. Default 1.
         batch_size: Local training batch size. 0 (the default) = the
             model's recipe (``pollen.models.Recipe``: 32 for ``mobilenetv2``,
-            128 for ``fastnet``).
+            64 for ``fastnet``).
         learning_rate: Peak learning rate of the local optimizer. 0 (the
-            default) = the model's recipe (0.001 for ``mobilenetv2``, 0.15 for
+            default) = the model's recipe (0.001 for ``mobilenetv2``, 0.1 for
             ``fastnet``).
         lr_schedule: ``"cosine"``: the local learning rate decays from
             ``learning_rate`` to 0 over the run's local steps (all rounds);

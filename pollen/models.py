@@ -245,12 +245,12 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "fastnet": ModelSpec(
         build_fastnet,
-        "recommended: VGG-style net for 32x32 (0.30M params); SGD, batch 128, one-cycle lr",
+        "recommended: VGG-style net for 32x32 (0.30M params); SGD, batch 64, one-cycle lr",
         augment=True,
         recipe=Recipe(
             optimizer="sgd",
-            learning_rate=0.15,
-            batch_size=128,
+            learning_rate=0.1,
+            batch_size=64,
             lr_schedule="onecycle",
             label_smoothing=0.2,
             weight_decay=5e-4,

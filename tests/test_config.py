@@ -285,7 +285,7 @@ def test_training_settings_default_to_the_models_recipe() -> None:
     assert (ref.batch_size, ref.learning_rate, ref.lr_schedule) == (32, 0.001, "cosine")
     assert (RunConfig().batch_size, RunConfig().learning_rate) == (32, 0.001)  # the reference
     fast = RunConfig.from_mapping({"model": "fastnet"})
-    assert (fast.batch_size, fast.learning_rate, fast.lr_schedule) == (128, 0.15, "onecycle")
+    assert (fast.batch_size, fast.learning_rate, fast.lr_schedule) == (64, 0.1, "onecycle")
     given = RunConfig.from_mapping(
         {"model": "fastnet", "batch-size": 64, "learning-rate": 0.05, "lr-schedule": "cosine"}
     )

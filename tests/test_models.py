@@ -351,7 +351,7 @@ def test_fastnet_size_and_recipe() -> None:
     model = build_model("fastnet", num_classes=10, seed=0)
     assert 250_000 < model.count_params() < 350_000
     recipe = MODELS["fastnet"].recipe
-    assert (recipe.optimizer, recipe.batch_size, recipe.lr_schedule) == ("sgd", 128, "onecycle")
+    assert (recipe.optimizer, recipe.batch_size, recipe.lr_schedule) == ("sgd", 64, "onecycle")
     assert MODELS["fastnet"].augment
     assert len(batchnorm_stat_indices(model)) == 2 * 7  # stem + 3 blocks x 2 convs
 
