@@ -247,7 +247,10 @@ def query(msg: Message, context: Context) -> Message:
     """Answer the server's questions that are not training or evaluation.
 
     ``request="initial-arrays"``: reply with freshly initialised weights and
-    the class names of the local data. ``request="train-examples"`` (asked
+    the class names of the local data. For a model with a ``whiten`` layer
+    (:class:`pollen.models.ModelSpec`) the first convolution starts from the
+    whitened principal components of local image patches, except under DP
+    or SecAgg+. ``request="train-examples"`` (asked
     under SecAgg+): reply with the number of local training examples, which
     every train reply reveals too. ``request="run-over"``: the run is
     finished; touch the node's done file so ``pollen client`` can exit.
@@ -278,6 +281,12 @@ def query(msg: Message, context: Context) -> Message:
     info = ConfigRecord(
         {"name": client_name(dict(context.node_config)), "classes": list(data.class_names)}
     )
+    from pollen.models import MODELS, whiten_first_conv
+
+    spec = MODELS[cfg.model]
+    # Under DP or SecAgg+ the server must not see statistics of one client's data.
+    if spec.whiten and not (cfg.dp or cfg.secagg):
+        info["whitened-images"] = whiten_first_conv(model, spec.whiten, data.x_train, seed=cfg.seed)
     return Message(
         RecordDict({"arrays": ArrayRecord(model.get_weights()), "client": info}), reply_to=msg
     )

@@ -282,6 +282,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
                 cfg.dp_delta,
             )
         arrays, client_info = request_initial_arrays(grid, nodes[0], cfg.round_timeout)
+        if client_info.get("whitened-images"):
+            log(
+                INFO,
+                "Initial weights from client %s: first convolution whitened on %d of its images",
+                client_info.get("name", nodes[0]),
+                client_info["whitened-images"],
+            )
         if "classes" in client_info:
             classes = json.dumps(list(client_info["classes"])) + "\n"
             atomic_write(run_dir / "classes.json", classes)

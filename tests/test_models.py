@@ -9,7 +9,14 @@ import pytest
 from pollen import training
 from pollen.client_app import check_architecture
 from pollen.errors import PollenError
-from pollen.models import MODELS, batchnorm_stat_indices, build_model, compile_model
+from pollen.models import (
+    MODELS,
+    batchnorm_stat_indices,
+    build_model,
+    compile_model,
+    whiten_first_conv,
+    whitening_kernel,
+)
 
 RNG_IMAGES = np.random.default_rng(1234).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
 
@@ -153,7 +160,9 @@ def test_calibrate_batchnorm_sets_exact_batch_statistics() -> None:
     momenta = [layer.momentum for layer in bn_layers]
     x = RNG_IMAGES
 
-    indices, arrays, n = training.calibrate_batchnorm(model, x, max_examples=2000, seed=0)
+    indices, arrays, n = training.calibrate_batchnorm(
+        model, x, max_examples=2000, seed=0, chunk_size=len(x)
+    )
 
     assert n == len(x)
     assert indices == batchnorm_stat_indices(model)
@@ -178,6 +187,18 @@ def test_calibrate_batchnorm_sets_exact_batch_statistics() -> None:
     np.testing.assert_allclose(
         np.asarray(bn0.moving_variance), feats.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5
     )
+
+
+def test_calibrate_batchnorm_in_chunks_averages_their_statistics() -> None:
+    model = build_model("cnn", num_classes=3, seed=0)
+    _, arrays, n = training.calibrate_batchnorm(model, RNG_IMAGES, chunk_size=16)  # 3 chunks
+    assert n == len(RNG_IMAGES)
+    conv0 = keras.Model(model.input, model.get_layer("conv0").output)
+    feats = np.asarray(conv0(RNG_IMAGES.astype("float32"))).astype(np.float64)
+    np.testing.assert_allclose(arrays[0], feats.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    within = np.mean([f.var(axis=(0, 1, 2)) for f in np.split(feats, 3)], axis=0)
+    np.testing.assert_allclose(arrays[1], within, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(arrays[1], feats.var(axis=(0, 1, 2)), rtol=2e-2)
 
 
 def test_calibrate_batchnorm_uses_a_seeded_subset() -> None:
@@ -228,6 +249,29 @@ def test_make_dataset_augment_keeps_shapes_changes_pixels() -> None:
     assert not np.array_equal(got, x.astype(np.float32))
     # Flips and shifts move pixels; they do not invent values.
     assert set(np.unique(got).astype(int)) <= set(np.unique(x).astype(int))
+
+
+def test_make_dataset_augment_flips_and_shifts_each_image_on_its_own() -> None:
+    x, y = RNG_IMAGES[:12], np.arange(12, dtype=np.int64)
+    (got, _), *_ = _batches(training.make_dataset(x, y, 12, augment=True, seed=3))
+    pad = training.MAX_SHIFT
+    found = []
+    for image, source in zip(got, x.astype(np.float32), strict=True):
+        matches = [
+            (flip, dy, dx)
+            for flip in (False, True)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if np.array_equal(
+                image,
+                np.pad(source[:, ::-1] if flip else source, ((pad, pad), (pad, pad), (0, 0)),
+                       mode="reflect")[dy : dy + 32, dx : dx + 32],
+            )
+        ]  # fmt: skip
+        assert matches, "an augmented image is not a flip + shift of its source"
+        found.append(matches[0])
+    assert len({m[1:] for m in found}) > 3  # the shifts differ between images of a batch
+    assert {m[0] for m in found} == {False, True}
 
 
 def test_make_dataset_shuffle_is_seeded() -> None:
@@ -394,6 +438,51 @@ def test_fastnet_channels_first_under_torch_is_the_same_function() -> None:
     assert out.returncode == 0 and "same" in out.stdout, out.stderr[-2000:]
 
 
+def _smooth_images(n: int, seed: int = 0) -> np.ndarray:
+    """Images with strongly correlated neighbouring pixels, like photographs."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(size=(n, 8, 8, 3))
+    noise = 0.1 * rng.normal(size=(n, 32, 32, 3))
+    return np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2) + noise
+
+
+def test_whitening_kernel_gives_uncorrelated_unit_variance_components() -> None:
+    images = _smooth_images(40)
+    kernel = whitening_kernel(images, 3, 8, eps=0.0)
+    assert kernel.shape == (3, 3, 3, 8) and kernel.dtype == np.float32
+    patches = np.lib.stride_tricks.sliding_window_view(images, (3, 3), axis=(1, 2))
+    patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 27)
+    out = (patches - patches.mean(axis=0)) @ kernel.reshape(27, 8).astype(np.float64)
+    np.testing.assert_allclose(np.cov(out[:, :4], rowvar=False, bias=True), np.eye(4), atol=1e-3)
+    np.testing.assert_allclose(out[:, 4:], -out[:, :4], atol=1e-4)  # the negated half
+    # The top components: no other unit direction of the patches has more variance.
+    centred = patches - patches.mean(axis=0)
+    top = np.linalg.norm(kernel.reshape(27, 8)[:, 0].astype(np.float64)) ** -2
+    largest = np.linalg.eigvalsh(centred.T @ centred / len(centred))[-1]
+    assert top == pytest.approx(largest, rel=1e-3)
+
+
+def test_whitening_kernel_rejects_impossible_shapes() -> None:
+    with pytest.raises(ValueError, match="cannot whiten"):
+        whitening_kernel(_smooth_images(2), 3, 7)
+    with pytest.raises(ValueError, match="cannot whiten"):
+        whitening_kernel(_smooth_images(2), 1, 8)  # 1x1x3 patches have 3 components, not 4
+
+
+def test_whiten_first_conv_sets_fastnets_stem_from_the_scaled_images() -> None:
+    model = build_model("fastnet", num_classes=10, seed=0)
+    images = RNG_IMAGES.astype(np.uint8)
+    assert whiten_first_conv(model, MODELS["fastnet"].whiten, images[:0]) == 0
+    before = model.get_layer("stem_conv").get_weights()[0]
+    assert whiten_first_conv(model, MODELS["fastnet"].whiten, images, max_images=5) == 5
+    after = model.get_layer("stem_conv").get_weights()[0]
+    assert after.shape == before.shape and not np.allclose(after, before)
+    pick = np.sort(np.random.default_rng(0).choice(len(images), 5, replace=False))
+    expected = whitening_kernel(images[pick].astype(np.float32) / 127.5 - 1.0, 3, 24)
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)
+    assert MODELS["mobilenetv2"].whiten == ""  # the reference starts from random weights
+
+
 def test_onecycle_schedule_warms_up_then_decays_to_zero() -> None:
     values = [training.schedule_value(0.2, s, 100, "onecycle") for s in range(101)]
     assert values[0] == 0.0
@@ -440,3 +529,35 @@ def test_preferred_backend(monkeypatch) -> None:
     assert models.preferred_backend("fastnet") == "jax"  # the user's choice wins
     # Keras is loaded in this process: its backend is fixed, whatever the model prefers.
     assert models.select_backend("fastnet") == keras.backend.backend()
+
+
+def test_the_client_giving_initial_weights_whitens_fastnets_stem_except_under_dp(
+    tiny_data, flower_task
+) -> None:
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from pollen import client_app
+    from pollen.config import RunConfig
+
+    def initial_reply(**overrides):
+        cfg = RunConfig(model="fastnet", data_dir=str(tiny_data), **overrides)
+        msg = Message(RecordDict({"config": ConfigRecord({"request": "initial-arrays"})}),
+                      dst_node_id=7, message_type=MessageType.QUERY)  # fmt: skip
+        context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=cfg.to_mapping(),
+                          node_config={"partition-id": 0, "num-partitions": 2})  # fmt: skip
+        reply = client_app.query(msg, context)
+        return reply.content["client"], reply.content["arrays"].to_numpy_ndarrays()
+
+    info, _ = initial_reply(dp=True)  # the server must not see statistics of the data
+    assert "whitened-images" not in info
+    info, arrays = initial_reply()
+    assert info["whitened-images"] > 0
+    data = client_app.load_client_data(
+        client_app.client_data_spec(
+            RunConfig(data_dir=str(tiny_data)), {"partition-id": 0, "num-partitions": 2}
+        )  # fmt: skip
+    )
+    model = build_model("fastnet", num_classes=10, seed=0)
+    whiten_first_conv(model, "stem_conv", data.x_train, seed=RunConfig().seed)
+    stem = model.get_layer("stem_conv").get_weights()[0]
+    assert any(a.shape == stem.shape and np.allclose(a, stem, atol=1e-5) for a in arrays)
