@@ -68,7 +68,8 @@ class ModelSpec:
             :func:`build_model`) may lay out its tensors for speed on the
             current backend.
         description: One line for ``pollen models`` and the README.
-        augment: Whether local training applies random flips and shifts.
+        augment: Whether local training applies per-image random flips and shifts
+            (``pollen.training.make_dataset``).
         recipe: Local-training settings (optimizer, learning rate, batch size,
             schedule, label smoothing) the model is tuned for.
         backend: Keras backend clients prefer for this model where it is
@@ -248,6 +249,7 @@ MODELS: dict[str, ModelSpec] = {
     "mobilenetv2": ModelSpec(
         build_mobilenetv2,
         "reference: keras.applications.MobileNetV2(32x32x3, weights=None), 2.27M params",
+        whiten="Conv1",
     ),
     "fastnet": ModelSpec(
         build_fastnet,
@@ -442,8 +444,11 @@ def compile_model(
     """
     import keras
 
+    from pollen.training import StepLearningRate
+
     recipe = recipe or Recipe()
     weight_decay = recipe.weight_decay or None
+    learning_rate = StepLearningRate(learning_rate)  # run-wide schedules, set per round
     if recipe.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(
             learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay

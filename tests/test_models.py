@@ -480,7 +480,39 @@ def test_whiten_first_conv_sets_fastnets_stem_from_the_scaled_images() -> None:
     pick = np.sort(np.random.default_rng(0).choice(len(images), 5, replace=False))
     expected = whitening_kernel(images[pick].astype(np.float32) / 127.5 - 1.0, 3, 24)
     np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)
-    assert MODELS["mobilenetv2"].whiten == ""  # the reference starts from random weights
+    mobilenet = build_model("mobilenetv2", num_classes=10, seed=0)
+    assert whiten_first_conv(mobilenet, MODELS["mobilenetv2"].whiten, images) == len(images)
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "onecycle"])
+def test_step_learning_rate_computes_the_run_schedule_in_the_train_step(kind) -> None:
+    step_lr = training.StepLearningRate(0.5)
+    assert float(step_lr(123)) == pytest.approx(0.5)  # constant until a schedule is set
+    step_lr.set(training.RunSchedule(0.2, 30, 100, kind), iteration=7)
+    for step in range(7, 90, 3):  # optimizer steps 7.. are run steps 30..
+        expected = training.schedule_value(0.2, 30 + step - 7, 100, kind)
+        assert float(step_lr(step)) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        step_lr.set(training.RunSchedule(0.2, 0, 10, "linear"), iteration=0)
+
+
+def test_fit_follows_the_rounds_schedule_without_a_callback() -> None:
+    model = compile_model(build_model("cnn", num_classes=2, seed=0), 1e-3)
+    x = np.concatenate([RNG_IMAGES[:32], RNG_IMAGES[:32][::-1]])  # 64 images, 4 steps of 16
+    y = np.random.default_rng(2).integers(0, 2, 64).astype(np.int64)
+    schedule = training.RunSchedule(0.1, 40, 100, "onecycle")
+    training.fit(model, x, y, epochs=1, batch_size=16, seed=0, verbose=0, schedule=schedule)
+    opt = model.optimizer
+    assert int(opt.iterations) == 4
+    # The next step would be run step 44: the rate in force follows the schedule.
+    assert float(opt.learning_rate) == pytest.approx(
+        training.schedule_value(0.1, 44, 100, "onecycle"), abs=1e-6
+    )
+    training.fit(model, x, y, epochs=1, batch_size=16, seed=1, verbose=0,
+                 schedule=training.RunSchedule(0.1, 44, 100, "onecycle"))  # fmt: skip
+    assert float(opt.learning_rate) == pytest.approx(
+        training.schedule_value(0.1, 48, 100, "onecycle"), abs=1e-6
+    )
 
 
 def test_onecycle_schedule_warms_up_then_decays_to_zero() -> None:
