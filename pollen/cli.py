@@ -198,6 +198,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="server momentum of fedavgm (default: %(default)s)",
     )
     g.add_argument(
+        "--no-whiten",
+        action="store_true",
+        help="start the first convolution at random, not from whitened image patches of the "
+        "client that provides the initial weights",
+    )
+    g.add_argument(
         "--num-classes",
         type=_positive_int,
         default=DEFAULTS.num_classes,
@@ -547,6 +553,7 @@ def run_config_from_args(args: argparse.Namespace, **extra: Any) -> RunConfig:
         "server_lr": args.server_lr,
         "server_momentum": args.server_momentum,
         "bn_calibration_examples": args.bn_calibration_examples,
+        "whiten": not args.no_whiten,
         "target_accuracy": args.target_accuracy,
         "round_timeout": args.round_timeout,
         "max_update_norm": args.max_update_norm,

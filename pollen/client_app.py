@@ -285,7 +285,7 @@ def query(msg: Message, context: Context) -> Message:
 
     spec = MODELS[cfg.model]
     # Under DP or SecAgg+ the server must not see statistics of one client's data.
-    if spec.whiten and not (cfg.dp or cfg.secagg):
+    if cfg.whiten and spec.whiten and not (cfg.dp or cfg.secagg):
         info["whitened-images"] = whiten_first_conv(model, spec.whiten, data.x_train, seed=cfg.seed)
     return Message(
         RecordDict({"arrays": ArrayRecord(model.get_weights()), "client": info}), reply_to=msg

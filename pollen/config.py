@@ -69,6 +69,11 @@ class RunConfig:
             every round (the server then builds the model). Default True.
         server_data_dir: Dataset whose test split the server evaluates on
             ("" = CIFAR-10 from the cache).
+        whiten: The client that provides the initial weights starts the
+            model's first convolution from whitened patches of its images
+            (models with a ``whiten`` layer: ``fastnet``, ``mobilenetv2``;
+            never under DP or SecAgg+). False = Keras's random initialisation
+            throughout. Default True.
         bn_calibration_examples: Local training examples each client runs
             forward (no weight update) to re-estimate BatchNorm statistics of
             the aggregated model before it is evaluated; 0 turns it off.
@@ -160,6 +165,7 @@ class RunConfig:
     server_momentum: float = 0.0
     server_eval: bool = True
     server_data_dir: str = ""
+    whiten: bool = True
     bn_calibration_examples: int = 2000
     round_timeout: float = 3600.0
     client_threads: int = 0

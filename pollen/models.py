@@ -23,10 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:  # keras is imported where a model is built: listing names stays fast
     import keras
+    import numpy as np
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -356,6 +355,8 @@ def whitening_kernel(images: np.ndarray, kernel_size: int, filters: int, eps: fl
         ``(kernel_size, kernel_size, C, filters)`` ``float32`` kernel, the
         layout of a Keras ``Conv2D`` kernel under either data format.
     """
+    import numpy as np
+
     k, channels = kernel_size, images.shape[-1]
     half = filters // 2
     if filters % 2 or half > k * k * channels:
@@ -394,6 +395,8 @@ def whiten_first_conv(
     Returns:
         The number of images used (0 if there were none: the kernel stays).
     """
+    import numpy as np
+
     if len(images) == 0:
         return 0
     if len(images) > max_images:

@@ -582,6 +582,8 @@ def test_the_client_giving_initial_weights_whitens_fastnets_stem_except_under_dp
 
     info, _ = initial_reply(dp=True)  # the server must not see statistics of the data
     assert "whitened-images" not in info
+    info, _ = initial_reply(whiten=False)  # --no-whiten
+    assert "whitened-images" not in info
     info, arrays = initial_reply()
     assert info["whitened-images"] > 0
     data = client_app.load_client_data(
