@@ -434,7 +434,11 @@ def smoothed_sparse_crossentropy(label_smoothing: float, num_classes: int) -> Ca
 
 
 def compile_model(
-    model: keras.Model, learning_rate: float, recipe: Recipe | None = None
+    model: keras.Model,
+    learning_rate: float,
+    recipe: Recipe | None = None,
+    *,
+    schedulable: bool = True,
 ) -> keras.Model:
     """Compile for local training: the recipe's optimizer and loss, accuracy metric.
 
@@ -444,6 +448,10 @@ def compile_model(
             per step).
         recipe: Optimizer, label smoothing and weight decay; None = the
             reference recipe (Adam, plain sparse categorical cross-entropy).
+        schedulable: Give the optimizer a ``pollen.training.StepLearningRate``
+            so ``pollen.training.fit`` can follow a run-wide schedule. False
+            keeps a plain number, for models that are only evaluated or
+            saved: a ``model.keras`` then loads without Pollen installed.
     """
     import keras
 
@@ -451,7 +459,8 @@ def compile_model(
 
     recipe = recipe or Recipe()
     weight_decay = recipe.weight_decay or None
-    learning_rate = StepLearningRate(learning_rate)  # run-wide schedules, set per round
+    if schedulable:  # run-wide schedules, set per round
+        learning_rate = StepLearningRate(learning_rate)
     if recipe.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(
             learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay

@@ -66,7 +66,7 @@ class ModelFiles:
         from pollen.models import build_model, compile_model
 
         fast = build_model(self.cfg.model, self.cfg.num_classes, fastest_layout=True)
-        return compile_model(fast, 1e-3)
+        return compile_model(fast, 1e-3, schedulable=False)
 
     @functools.cached_property
     def model(self):
@@ -80,7 +80,9 @@ class ModelFiles:
         if all(getattr(layer, "data_format", None) != "channels_first" for layer in
                self.eval_model.layers):  # fmt: skip
             return self.eval_model
-        return compile_model(build_model(self.cfg.model, self.cfg.num_classes), 1e-3)
+        return compile_model(
+            build_model(self.cfg.model, self.cfg.num_classes), 1e-3, schedulable=False
+        )
 
     @functools.cached_property
     def test_set(self):

@@ -595,3 +595,15 @@ def test_the_client_giving_initial_weights_whitens_fastnets_stem_except_under_dp
     whiten_first_conv(model, "stem_conv", data.x_train, seed=RunConfig().seed)
     stem = model.get_layer("stem_conv").get_weights()[0]
     assert any(a.shape == stem.shape and np.allclose(a, stem, atol=1e-5) for a in arrays)
+
+
+def test_an_unschedulable_compiled_model_saves_and_loads_with_plain_keras(tmp_path) -> None:
+    """The server's model.keras must load where Pollen (and its schedule class) is absent."""
+    model = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3, schedulable=False)
+    assert not isinstance(model.optimizer._learning_rate, training.StepLearningRate)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(loaded.predict(RNG_IMAGES[:4], verbose=0),
+                               model.predict(RNG_IMAGES[:4], verbose=0), atol=1e-6)  # fmt: skip
+    trained = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3)
+    assert isinstance(trained.optimizer._learning_rate, training.StepLearningRate)
