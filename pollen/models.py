@@ -338,10 +338,15 @@ def whitening_kernel(images: np.ndarray, kernel_size: int, filters: int, eps: fl
     ``kernel_size x kernel_size`` patches, each scaled to unit variance, and
     their negatives (so a following ReLU keeps both signs). Starting the
     first convolution here instead of at random decorrelates the features the
-    rest of the network learns from: measured on CIFAR-10 with ``fastnet``
-    (one client's 25,000 images, 2 epochs), 83.6% test accuracy instead of
-    79.7%. The idea is from Keller Jordan's ``airbench``, which freezes such
-    a layer; here it is only the starting point and trains like the rest.
+    rest of the network learns from: measured on CIFAR-10 with ``fastnet``,
+    2 federated clients, 58.9% test accuracy after round 1 instead of 56.8%
+    (79.4% instead of 79.1% after 5 rounds; trained centrally on a random
+    25,000 images for 2 epochs, 70.5% instead of 69.5%). The idea is from
+    Keller Jordan's ``airbench``, which freezes such a layer; here it is only
+    the starting point and trains like the rest.
+
+    The patch covariance is accumulated 256 images at a time, so memory stays
+    small whatever the number of images.
 
     Args:
         images: ``(N, H, W, C)`` floats, scaled as the convolution sees them.
@@ -361,11 +366,16 @@ def whitening_kernel(images: np.ndarray, kernel_size: int, filters: int, eps: fl
     half = filters // 2
     if filters % 2 or half > k * k * channels:
         raise ValueError(f"cannot whiten {k}x{k}x{channels} patches into {filters} filters")
-    patches = np.lib.stride_tricks.sliding_window_view(images, (k, k), axis=(1, 2))
-    # (N, H', W', C, k, k) -> rows of (kh, kw, C), the order of a Conv2D kernel.
-    patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, k * k * channels)
-    patches = patches.astype(np.float64) - patches.mean(axis=0)
-    variance, directions = np.linalg.eigh(patches.T @ patches / len(patches))
+    dims = k * k * channels
+    rows, total, outer = 0, np.zeros(dims), np.zeros((dims, dims))
+    for chunk in np.array_split(images, -(-len(images) // 256)):
+        patches = np.lib.stride_tricks.sliding_window_view(chunk, (k, k), axis=(1, 2))
+        # (n, H', W', C, k, k) -> rows of (kh, kw, C), the order of a Conv2D kernel.
+        patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dims).astype(np.float64)
+        rows, total = rows + len(patches), total + patches.sum(axis=0)
+        outer += patches.T @ patches
+    mean = total / rows
+    variance, directions = np.linalg.eigh(outer / rows - np.outer(mean, mean))
     top = np.argsort(variance)[::-1][:half]
     scaled = directions[:, top] / np.sqrt(np.maximum(variance[top], 0.0) + eps)
     kernel = np.concatenate([scaled, -scaled], axis=1).reshape(k, k, channels, filters)
