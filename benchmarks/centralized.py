@@ -69,7 +69,7 @@ def main() -> int:
             seed=args.seed * 1000 + epoch, augment=MODELS[args.model].augment, verbose=2,
             schedule=schedule,
         )  # fmt: skip
-        loss, acc = evaluate(model, ds.x_test, ds.y_test)
+        loss, acc = evaluate(model, ds.x_test, ds.y_test, flip_tta=spec.flip_tta)
         rows.append(
             {
                 "epoch": epoch,

@@ -383,7 +383,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     indices, stats, n_cal = calibrate_batchnorm(
         model, data.x_train, max_examples=n_calibrate, seed=cfg.seed
     )
-    loss, accuracy = evaluate_model(model, data.x_test, data.y_test)
+    from pollen.models import MODELS
+
+    flip_tta = MODELS[cfg.model].flip_tta
+    loss, accuracy = evaluate_model(model, data.x_test, data.y_test, flip_tta=flip_tta)
     content = RecordDict(
         {
             "metrics": MetricRecord(

@@ -79,6 +79,10 @@ class RoundRecord:
         privacy: Differential privacy spent after this round (``epsilon``,
             ``delta``, ``noise_multiplier``, ``clipping_norm``, ``releases``);
             empty without DP.
+        phase_seconds: Wall time of the round's phases: ``train`` (send the
+            global weights, local training, aggregation), ``evaluate``
+            (clients' evaluation and BatchNorm statistics) and ``server``
+            (central evaluation).
     """
 
     round: int
@@ -90,6 +94,7 @@ class RoundRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     privacy: dict[str, float] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,7 +103,6 @@ class History:
 
     config: dict[str, Any]
     rounds: list[RoundRecord] = field(default_factory=list)
-    initial_server: dict[str, float] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +119,6 @@ class History:
         return cls(
             config=data.get("config", {}),
             rounds=rounds,
-            initial_server=data.get("initial_server", {}),
             elapsed_seconds=data.get("elapsed_seconds", 0.0),
         )
 

@@ -78,6 +78,10 @@ class ModelSpec:
         whiten: Name of the first convolution, whose kernel the client that
             provides the initial weights sets from its local images (see
             :func:`whiten_first_conv`); ``""`` = random initialisation only.
+        flip_tta: Whether evaluation and prediction average the class
+            probabilities of each image and its mirror image
+            (:func:`pollen.training.predict_proba`); for models trained with
+            random flips.
     """
 
     build: Callable[..., keras.Model]
@@ -86,6 +90,7 @@ class ModelSpec:
     recipe: Recipe = field(default_factory=Recipe)
     backend: str = "tensorflow"
     whiten: str = ""
+    flip_tta: bool = False
 
 
 def _set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
@@ -264,6 +269,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         backend="torch",
         whiten="stem_conv",
+        flip_tta=True,
     ),
     "cnn": ModelSpec(build_cnn, "small fast CNN (0.1M params) for quick runs and tests"),
     "cnn-gn": ModelSpec(

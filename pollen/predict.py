@@ -59,7 +59,12 @@ def predict(model_path: Path, images: Sequence[Path], *, top: int = 3) -> list[s
         ) from None
     _, height, width, channels = model.input_shape
     x = load_images(images, image_size=(height, width), channels=channels)
-    probs = np.asarray(model.predict(x.astype("float32"), verbose=0))
+    from pollen.models import MODELS
+    from pollen.training import predict_proba
+
+    # Registry models are named "pollen_<registry name>"; evaluate the way the run did.
+    spec = MODELS.get(model.name.removeprefix("pollen_"))
+    probs = predict_proba(model, x, flip_tta=bool(spec and spec.flip_tta))
     names = class_names_for(model_path, probs.shape[1])
     lines = []
     for path, p in zip(images, probs, strict=True):

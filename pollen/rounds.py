@@ -597,12 +597,19 @@ def run_rounds(
         )
         record.privacy = privacy_record(strategy)
         failed = [n for n, c in clients.by_node.items() if c.error]
+        record.phase_seconds["train"] = time.perf_counter() - start
         _wait_for_quorum(grid, min_clients, timeout, rnd)
         arrays = evaluate_phase(
             grid, strategy, rnd, arrays, timeout, record, clients, failed, bn_stats
         )
+        record.phase_seconds["evaluate"] = (
+            time.perf_counter() - start - sum(record.phase_seconds.values())
+        )
         if evaluate_fn is not None:
             record.server = evaluate_fn(rnd, arrays) or {}
+            record.phase_seconds["server"] = (
+                time.perf_counter() - start - sum(record.phase_seconds.values())
+            )
         record.clients = clients.sorted()
         record.seconds = time.perf_counter() - start
         history.rounds.append(record)

@@ -92,14 +92,25 @@ class ModelFiles:
         ds = load_dataset(self.cfg.server_data_dir or None)
         return ds.x_test, ds.y_test
 
+    def prepare(self) -> None:
+        """Build the evaluation model and load the test split (otherwise done on first use)."""
+        _ = self.eval_model, self.test_set
+
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         """Central evaluation of the global arrays on the test split."""
+        from pollen.models import MODELS
         from pollen.training import evaluate
 
         self.eval_model.set_weights(arrays.to_numpy_ndarrays())
         x, y = self.test_set
-        loss, accuracy = evaluate(self.eval_model, x, y)
-        return {"loss": loss, "accuracy": accuracy, "examples": len(y)}
+        start = time.perf_counter()
+        loss, accuracy = evaluate(self.eval_model, x, y, flip_tta=MODELS[self.cfg.model].flip_tta)
+        return {
+            "loss": loss,
+            "accuracy": accuracy,
+            "examples": len(y),
+            "seconds": time.perf_counter() - start,
+        }
 
     def save(self, run_dir: Path, arrays: ArrayRecord) -> Path:
         """Write ``model.keras`` holding ``arrays``."""
@@ -295,12 +306,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
             classes = json.dumps(list(client_info["classes"])) + "\n"
             atomic_write(run_dir / "classes.json", classes)
         if evaluate_fn is not None:
-            history.initial_server = evaluate_fn(0, arrays)
-            log(
-                INFO,
-                "Initial global model: server test acc %.4f",
-                history.initial_server["accuracy"],
-            )
+            # Load the test split and build the evaluation model now: a broken test set
+            # fails before round 1, not after it. The freshly initialised model itself is
+            # not evaluated (chance level, and ~15 s of a fastnet run's wall time).
+            files.prepare()
     writer = RunFolderWriter(run_dir, files, strategy, config, history.elapsed_seconds)
     train = None
     if cfg.secagg:

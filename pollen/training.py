@@ -60,6 +60,25 @@ def configure_threads(threads: int, sharing_clients: int = 1) -> int:
 MAX_SHIFT = 2
 
 
+def _on_one_thread(ds):
+    """Run a ``tf.data`` pipeline on one private thread, with tf.data's autotuner off.
+
+    The pipelines here are light (a cast, a flip, a crop per batch) beside the
+    training step they feed. Under the autotuner (``AUTOTUNE`` parallelism and
+    buffers, tf.data's shared thread pool), simulated clients sharing two cores
+    often fell into a slow mode: 9 of 14 ``fastnet`` client epochs took exactly
+    142 s instead of 86-100 s, the main thread busy all along. With this
+    setting, 4 of 4 took 86-101 s.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
+
+
 def make_dataset(
     x: np.ndarray,
     y: np.ndarray,
@@ -93,7 +112,7 @@ def make_dataset(
     def to_float(xb, yb):
         return tf.cast(xb, tf.float32), yb
 
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(to_float)
     if augment:
         h, w, pad = int(x.shape[1]), int(x.shape[2]), MAX_SHIFT
         rng = tf.random.Generator.from_seed(seed)
@@ -109,7 +128,7 @@ def make_dataset(
             return tf.gather(xb, left, axis=2, batch_dims=1), yb
 
         ds = ds.map(aug)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _on_one_thread(ds.prefetch(2))
 
 
 #: Share of a run's local steps spent warming up under the ``"onecycle"`` schedule.
@@ -364,12 +383,59 @@ def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
         optimizer.learning_rate = learning_rate
 
 
+def predict_proba(
+    model: keras.Model, x: np.ndarray, *, flip_tta: bool = False, batch_size: int = 256
+) -> np.ndarray:
+    """Class probabilities of a model that ends in a softmax.
+
+    Args:
+        model: Model mapping ``(N, H, W, C)`` pixels to ``(N, classes)`` probabilities.
+        x: Images, ``(N, H, W, C)``, any numeric dtype (0-255).
+        flip_tta: Average the probabilities of each image and of its mirror
+            image (test-time augmentation; costs a second forward pass). For
+            ``fastnet`` it adds 0.6-0.7 points of CIFAR-10 test accuracy
+            (80.3% to 81.0% for a 5-round federated model).
+        batch_size: Images per forward pass.
+
+    Returns:
+        ``float32`` probabilities, ``(N, classes)``.
+    """
+    import tensorflow as tf
+
+    def run(images: np.ndarray) -> np.ndarray:
+        ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+        ds = _on_one_thread(ds.map(lambda b: tf.cast(b, tf.float32)).prefetch(2))
+        return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
+
+    probs = run(x)
+    if flip_tta:
+        probs = 0.5 * (probs + run(np.ascontiguousarray(x[:, :, ::-1])))
+    return probs
+
+
 def evaluate(
-    model: keras.Model, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 256,
+    flip_tta: bool = False,
 ) -> tuple[float, float]:
-    """Return ``(loss, accuracy)`` of a compiled model on ``(x, y)``."""
-    loss, accuracy = model.evaluate(make_dataset(x, y, batch_size), verbose=0)
-    return float(loss), float(accuracy)
+    """Return ``(loss, accuracy)`` of a compiled model on ``(x, y)``.
+
+    Without ``flip_tta`` both come from the model's compiled loss and metric.
+    With it (see :func:`predict_proba`) the loss is the cross-entropy of the
+    averaged probabilities and the accuracy that of their arg-max.
+    """
+    if not flip_tta:
+        loss, accuracy = model.evaluate(make_dataset(x, y, batch_size), verbose=0)
+        return float(loss), float(accuracy)
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    probs = predict_proba(model, x, flip_tta=True, batch_size=batch_size)
+    labels = np.asarray(y, dtype=np.int64)
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return float(-np.mean(np.log(picked))), float(np.mean(probs.argmax(axis=1) == labels))
 
 
 def calibrate_batchnorm(

@@ -19,7 +19,8 @@ def _client(fit: float, evaluate: float, examples: int = 1000) -> dict:
 HISTORY = {
     "rounds": [
         {"round": 1, "seconds": 110.0, "server": {"accuracy": 0.55},
-         "clients": [_client(90, 10), _client(95, 5)], "bytes_sent": 4, "bytes_received": 2},
+         "clients": [_client(90, 10), _client(95, 5)], "bytes_sent": 4, "bytes_received": 2,
+         "phase_seconds": {"train": 97.0, "evaluate": 6.0, "server": 7.0}},
         {"round": 2, "seconds": 100.0, "server": {"accuracy": 0.72},
          "clients": [_client(80, 10), _client(100, 0)], "bytes_sent": 4, "bytes_received": 2},
         {"round": 3, "seconds": 105.0, "server": {"accuracy": 0.81},
@@ -44,6 +45,8 @@ def test_run_figures_overhead_throughput_and_time_to_threshold(capsys) -> None:
     print_table("made up", figures)
     out = capsys.readouterr().out
     assert "80% after round 3 (345 s)" in out and "1.100" in out
+    assert r1["phase_seconds"]["server"] == 7.0 and "97/6/7" in out
+    assert r2["phase_seconds"] == {} and "-/-/-" in out  # histories from before phases
 
 
 def test_run_figures_without_server_evaluation() -> None:

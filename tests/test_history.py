@@ -89,7 +89,6 @@ def _history(server: bool = True) -> History:
                 bytes_received=450,
             ),
         ],
-        initial_server={"loss": 2.3, "accuracy": 0.1} if server else {},
         elapsed_seconds=21.5,
     )
 

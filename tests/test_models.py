@@ -238,6 +238,15 @@ def test_make_dataset_batches() -> None:
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
 
 
+def test_make_dataset_runs_on_one_private_thread_without_the_autotuner() -> None:
+    x, y = RNG_IMAGES[:10], np.arange(10, dtype=np.int64)
+    for ds in (training.make_dataset(x, y, 4), training.make_dataset(x, y, 4, augment=True)):
+        options = ds.options()
+        assert options.autotune.enabled is False
+        assert options.threading.private_threadpool_size == 1
+        assert options.threading.max_intra_op_parallelism == 1
+
+
 def test_make_dataset_augment_keeps_shapes_changes_pixels() -> None:
     x, y = RNG_IMAGES[:10], np.arange(10, dtype=np.int64)
     batches = _batches(training.make_dataset(x, y, 4, augment=True, seed=1))
@@ -325,6 +334,31 @@ def test_evaluate_returns_loss_and_accuracy() -> None:
     loss, acc = training.evaluate(model, RNG_IMAGES[:12], y, batch_size=5)
     assert np.isfinite(loss) and 0 <= acc <= 1
     assert acc * 12 == pytest.approx(round(acc * 12))
+
+
+def test_flip_tta_averages_image_and_mirror_probabilities() -> None:
+    model = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3)
+    x, y = RNG_IMAGES[:12], np.arange(12, dtype=np.int64) % 3
+    plain = np.asarray(model.predict(x.astype("float32"), verbose=0))
+    mirror = np.asarray(model.predict(x[:, :, ::-1].astype("float32"), verbose=0))
+    assert not np.allclose(plain, mirror, atol=1e-4)  # the cnn is not flip-invariant
+
+    np.testing.assert_allclose(training.predict_proba(model, x, batch_size=5), plain, atol=1e-5)
+    probs = training.predict_proba(model, x, flip_tta=True, batch_size=5)
+    np.testing.assert_allclose(probs, (plain + mirror) / 2, atol=1e-5)
+
+    loss, acc = training.evaluate(model, x, y, batch_size=5, flip_tta=True)
+    assert loss == pytest.approx(float(-np.mean(np.log(probs[np.arange(12), y]))), rel=1e-5)
+    assert acc == pytest.approx(float(np.mean(probs.argmax(1) == y)))
+    # Without TTA the compiled loss and metric, as before.
+    plain_loss, plain_acc = training.evaluate(model, x, y, batch_size=5)
+    assert plain_acc == pytest.approx(float(np.mean(plain.argmax(1) == y)))
+    assert plain_loss == pytest.approx(float(-np.mean(np.log(plain[np.arange(12), y]))), rel=1e-4)
+
+
+def test_flip_tta_is_on_for_models_trained_with_flips_only() -> None:
+    assert MODELS["fastnet"].flip_tta and MODELS["fastnet"].augment
+    assert not any(spec.flip_tta and not spec.augment for spec in MODELS.values())
 
 
 # --- client architecture check ------------------------------------------------------------------
