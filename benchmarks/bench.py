@@ -58,8 +58,10 @@ def run_figures(history: dict, wall: float) -> dict:
         ``{"wall_seconds", "startup_seconds", "rounds": [...], "time_to": {...}}``;
         each round has ``test_accuracy``, ``round_seconds``, ``elapsed_seconds``
         (since the process started), ``overhead`` (round / slowest client's
-        fit + evaluate), ``images_per_second`` (slowest client's local epoch),
-        ``bytes`` (sent + received) and ``phase_seconds`` (see :data:`PHASES`).
+        fit + evaluate), ``overhead_without_server_eval`` (the same, less the
+        server's central evaluation), ``images_per_second`` (slowest client's
+        local epoch), ``bytes`` (sent + received) and ``phase_seconds`` (see
+        :data:`PHASES`).
     """
     rounds = history["rounds"]
     startup = max(0.0, wall - sum(r["seconds"] for r in rounds))
@@ -81,6 +83,13 @@ def run_figures(history: dict, wall: float) -> dict:
                 "round_seconds": r["seconds"],
                 "elapsed_seconds": elapsed,
                 "overhead": r["seconds"] / max(busy) if busy and max(busy) > 0 else None,
+                # the same without the server's central evaluation (an extra job on the
+                # server, not federation: deployed, it runs on the server's own cores)
+                "overhead_without_server_eval": (
+                    (r["seconds"] - (r.get("phase_seconds") or {}).get("server", 0.0)) / max(busy)
+                    if busy and max(busy) > 0
+                    else None
+                ),
                 "images_per_second": min(speeds) if speeds else None,
                 "bytes": r.get("bytes_sent", 0) + r.get("bytes_received", 0),
                 # train (incl. aggregation) / clients' evaluate / server's evaluation
@@ -100,17 +109,19 @@ def print_table(title: str, figures: dict) -> None:
     print(f"\n{title}")
     print(
         f"{'round':>5} {'test acc':>9} {'round s':>8} {'elapsed s':>10} {'overhead':>9} "
-        f"{'img/s':>7} {'MB/round':>9}  train/eval/server s"
+        f"{'w/o srv':>8} {'img/s':>7} {'MB/round':>9}  train/eval/server s"
     )
     for r in figures["rounds"]:
         acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
         ovh = f"{r['overhead']:.3f}" if r["overhead"] else "-"
+        fed = r.get("overhead_without_server_eval")
+        fed = f"{fed:.3f}" if fed else "-"
         ips = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "-"
         phases = r.get("phase_seconds") or {}
         split = "/".join(f"{phases[k]:.0f}" if k in phases else "-" for k in PHASES)
         print(
             f"{r['round']:>5} {acc:>9} {r['round_seconds']:>8.1f} {r['elapsed_seconds']:>10.0f} "
-            f"{ovh:>9} {ips:>7} {r['bytes'] / 1e6:>9.1f}  {split}"
+            f"{ovh:>9} {fed:>8} {ips:>7} {r['bytes'] / 1e6:>9.1f}  {split}"
         )
     reached = ", ".join(
         f"{k} after round {v['round']} ({v['seconds']:.0f} s)"

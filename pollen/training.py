@@ -104,13 +104,17 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    # Shuffle and batch positions, then gather each batch's images at once: cheaper than
+    # shuffling and batching the images one by one (a full-size shuffle buffer of
+    # images also copies the whole array before the first batch).
+    images, labels = tf.constant(x), tf.constant(y)
+    ds = tf.data.Dataset.range(len(x))
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
 
-    def to_float(xb, yb):
-        return tf.cast(xb, tf.float32), yb
+    def to_float(positions):
+        return tf.cast(tf.gather(images, positions), tf.float32), tf.gather(labels, positions)
 
     ds = ds.map(to_float)
     if augment:

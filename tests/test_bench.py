@@ -46,6 +46,8 @@ def test_run_figures_overhead_throughput_and_time_to_threshold(capsys) -> None:
     out = capsys.readouterr().out
     assert "80% after round 3 (345 s)" in out and "1.100" in out
     assert r1["phase_seconds"]["server"] == 7.0 and "97/6/7" in out
+    assert r1["overhead_without_server_eval"] == pytest.approx(103 / 100) and "1.030" in out
+    assert r2["overhead_without_server_eval"] == pytest.approx(1.0)  # no phases: whole round
     assert r2["phase_seconds"] == {} and "-/-/-" in out  # histories from before phases
 
 
