@@ -57,6 +57,7 @@ def main() -> int:
     model = build_model(args.model, ds.num_classes, args.seed, fastest_layout=True)
     if spec.whiten:  # the same start as a federation's (there: one client's images)
         whiten_first_conv(model, spec.whiten, ds.x_train, seed=args.seed)
+        model.get_layer(spec.whiten).trainable = not spec.freeze_whitened
     model = compile_model(model, args.lr, spec.recipe)
     steps = math.ceil(len(ds.y_train) / args.batch_size)
     rows = []

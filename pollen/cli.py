@@ -204,6 +204,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "client that provides the initial weights",
     )
     g.add_argument(
+        "--no-tta",
+        action="store_true",
+        help="evaluate with one forward pass per image, without the model's test-time "
+        "augmentation (fastnet: image and mirror image averaged)",
+    )
+    g.add_argument(
         "--num-classes",
         type=_positive_int,
         default=DEFAULTS.num_classes,
@@ -554,6 +560,7 @@ def run_config_from_args(args: argparse.Namespace, **extra: Any) -> RunConfig:
         "server_momentum": args.server_momentum,
         "bn_calibration_examples": args.bn_calibration_examples,
         "whiten": not args.no_whiten,
+        "tta": not args.no_tta,
         "target_accuracy": args.target_accuracy,
         "round_timeout": args.round_timeout,
         "max_update_norm": args.max_update_norm,

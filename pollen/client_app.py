@@ -152,13 +152,17 @@ def load_client_data(spec: ClientData):
 
 
 @functools.lru_cache(maxsize=2)
-def get_model(name: str, num_classes: int, seed: int, threads: int, sharing: int):
+def get_model(
+    name: str, num_classes: int, seed: int, threads: int, sharing: int, whitened: bool = False
+):
     """Build (once per process) the compiled registry model.
 
     The model object is reused across rounds: each round overwrites its
     weights with the global ones and gives it a fresh optimizer. Keras loads
     here for the first time in a client process, on the model's preferred
-    backend (see :func:`pollen.models.select_backend`).
+    backend (see :func:`pollen.models.select_backend`). ``whitened``: the run
+    started the first convolution whitened, so a model with
+    ``ModelSpec.freeze_whitened`` trains with that layer frozen.
     """
     from pollen.models import MODELS, build_model, compile_model, select_backend
 
@@ -167,11 +171,20 @@ def get_model(name: str, num_classes: int, seed: int, threads: int, sharing: int
 
     configure_threads(threads, sharing)
     spec = MODELS[name]
-    return compile_model(
-        build_model(name, num_classes, seed, fastest_layout=True),
-        spec.recipe.learning_rate,
-        spec.recipe,
-    )
+    model = build_model(name, num_classes, seed, fastest_layout=True)
+    if whitened and spec.whiten and spec.freeze_whitened:
+        model.get_layer(spec.whiten).trainable = False
+    return compile_model(model, spec.recipe.learning_rate, spec.recipe)
+
+
+def whitens(cfg: RunConfig) -> bool:
+    """Whether the run starts the model's first convolution from whitened patches.
+
+    Never under DP or SecAgg+: the server must not see statistics of one client's data.
+    """
+    from pollen.models import MODELS
+
+    return bool(cfg.whiten and MODELS[cfg.model].whiten and not (cfg.dp or cfg.secagg))
 
 
 def thread_plan(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[int, int]:
@@ -195,7 +208,7 @@ def _setup(msg: Message | RecordDict, context: Context):
     num_classes = cfg.num_classes
     if "arrays" in content and fault_of(node_config, cfg.fault_spec()) == "arch":
         num_classes += 1  # fault injection: a client whose model differs
-    model = get_model(cfg.model, num_classes, cfg.seed, threads, sharing)
+    model = get_model(cfg.model, num_classes, cfg.seed, threads, sharing, whitens(cfg))
     data = load_client_data(client_data_spec(cfg, node_config))
     if data.y_train.size and int(data.y_train.max()) >= cfg.num_classes:
         from pollen.errors import PollenError
@@ -283,10 +296,10 @@ def query(msg: Message, context: Context) -> Message:
     )
     from pollen.models import MODELS, whiten_first_conv
 
-    spec = MODELS[cfg.model]
-    # Under DP or SecAgg+ the server must not see statistics of one client's data.
-    if cfg.whiten and spec.whiten and not (cfg.dp or cfg.secagg):
-        info["whitened-images"] = whiten_first_conv(model, spec.whiten, data.x_train, seed=cfg.seed)
+    if whitens(cfg):
+        info["whitened-images"] = whiten_first_conv(
+            model, MODELS[cfg.model].whiten, data.x_train, seed=cfg.seed
+        )
     return Message(
         RecordDict({"arrays": ArrayRecord(model.get_weights()), "client": info}), reply_to=msg
     )
@@ -385,7 +398,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     from pollen.models import MODELS
 
-    flip_tta = MODELS[cfg.model].flip_tta
+    flip_tta = cfg.tta and MODELS[cfg.model].flip_tta
     loss, accuracy = evaluate_model(model, data.x_test, data.y_test, flip_tta=flip_tta)
     content = RecordDict(
         {

@@ -74,6 +74,10 @@ class RunConfig:
             (models with a ``whiten`` layer: ``fastnet``, ``mobilenetv2``;
             never under DP or SecAgg+). False = Keras's random initialisation
             throughout. Default True.
+        tta: Evaluate (server and clients) with the model's test-time
+            augmentation, for models that have one (``fastnet``: averaged
+            probabilities of each image and its mirror image; a second
+            forward pass). False = one forward pass. Default True.
         bn_calibration_examples: Local training examples each client runs
             forward (no weight update) to re-estimate BatchNorm statistics of
             the aggregated model before it is evaluated; 0 turns it off.
@@ -166,6 +170,7 @@ class RunConfig:
     server_eval: bool = True
     server_data_dir: str = ""
     whiten: bool = True
+    tta: bool = True
     bn_calibration_examples: int = 2000
     round_timeout: float = 3600.0
     client_threads: int = 0

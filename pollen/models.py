@@ -78,6 +78,9 @@ class ModelSpec:
         whiten: Name of the first convolution, whose kernel the client that
             provides the initial weights sets from its local images (see
             :func:`whiten_first_conv`); ``""`` = random initialisation only.
+        freeze_whitened: Whether local training keeps the whitened first
+            convolution fixed (it is then never updated; the clients skip its
+            weight gradients). Applies only when the run whitened it.
         flip_tta: Whether evaluation and prediction average the class
             probabilities of each image and its mirror image
             (:func:`pollen.training.predict_proba`); for models trained with
@@ -90,6 +93,7 @@ class ModelSpec:
     recipe: Recipe = field(default_factory=Recipe)
     backend: str = "tensorflow"
     whiten: str = ""
+    freeze_whitened: bool = False
     flip_tta: bool = False
 
 
@@ -269,6 +273,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         backend="torch",
         whiten="stem_conv",
+        freeze_whitened=True,
         flip_tta=True,
     ),
     "cnn": ModelSpec(build_cnn, "small fast CNN (0.1M params) for quick runs and tests"),

@@ -104,7 +104,8 @@ class ModelFiles:
         self.eval_model.set_weights(arrays.to_numpy_ndarrays())
         x, y = self.test_set
         start = time.perf_counter()
-        loss, accuracy = evaluate(self.eval_model, x, y, flip_tta=MODELS[self.cfg.model].flip_tta)
+        flip_tta = self.cfg.tta and MODELS[self.cfg.model].flip_tta
+        loss, accuracy = evaluate(self.eval_model, x, y, flip_tta=flip_tta)
         return {
             "loss": loss,
             "accuracy": accuracy,

@@ -631,6 +631,37 @@ def test_the_client_giving_initial_weights_whitens_fastnets_stem_except_under_dp
     assert any(a.shape == stem.shape and np.allclose(a, stem, atol=1e-5) for a in arrays)
 
 
+def test_clients_keep_fastnets_whitened_stem_frozen_and_train_it_when_not_whitened(
+    tiny_data, flower_task
+) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from pollen import client_app
+    from pollen.config import RunConfig
+
+    model = build_model("fastnet", num_classes=10, seed=0)
+    stem = [w.path for w in model.weights].index(model.get_layer("stem_conv").kernel.path)
+    global_weights = model.get_weights()
+
+    def trained(**overrides) -> list[np.ndarray]:
+        # One step on the tiny partition: a constant rate (one-cycle would start at 0).
+        cfg = RunConfig(model="fastnet", data_dir=str(tiny_data), lr_schedule="constant",
+                        **overrides)  # fmt: skip
+        content = RecordDict({"arrays": ArrayRecord(global_weights),
+                              "config": ConfigRecord({"server-round": 1})})  # fmt: skip
+        msg = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
+        context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=cfg.to_mapping(),
+                          node_config={"partition-id": 0, "num-partitions": 2})  # fmt: skip
+        return client_app.train(msg, context).content["arrays"].to_numpy_ndarrays()
+
+    frozen = trained()
+    np.testing.assert_array_equal(frozen[stem], global_weights[stem])
+    others = [i for i in range(len(frozen)) if i != stem]
+    assert any(not np.allclose(frozen[i], global_weights[i]) for i in others)  # the rest trains
+    trainable = trained(whiten=False)  # a random first layer must train
+    assert not np.allclose(trainable[stem], global_weights[stem])
+
+
 def test_an_unschedulable_compiled_model_saves_and_loads_with_plain_keras(tmp_path) -> None:
     """The server's model.keras must load where Pollen (and its schedule class) is absent."""
     model = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3, schedulable=False)
