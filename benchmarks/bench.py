@@ -13,9 +13,10 @@ accuracy threshold reached. Everything is also written as JSON (``--json``).
 - ``reference``: the reference configuration (``mobilenetv2``, 2 clients IID,
   3 rounds, batch 32) and, side by side, the same model trained centrally
   for the same 3 epochs (``centralized.py``).
-- ``throughput``: one local epoch, same process: Pollen's client path vs a
-  plain ``model.fit`` of the same model vs the naive client
-  (``throughput.py``); ratios, so a noisy machine does not change the verdict.
+- ``throughput``: one local epoch, two clients training at once as in a
+  simulation: Pollen's client path vs a plain ``model.fit`` of the same model
+  vs the naive client (``throughput.py --clients 2``); ratios, so a noisy
+  machine does not change the verdict.
 - ``noniid``: 10 clients, Dirichlet alpha 0.5, ``fastnet``, ``--noniid-rounds``
   rounds, each strategy of ``--noniid-strategies``.
 
@@ -194,7 +195,10 @@ def main() -> int:
                 accs = [f"{e['test_accuracy']:.4f}" for e in central["epochs"]]
                 print(f"centralized, same model and recipe, per epoch: {', '.join(accs)}")
         elif config == "throughput":
-            result = script("throughput", [*data_args, "--model", "mobilenetv2"], out)
+            # two clients sharing the machine, as in a simulation (see throughput.py)
+            result = script(
+                "throughput", [*data_args, "--model", "mobilenetv2", "--clients", "2"], out
+            )
             report["configs"]["throughput"] = result
         elif config == "noniid":
             runs = {}
