@@ -68,7 +68,7 @@ def _on_one_thread(ds):
     buffers, tf.data's shared thread pool), simulated clients sharing two cores
     often fell into a slow mode: 9 of 14 ``fastnet`` client epochs took exactly
     142 s instead of 86-100 s, the main thread busy all along. With this
-    setting, 4 of 4 took 86-101 s.
+    setting none of the next 34 did (71-105 s an epoch).
     """
     import tensorflow as tf
 
