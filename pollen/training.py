@@ -63,7 +63,7 @@ MAX_SHIFT = 2
 def _on_one_thread(ds):
     """Run a ``tf.data`` pipeline on one private thread, with tf.data's autotuner off.
 
-    The pipelines here are light (a cast, a flip, a crop per batch) beside the
+    The pipelines here are light (a gather, a flip, a crop per batch) beside the
     training step they feed. Under the autotuner (``AUTOTUNE`` parallelism and
     buffers, tf.data's shared thread pool), simulated clients sharing two cores
     often fell into a slow mode: 9 of 14 ``fastnet`` client epochs took exactly
