@@ -2,8 +2,11 @@
 
 Everything here works on in-memory ``uint8`` image arrays of shape
 ``(N, 32, 32, 3)`` and ``int64`` labels of shape ``(N,)``, and on a compiled
-Keras model from :mod:`pollen.models`. Input pipelines use ``tf.data`` with
-prefetching so the next batch is ready while the current one trains.
+Keras model from :mod:`pollen.models`. On a CPU, input pipelines use
+``tf.data`` with prefetching so the next batch is ready while the current one
+trains; on an accelerator (and wherever TensorFlow is not installed) the
+arrays live on the device and each batch is one gather there
+(:class:`DeviceBatches`).
 """
 
 from __future__ import annotations
@@ -37,8 +40,6 @@ def configure_threads(threads: int, sharing_clients: int = 1) -> int:
     Returns:
         The intra-op thread count in force.
     """
-    import tensorflow as tf
-
     cores = os.cpu_count() or 1
     if threads <= 0:
         threads = max(1, cores // max(1, min(sharing_clients, cores)))
@@ -46,6 +47,10 @@ def configure_threads(threads: int, sharing_clients: int = 1) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    if not _has_tensorflow():  # no tf.data either: nothing else to size
+        return threads
+    import tensorflow as tf
+
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1 if sharing_clients > 1 else 2)
@@ -79,6 +84,129 @@ def _on_one_thread(ds):
     return ds.with_options(options)
 
 
+def _has_tensorflow() -> bool:
+    import importlib.util
+    import sys
+
+    if sys.modules.get("tensorflow") is not None:
+        return True
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # an import hook refuses it
+        return False
+
+
+def feeds_on_device() -> bool:
+    """Whether input batches are made on the backend's device, not by ``tf.data``.
+
+    True when Keras runs on torch or JAX and either that backend computes on
+    an accelerator (a GPU: the arrays then sit in its memory and no batch
+    crosses from the host) or TensorFlow is not installed. Under the
+    TensorFlow backend, and on a CPU with TensorFlow installed, ``tf.data``
+    feeds the model.
+    """
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available() or not _has_tensorflow()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu" or not _has_tensorflow()
+    return False
+
+
+def _reflect(index: np.ndarray, size: int) -> np.ndarray:
+    """Map positions in ``[-size+1, 2*size-2]`` into ``[0, size)`` by reflection at the borders.
+
+    The same border rule as ``tf.pad(mode="REFLECT")``: the edge pixel is not repeated.
+    """
+    index = np.abs(index)
+    return np.where(index >= size, 2 * (size - 1) - index, index)
+
+
+class DeviceBatches(keras.utils.PyDataset):
+    """Batches gathered on the backend's device from arrays kept there.
+
+    The whole ``uint8`` image array is copied to the device once; a batch is
+    then one gather from it, with the augmentation (a per-image flip and
+    shift, the same as :func:`make_dataset`'s ``tf.data`` pipeline) folded
+    into the gather's indices, which the host computes with numpy: only
+    ``B * H * W`` indices cross to the device per batch. Keras's ``fit``,
+    ``evaluate`` and ``predict`` take it like any ``PyDataset`` (one worker,
+    in the training thread).
+
+    Why not a library loader: ``tf.data`` keeps batches on the host (and may
+    not be installed beside torch or JAX on a GPU machine), and
+    ``torch.utils.data`` collates images one by one on the CPU; neither keeps
+    the data on the accelerator.
+
+    Args:
+        x: ``uint8`` images, ``(N, H, W, C)``.
+        y: Labels, ``(N,)``, or None (batches are then ``(images,)``, for ``predict``).
+        batch_size: Examples per batch; the last batch may be smaller.
+        shuffle: A new seeded order every epoch.
+        seed: Shuffle and augmentation seed.
+        augment: Per image, a random horizontal flip and a random translation of
+            up to :data:`MAX_SHIFT` pixels each way (borders reflected).
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray | None,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        augment: bool = False,
+    ) -> None:
+        super().__init__(workers=1, use_multiprocessing=False)
+        n, self._h, self._w, self._c = x.shape
+        self._n, self._batch_size = n, int(batch_size)
+        self._index_dtype = "int32" if n * self._h * self._w < 2**31 else "int64"
+        # (N*H*W, C): one pixel a row, so a batch with any crop is a single row gather.
+        self._pixels = keras.ops.convert_to_tensor(np.reshape(x, (-1, self._c)))
+        self._labels = None if y is None else keras.ops.convert_to_tensor(np.asarray(y, "int32"))
+        self._shuffle, self._augment = shuffle, augment
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(n) if shuffle else np.arange(n)
+
+    def __len__(self) -> int:
+        return math.ceil(self._n / self._batch_size)
+
+    def __getitem__(self, i: int):
+        positions = self._order[i * self._batch_size : (i + 1) * self._batch_size]
+        rows, cols = np.arange(self._h)[None], np.arange(self._w)[None]  # (1, H), (1, W)
+        if self._augment:
+            b = len(positions)
+            shift = self._rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(2, b, 1))
+            rows = _reflect(rows + shift[0], self._h)
+            cols = _reflect(cols + shift[1], self._w)
+            flip = self._rng.random((b, 1)) < 0.5
+            cols = np.where(flip, cols[:, ::-1], cols)
+        pixel = (
+            positions[:, None, None] * (self._h * self._w)
+            + rows[:, :, None] * self._w
+            + cols[:, None, :]
+        )  # (B, H, W): row of each output pixel in self._pixels
+        index = keras.ops.convert_to_tensor(pixel.reshape(-1).astype(self._index_dtype))
+        images = keras.ops.reshape(
+            keras.ops.take(self._pixels, index, axis=0), (len(positions), self._h, self._w, self._c)
+        )
+        if self._labels is None:
+            return (images,)
+        labels = keras.ops.take(
+            self._labels, keras.ops.convert_to_tensor(positions.astype(self._index_dtype)), axis=0
+        )
+        return images, labels
+
+    def on_epoch_end(self) -> None:  # noqa: D102
+        if self._shuffle:
+            self._order = self._rng.permutation(self._n)
+
+
 def make_dataset(
     x: np.ndarray,
     y: np.ndarray,
@@ -87,8 +215,12 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     augment: bool = False,
+    on_device: bool | None = None,
 ):
-    """Build a batched, prefetching ``tf.data.Dataset`` over in-memory arrays.
+    """Build batches over in-memory arrays for ``fit`` / ``evaluate``.
+
+    A prefetching ``tf.data.Dataset``, or :class:`DeviceBatches` where
+    :func:`feeds_on_device` says so (or ``on_device`` forces it).
 
     Args:
         x: ``uint8`` images, ``(N, H, W, C)``.
@@ -98,12 +230,16 @@ def make_dataset(
         seed: Shuffle and augmentation seed.
         augment: Per image, a random horizontal flip and a random translation
             of up to :data:`MAX_SHIFT` pixels each way (borders reflected).
+        on_device: Force (True) or forbid (False) :class:`DeviceBatches`;
+            None = :func:`feeds_on_device`.
 
     Returns:
-        Dataset of ``(images (B, H, W, C) in 0-255, labels (B,))`` in the dtypes
-        of ``x`` and ``y``: registry models cast inside (their first layer
+        Batches of ``(images (B, H, W, C) in 0-255, labels (B,))``, images in
+        the dtype of ``x``: registry models cast inside (their first layer
         rescales), so ``uint8`` batches cross into the model 4x smaller.
     """
+    if feeds_on_device() if on_device is None else on_device:
+        return DeviceBatches(x, y, batch_size, shuffle=shuffle, seed=seed, augment=augment)
     import tensorflow as tf
 
     # Shuffle and batch positions, then gather each batch's images at once: cheaper than
@@ -204,6 +340,17 @@ class StepLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.total_steps = variable(0.0, "float32", "schedule_total_steps")
         self.start_iteration = variable(0.0, "float32", "schedule_start_iteration")
         self.kind = variable(0, "int32", "schedule_kind")
+
+    @property
+    def state(self) -> list[keras.Variable]:
+        """The variables that :meth:`set` assigns.
+
+        :func:`compile_model <pollen.models.compile_model>` has the optimizer
+        track them, so every backend hands them to the compiled train step as
+        state: JAX's ``jit`` would otherwise bake their first values in, and
+        every later round would repeat round 1's schedule.
+        """
+        return [self.base_lr, self.first_step, self.total_steps, self.start_iteration, self.kind]
 
     def set(self, schedule: RunSchedule, iteration: int) -> None:
         """Follow ``schedule`` from the optimizer's current ``iteration`` on."""
@@ -379,10 +526,12 @@ def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
     seconds per round.
     """
     optimizer = model.optimizer
-    for variable in optimizer.variables:
-        if variable is not getattr(optimizer, "_learning_rate", None):
-            variable.assign(np.zeros(variable.shape, variable.dtype))
     step_lr = _step_learning_rate(model)
+    keep = {id(getattr(optimizer, "_learning_rate", None))}
+    keep |= {id(v) for v in step_lr.state} if step_lr is not None else set()
+    for variable in optimizer.variables:
+        if id(variable) not in keep:
+            variable.assign(np.zeros(variable.shape, variable.dtype))
     if step_lr is not None:
         step_lr.set_constant(learning_rate)
     else:
@@ -406,11 +555,15 @@ def predict_proba(
     Returns:
         ``float32`` probabilities, ``(N, classes)``.
     """
-    import tensorflow as tf
 
     def run(images: np.ndarray) -> np.ndarray:
-        ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-        ds = _on_one_thread(ds.prefetch(2))
+        if feeds_on_device():
+            ds = DeviceBatches(images, None, batch_size)
+        else:
+            import tensorflow as tf
+
+            ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+            ds = _on_one_thread(ds.prefetch(2))
         return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
 
     probs = run(x)

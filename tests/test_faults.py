@@ -38,6 +38,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
+from pollen.aggregation import validate_update
 from pollen.checkpoint import RunLock, load_checkpoint, read_manifest, save_checkpoint
 from pollen.client_app import FAULTS, corrupt, fault_of
 from pollen.config import FAULT_KINDS, RunConfig
@@ -49,7 +50,6 @@ from pollen.rounds import (
     readable_reason,
     run_rounds,
     train_phase,
-    validate_update,
 )
 from pollen.runtime import descendants, is_running
 from pollen.strategy import STRATEGIES

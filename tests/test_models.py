@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -225,15 +227,22 @@ def test_calibrate_batchnorm_off_changes_nothing(cnn) -> None:
 
 
 def _batches(ds) -> list[tuple[np.ndarray, np.ndarray]]:
+    if isinstance(ds, training.DeviceBatches):
+        ds = [ds[i] for i in range(len(ds))]
     return [(np.asarray(xb), np.asarray(yb)) for xb, yb in ds]
 
 
-def test_make_dataset_batches() -> None:
+#: Both input paths: ``tf.data`` (CPU) and :class:`~pollen.training.DeviceBatches` (accelerators).
+BOTH_PATHS = pytest.mark.parametrize("on_device", [False, True], ids=["tf.data", "device"])
+
+
+@BOTH_PATHS
+def test_make_dataset_batches(on_device: bool) -> None:
     x, y = RNG_IMAGES[:10], np.arange(10, dtype=np.int64)
-    batches = _batches(training.make_dataset(x, y, 4))
+    batches = _batches(training.make_dataset(x, y, 4, on_device=on_device))
     assert [b[0].shape for b in batches] == [(4, 32, 32, 3), (4, 32, 32, 3), (2, 32, 32, 3)]
     assert all(b[0].dtype == np.uint8 for b in batches)  # the model casts
-    assert all(b[1].dtype == np.int64 for b in batches)
+    assert all(np.issubdtype(b[1].dtype, np.integer) for b in batches)
     np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), x)
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
 
@@ -247,9 +256,10 @@ def test_make_dataset_runs_on_one_private_thread_without_the_autotuner() -> None
         assert options.threading.max_intra_op_parallelism == 1
 
 
-def test_make_dataset_augment_keeps_shapes_changes_pixels() -> None:
+@BOTH_PATHS
+def test_make_dataset_augment_keeps_shapes_changes_pixels(on_device: bool) -> None:
     x, y = RNG_IMAGES[:10], np.arange(10, dtype=np.int64)
-    batches = _batches(training.make_dataset(x, y, 4, augment=True, seed=1))
+    batches = _batches(training.make_dataset(x, y, 4, augment=True, seed=1, on_device=on_device))
     assert [b[0].shape for b in batches] == [(4, 32, 32, 3), (4, 32, 32, 3), (2, 32, 32, 3)]
     got = np.concatenate([b[0] for b in batches])
     assert got.dtype == np.uint8
@@ -259,9 +269,11 @@ def test_make_dataset_augment_keeps_shapes_changes_pixels() -> None:
     assert set(np.unique(got).astype(int)) <= set(np.unique(x).astype(int))
 
 
-def test_make_dataset_augment_flips_and_shifts_each_image_on_its_own() -> None:
+@BOTH_PATHS
+def test_make_dataset_augment_flips_and_shifts_each_image_on_its_own(on_device: bool) -> None:
     x, y = RNG_IMAGES[:12], np.arange(12, dtype=np.int64)
-    (got, _), *_ = _batches(training.make_dataset(x, y, 12, augment=True, seed=3))
+    ds = training.make_dataset(x, y, 12, augment=True, seed=3, on_device=on_device)
+    (got, _), *_ = _batches(ds)
     pad = training.MAX_SHIFT
     found = []
     for image, source in zip(got, x.astype(np.float32), strict=True):
@@ -282,11 +294,12 @@ def test_make_dataset_augment_flips_and_shifts_each_image_on_its_own() -> None:
     assert {m[0] for m in found} == {False, True}
 
 
-def test_make_dataset_shuffle_is_seeded() -> None:
+@BOTH_PATHS
+def test_make_dataset_shuffle_is_seeded(on_device: bool) -> None:
     x, y = RNG_IMAGES[:40], np.arange(40, dtype=np.int64)
 
     def order(seed: int) -> np.ndarray:
-        ds = training.make_dataset(x, y, 8, shuffle=True, seed=seed)
+        ds = training.make_dataset(x, y, 8, shuffle=True, seed=seed, on_device=on_device)
         return np.concatenate([b[1] for b in _batches(ds)])
 
     first, again, other = order(3), order(3), order(4)
@@ -312,8 +325,8 @@ def test_fit_and_reset_optimizer() -> None:
     assert 0 <= result.accuracy <= 1 and result.seconds > 0
 
     opt = model.optimizer
-    lr_var = opt._learning_rate
-    moments = [v for v in opt.variables if v is not lr_var]
+    schedule_state = {id(v) for v in opt._learning_rate.state}
+    moments = [v for v in opt.variables if id(v) not in schedule_state]
     assert any(np.any(np.asarray(v) != 0) for v in moments), "fit left no optimizer state"
 
     training.reset_optimizer(model, 0.0125)
@@ -325,6 +338,82 @@ def test_fit_and_reset_optimizer() -> None:
     again = training.fit(model, x, y, epochs=1, batch_size=16, seed=1, verbose=0)
     assert np.isfinite(again.loss)
     assert int(opt.iterations) == 4
+
+
+def test_fit_evaluate_and_predict_run_on_device_batches(monkeypatch) -> None:
+    """The accelerator path gives the same evaluation as tf.data and trains."""
+    model = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3)
+    x, y = RNG_IMAGES[:20], np.arange(20, dtype=np.int64) % 3
+    host = training.evaluate(model, x, y, batch_size=6)
+    host_tta = training.predict_proba(model, x, flip_tta=True, batch_size=6)
+    monkeypatch.setattr(training, "feeds_on_device", lambda: True)
+    assert isinstance(training.make_dataset(x, y, 6), training.DeviceBatches)
+    np.testing.assert_allclose(training.evaluate(model, x, y, batch_size=6), host, rtol=1e-5)
+    np.testing.assert_allclose(
+        training.predict_proba(model, x, flip_tta=True, batch_size=6), host_tta, atol=1e-6
+    )
+    result = training.fit(model, x, y, epochs=2, batch_size=8, seed=0, augment=True, verbose=0)
+    assert np.isfinite(result.loss) and int(model.optimizer.iterations) == 6
+
+
+def test_optimizer_tracks_the_schedule_state() -> None:
+    """JAX's compiled train step sees only tracked state: the schedule must be part of it."""
+    model = compile_model(build_model("cnn", num_classes=2, seed=0), 1e-3)
+    step_lr = model.optimizer._learning_rate
+    tracked = {id(v) for v in model.optimizer.variables}
+    assert step_lr.state and all(id(v) in tracked for v in step_lr.state)
+
+
+NO_TENSORFLOW_CHECK = """
+import importlib.util
+assert importlib.util.find_spec("tensorflow") is None  # as on a GPU machine with torch only
+import numpy as np
+from pollen import training
+from pollen.models import build_model, compile_model, MODELS
+assert training.feeds_on_device()
+assert training.configure_threads(1, 2) == 1
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+y = (np.arange(40) % 4).astype(np.int64)
+spec = MODELS["fastnet"]
+model = compile_model(build_model("fastnet", 4, 1, fastest_layout=True), 0.1, spec.recipe)
+for rnd in (1, 2):
+    sched = training.RunSchedule(0.1, (rnd - 1) * 5, 10, "onecycle")
+    r = training.fit(model, x, y, epochs=1, batch_size=8, seed=rnd, augment=True, verbose=0,
+                     schedule=sched)
+    assert np.isfinite(r.loss)
+lr = float(model.optimizer.learning_rate)
+assert abs(lr - training.schedule_value(0.1, 10, 10, "onecycle")) < 1e-6, lr
+loss, acc = training.evaluate(model, x, y, flip_tta=True)
+assert np.isfinite(loss) and 0 <= acc <= 1
+print("ok")
+"""
+
+
+def test_training_runs_under_torch_without_tensorflow(tmp_path) -> None:
+    """A GPU machine may have torch and no TensorFlow: batches then come from the device path.
+
+    The check runs in a Python whose packages are this environment's minus TensorFlow.
+    """
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    torch_spec = importlib.util.find_spec("torch")
+    if torch_spec is None:
+        pytest.skip("torch is not installed (pip install torch): TensorFlow-only setup")
+    site = Path(torch_spec.origin).parents[1]
+    shadow = tmp_path / "site-packages"
+    shadow.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.lower().startswith(("tensorflow", "_tensorflow", "tf_")):
+            (shadow / entry.name).symlink_to(entry)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONPATH=f"{repo}{os.pathsep}{shadow}")
+    out = subprocess.run([sys.executable, "-S", "-c", NO_TENSORFLOW_CHECK], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
 def test_evaluate_returns_loss_and_accuracy() -> None:
