@@ -73,8 +73,9 @@ class ModelSpec:
             schedule, label smoothing) the model is tuned for.
         backend: Keras backend clients prefer for this model where it is
             installed and the process has not loaded Keras yet (measured
-            fastest for the model on a 2-core CPU). Weights are the same
-            arrays whatever the backend.
+            fastest for the model where it is meant to run: a 2-core CPU, or
+            a GPU for ``fastnet-wide``). Weights are the same arrays whatever
+            the backend.
         whiten: Name of the first convolution, whose kernel the client that
             provides the initial weights sets from its local images (see
             :func:`whiten_first_conv`); ``""`` = random initialisation only.
@@ -306,7 +307,7 @@ MODELS: dict[str, ModelSpec] = {
         "for GPUs: fastnet at airbench94's widths 64/256/256 (1.98M params); same recipe",
         augment=True,
         recipe=FASTNET_RECIPE,
-        backend="torch",
+        backend="jax",  # XLA: 6.2x torch's images/s on an H200 (benchmarks/gpu.py)
         whiten="stem_conv",
         freeze_whitened=True,
         flip_tta=True,

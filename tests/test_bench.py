@@ -57,3 +57,37 @@ def test_run_figures_without_server_evaluation() -> None:
     assert figures["startup_seconds"] == 0.0
     assert figures["rounds"][0]["test_accuracy"] is None
     assert figures["time_to"] == {}
+
+
+# --- benchmarks/gpu.py: the in-process federation --------------------------------------------
+
+
+def _gpu_run(tiny_data, rounds: int, targets: list[float]) -> dict:
+    import argparse
+
+    import gpu
+
+    args = argparse.Namespace(
+        precision="float32", model="cnn", rounds=rounds, clients=2, targets=targets,
+        data_dir=str(tiny_data), train_limit=0, max_seconds=600.0,
+    )  # fmt: skip
+    records: list[dict] = []
+    result = gpu.run(args, records.append)
+    assert [r["round"] for r in records] == [r["round"] for r in result["rounds"]]
+    return result
+
+
+def test_gpu_benchmark_federation_stops_once_every_target_is_reached(tiny_data) -> None:
+    result = _gpu_run(tiny_data, rounds=3, targets=[0.0])
+    assert len(result["rounds"]) == 1  # 0% is reached after round 1
+    first = result["rounds"][0]
+    assert result["seconds_to_target"]["0.00"] == pytest.approx(first["elapsed"])
+    assert 0 <= first["test_accuracy"] <= 1 and len(first["client_accuracy"]) == 2
+    assert set(first["phase_seconds"]) == {"train", "evaluate", "server"}
+
+
+def test_gpu_benchmark_federation_runs_every_round_for_an_unreachable_target(tiny_data) -> None:
+    result = _gpu_run(tiny_data, rounds=2, targets=[1.01])
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert result["seconds_to_target"] == {"1.01": None}
+    assert all(r["elapsed"] <= result["wall_seconds"] for r in result["rounds"])

@@ -679,6 +679,7 @@ def test_preferred_backend(monkeypatch) -> None:
     assert models.preferred_backend("fastnet") == "tensorflow"  # torch missing: fall back
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())
     assert models.preferred_backend("fastnet") == "torch"
+    assert models.preferred_backend("fastnet-wide") == "jax"
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     assert models.preferred_backend("fastnet") == "jax"  # the user's choice wins
     # Keras is loaded in this process: its backend is fixed, whatever the model prefers.
