@@ -40,8 +40,10 @@ from pollen.secagg import (
     legacy_train_reply,
     secagg_client_mod,
 )
+from pollen.wire import wire_mod
 
-app = ClientApp()
+# wire_mod: records travel packed (pollen.wire), a few objects instead of one per array.
+app = ClientApp(mods=[wire_mod])
 
 #: Deliberate misbehaviour, for tests and robustness experiments only.
 FAULTS = {

@@ -8,9 +8,10 @@ only. It then submits this app with ``flwr run`` and returns when the run
 is over.
 
 ``pollen client`` (:func:`join`) runs a ``flower-supernode`` against the
-server and watches it: the SuperNode never exits on its own, so the client
-app leaves a marker file when the server announces the end of the run, and
-the watchdog then stops the SuperNode and returns 0.
+server, with :mod:`pollen.warm_clientapp` beside it to run the client app in
+one warm process for all messages, and watches both: the SuperNode never
+exits on its own, so the client app leaves a marker file when the server
+announces the end of the run, and the watchdog then stops both and returns 0.
 
 With certificates (:mod:`pollen.certs`) the proxy serves TLS with the
 operator's server certificate, the SuperLink runs TLS on its loopback port
@@ -261,6 +262,9 @@ def join(
             f"{host}:{port}",
             "--node-config",
             " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
+            # Pollen's own app runner serves the SuperNode's tasks in one warm
+            # process (pollen.warm_clientapp), instead of a process per message.
+            *("--isolation", "process"),
             "--host",
             "127.0.0.1",
             "--port",
@@ -278,7 +282,7 @@ def join(
             unreachable_since: float | None = None
             while not done_file.exists():
                 watch.echo()
-                if not watch.node.alive():
+                if not watch.node.alive() or not watch.apps.alive():
                     watch.echo()
                     failure = _supernode_failure(watch.node, f"{host}:{port}", tls)
                     if not _restartable(failure) or not watch.may_restart():
@@ -332,7 +336,7 @@ MAX_QUICK_FAILURES = 3
 
 
 class _NodeWatch:
-    """The client's current SuperNode process, restartable, with its output echoed."""
+    """The client's SuperNode and its warm app runner, restartable, with their output echoed."""
 
     def __init__(self, argv: list[str], home: Path) -> None:
         self.argv = argv
@@ -348,7 +352,16 @@ class _NodeWatch:
         self.log = self.home / f"supernode-{self.starts}.log"
         self.shown = 0
         self.started = time.monotonic()
-        self.node = ManagedProcess("supernode", argv, flower_env(self.home), self.log)
+        env = flower_env(self.home)
+        self.node = ManagedProcess("supernode", argv, env, self.log)
+        runtime_api = f"127.0.0.1:{argv[argv.index('--port') + 1]}"
+        self.apps = ManagedProcess(
+            "clientapp",
+            [sys.executable, "-m", "pollen.warm_clientapp", "--insecure",
+             "--runtime-api-address", runtime_api, "--parent-pid", str(self.node.proc.pid)],
+            env,
+            self.log,
+        )  # fmt: skip
 
     def echo(self) -> None:
         """Copy the SuperNode's new output to stdout."""
@@ -367,7 +380,8 @@ class _NodeWatch:
         self._start()
 
     def stop(self) -> None:
-        """Stop the SuperNode and show the rest of its output."""
+        """Stop the app runner and the SuperNode; show the rest of their output."""
+        self.apps.stop()
         self.node.stop()
         self.echo()
 

@@ -35,6 +35,7 @@ from pollen.aggregation import merge_batchnorm_stats, validate_update
 from pollen.errors import PollenError
 from pollen.history import ClientRound, History, RoundRecord
 from pollen.privacy import privacy_record
+from pollen.wire import pack_content, unpack_content
 
 EvaluateFn = Callable[[int, ArrayRecord], "dict[str, float] | None"]
 #: A round's train phase: :func:`train_phase` or a replacement with its signature.
@@ -106,6 +107,8 @@ def exchange(
     messages = list(messages)
     if not messages:
         return Exchange()
+    for m in messages:  # a few objects on the wire instead of one per array (pollen.wire)
+        m.content = pack_content(m.content)
     destinations = [m.metadata.dst_node_id for m in messages]
     deadline = time.monotonic() + timeout
     message_ids = list(grid.push_messages(messages))
@@ -125,9 +128,12 @@ def exchange(
                 log(WARNING, "Pulling the reply of node %s failed: %s", node, err)
                 replies = []
             if replies:
+                reply = replies[0]
+                if reply.has_content():
+                    reply.content = unpack_content(reply.content)
                 with lock:
                     if not stop.is_set():
-                        result.replies[node] = replies[0]
+                        result.replies[node] = reply
                 return
             stop.wait(poll_interval)
 

@@ -221,6 +221,15 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
 
     check_run_folder(run, clients=2, train_total=72, server_eval=True)
 
+    # Each client ran every message in its one warm app process (pollen.warm_clientapp):
+    # the initial-weights query (client 0 only), ROUNDS train and evaluate messages and the
+    # end-of-run announcement; no per-message flwr-clientapp process was started.
+    for i in range(2):
+        log = (tmp_path / f"c{i}.log").read_text()
+        assert "Start `flwr-clientapp` process" not in log
+        assert log.count("[pollen] task") >= 2 * ROUNDS + 1, log[-3000:]
+        assert "[pollen] task" in log and ": failed" not in log
+
     # --- What crossed the wire from the clients: weights and metrics only.
     paths = Counter(path for path, _ in recorder.requests)
     assert paths["/v1/fleet/push-messages"] > 0 and paths["/v1/fleet/push-object"] > 0
@@ -235,7 +244,7 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
         object_types[kind] += 1
         if kind == "Array":  # the body is JSON metadata; the bytes are in ArrayChunk children
             meta = json.loads(get_object_body(req.object_content, Array))
-            array_shapes.add(tuple(meta["shape"]))
+            array_shapes.add((meta["dtype"], tuple(meta["shape"])))
     assert set(object_types) <= {
         "Message",
         "RecordDict",
@@ -245,8 +254,16 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
         "MetricRecord",
         "ConfigRecord",
     }, object_types
-    model_shapes = {tuple(w.shape) for w in _cnn_weights()}
-    assert array_shapes and array_shapes <= model_shapes, array_shapes - model_shapes
+    # Records travel packed (pollen.wire): the weights, or the BatchNorm statistics, as
+    # one float32 vector, beside their shapes and keys.
+    weights = _cnn_weights()
+    from pollen.models import batchnorm_stat_indices, build_model
+
+    stats = batchnorm_stat_indices(build_model("cnn", 3))
+    allowed_values = {sum(w.size for w in weights), sum(weights[i].size for i in stats)}
+    values = {shape for dtype, shape in array_shapes if "float32" in dtype}
+    assert values and {n for (n,) in values} <= allowed_values, (values, allowed_values)
+    assert all(len(shape) == 1 for _, shape in array_shapes), array_shapes
     # No image ever leaves a client: no 96-byte run of any training image's pixels.
     from pollen.data import load_dataset
 
