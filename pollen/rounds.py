@@ -92,9 +92,19 @@ class Exchange:
 
 
 def exchange(
-    grid: Grid, messages: Sequence[Message], timeout: float, poll_interval: float = 1.0
+    grid: Grid,
+    messages: Sequence[Message],
+    timeout: float,
+    poll_interval: float = 1.0,
+    *,
+    pack: bool = True,
 ) -> Exchange:
     """Send ``messages`` and collect their replies, returning after ``timeout`` at most.
+
+    With ``pack`` (the default) the messages' records travel packed
+    (:mod:`pollen.wire`) and the replies come back unpacked. Flower's SecAgg+
+    workflow exchanges its messages as they are: packed, its secure aggregate
+    came back as one flat vector (tests/test_secagg.py; cause not traced).
 
     Flower's ``Grid.send_and_receive`` can block far beyond its timeout: when
     a reply's metadata reached the SuperLink but its content never did (the
@@ -107,7 +117,7 @@ def exchange(
     messages = list(messages)
     if not messages:
         return Exchange()
-    for m in messages:  # a few objects on the wire instead of one per array (pollen.wire)
+    for m in messages if pack else ():  # a few objects on the wire, not one per array
         m.content = pack_content(m.content)
     destinations = [m.metadata.dst_node_id for m in messages]
     deadline = time.monotonic() + timeout

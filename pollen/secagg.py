@@ -385,7 +385,7 @@ class DeadlineGrid:
         stage = _stage(messages[0])
         self.record.bytes_sent += sum(payload_bytes(m.content) for m in messages)
         limit = self.timeout if timeout is None else min(timeout, self.timeout)
-        result = exchange(self.grid, messages, limit)
+        result = exchange(self.grid, messages, limit, pack=False)
         phase = f"train (secagg {stage})"
         for node, msg in result.replies.items():
             if msg.has_error():

@@ -53,6 +53,7 @@ from pollen.rounds import (
 )
 from pollen.runtime import descendants, is_running
 from pollen.strategy import STRATEGIES
+from pollen.wire import pack_content, unpack_content
 
 # --- validate_update ---------------------------------------------------------------------------
 
@@ -220,9 +221,16 @@ class FakeGrid:
             if behaviour == "error":
                 err = Error(code=2, reason="<class 'ValueError'>:<'broken client'>")
                 out.append(Message(metadata=meta, error=err))
-            else:
-                out.append(Message(metadata=meta, content=behaviour(msg)))
+            else:  # the node sees and sends records as a real client does (pollen.wire)
+                content = behaviour(_as_received(msg))
+                out.append(Message(metadata=meta, content=pack_content(content)))
         return out
+
+
+def _as_received(msg: Message) -> Message:
+    """``msg`` as a client's handler sees it: its records unpacked (``pollen.wire.wire_mod``)."""
+    received = Message(metadata=msg.metadata, content=unpack_content(msg.content))
+    return received
 
 
 def _trainer(name: str, shift: float = 0.01, n: int = 10, tamper=None):
