@@ -97,27 +97,16 @@ def _load(data: str | None, train_limit: int, seed: int):
     return ds
 
 
-def _client_model(name: str, num_classes: int, seed: int, frozen_stem: bool):
-    """A client's compiled model, as ``pollen.client_app.get_model`` builds it."""
-    from pollen.models import MODELS, build_model, compile_model
-
-    spec = MODELS[name]
-    model = build_model(name, num_classes, seed, fastest_layout=True)
-    if frozen_stem:
-        model.get_layer(spec.whiten).trainable = False
-    return compile_model(model, spec.recipe.learning_rate, spec.recipe)
-
-
 def probe(args: argparse.Namespace) -> dict:
     """Images/s of Pollen's local training of ``args.model`` under this process's variant."""
     device = _setup_keras(args.precision)
     from pollen.config import RunConfig
-    from pollen.models import MODELS
+    from pollen.models import MODELS, build_client_model
     from pollen.training import fit
 
     cfg = RunConfig(model=args.model)  # defaults + recipe (validation would import Flower)
     ds = _load(args.data_dir, cfg.batch_size * args.probe_steps, cfg.seed)
-    model = _client_model(args.model, ds.num_classes, cfg.seed, MODELS[args.model].freeze_whitened)
+    model = build_client_model(args.model, ds.num_classes, cfg.seed, whitened=True)  # stem frozen
     x, y = ds.x_train, ds.y_train
     kw = dict(epochs=1, batch_size=cfg.batch_size, augment=MODELS[args.model].augment, verbose=0)
     warm = fit(model, x, y, seed=1, **kw)  # compiles (JAX) and warms the kernels' caches
@@ -136,7 +125,13 @@ def run(args: argparse.Namespace, emit) -> dict:
 
     from pollen.aggregation import merge_batchnorm_stats, weighted_mean
     from pollen.config import RunConfig
-    from pollen.models import MODELS, build_model, compile_model, whiten_first_conv
+    from pollen.models import (
+        MODELS,
+        build_client_model,
+        build_model,
+        compile_model,
+        whiten_first_conv,
+    )
     from pollen.partition import partition_dataset
     from pollen.training import (
         RunSchedule,
@@ -151,8 +146,8 @@ def run(args: argparse.Namespace, emit) -> dict:
     ds = _load(args.data_dir, args.train_limit, cfg.seed)
     parts = [partition_dataset(ds, args.clients, k, seed=cfg.seed) for k in range(args.clients)]
     whitened = bool(spec.whiten and cfg.whiten)
-    frozen = whitened and spec.freeze_whitened
-    models = [_client_model(args.model, ds.num_classes, cfg.seed, frozen) for _ in parts]
+    models = [build_client_model(args.model, ds.num_classes, cfg.seed, whitened=whitened)
+              for _ in parts]  # fmt: skip
     if whitened:  # client 0 provides the initial weights, as in pollen simulate
         whiten_first_conv(models[0], spec.whiten, parts[0].x_train, seed=cfg.seed)
     global_weights = models[0].get_weights()

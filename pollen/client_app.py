@@ -166,17 +166,13 @@ def get_model(
     started the first convolution whitened, so a model with
     ``ModelSpec.freeze_whitened`` trains with that layer frozen.
     """
-    from pollen.models import MODELS, build_model, compile_model, select_backend
+    from pollen.models import build_client_model, select_backend
 
     select_backend(name)
     from pollen.training import configure_threads
 
     configure_threads(threads, sharing)
-    spec = MODELS[name]
-    model = build_model(name, num_classes, seed, fastest_layout=True)
-    if whitened and spec.whiten and spec.freeze_whitened:
-        model.get_layer(spec.whiten).trainable = False
-    return compile_model(model, spec.recipe.learning_rate, spec.recipe)
+    return build_client_model(name, num_classes, seed, whitened=whitened)
 
 
 def whitens(cfg: RunConfig) -> bool:

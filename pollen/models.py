@@ -343,6 +343,25 @@ def build_model(
     return build(num_classes, seed)
 
 
+def build_client_model(
+    name: str, num_classes: int, seed: int, *, whitened: bool = False
+) -> keras.Model:
+    """A client's compiled registry model: fastest layout, the recipe's optimizer and loss.
+
+    Args:
+        name: Registry name.
+        num_classes: Output classes.
+        seed: Seed for the weight initialisers.
+        whitened: The run starts the first convolution whitened; a model with
+            :attr:`ModelSpec.freeze_whitened` then trains with that layer frozen.
+    """
+    spec = MODELS[name]
+    model = build_model(name, num_classes, seed, fastest_layout=True)
+    if whitened and spec.whiten and spec.freeze_whitened:
+        model.get_layer(spec.whiten).trainable = False
+    return compile_model(model, spec.recipe.learning_rate, spec.recipe)
+
+
 def preferred_backend(name: str) -> str:
     """The Keras backend to run registry model ``name`` on in a new process.
 

@@ -11,6 +11,7 @@ arrays live on the device and each batch is one gather there
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -84,6 +85,7 @@ def _on_one_thread(ds):
     return ds.with_options(options)
 
 
+@functools.cache
 def _has_tensorflow() -> bool:
     import importlib.util
     import sys

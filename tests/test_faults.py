@@ -229,8 +229,7 @@ class FakeGrid:
 
 def _as_received(msg: Message) -> Message:
     """``msg`` as a client's handler sees it: its records unpacked (``pollen.wire.wire_mod``)."""
-    received = Message(metadata=msg.metadata, content=unpack_content(msg.content))
-    return received
+    return Message(metadata=msg.metadata, content=unpack_content(msg.content))
 
 
 def _trainer(name: str, shift: float = 0.01, n: int = 10, tamper=None):
