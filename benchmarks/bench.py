@@ -19,9 +19,14 @@ accuracy threshold reached. Everything is also written as JSON (``--json``).
   machine does not change the verdict.
 - ``noniid``: 10 clients, Dirichlet alpha 0.5, ``fastnet``, ``--noniid-rounds``
   rounds, each strategy of ``--noniid-strategies``.
+- ``deployment``: the reference configuration on Flower's deployment runtime
+  over loopback: ``pollen server`` and two ``pollen client`` processes on this
+  machine (one thread each), ``--deploy-rounds`` rounds; the same table, so
+  the federation overhead of a real deployment sits beside the simulation's.
 
 Usage:
-    python benchmarks/bench.py [--data-dir PATH] [--configs fast,reference,throughput,noniid]
+    python benchmarks/bench.py [--data-dir PATH]
+        [--configs fast,reference,throughput,noniid,deployment]
         [--json bench.json] [--out runs/bench-DATE]
 
 ``--data-dir`` as in ``reference.py`` (default ``../shared/data/cifar10-jpg.tar.gz``
@@ -145,6 +150,53 @@ def federated(name: str, options: list[str], out: Path, data: str | None) -> dic
     return figures
 
 
+def deployed(name: str, options: list[str], out: Path, data: str | None, clients: int = 2) -> dict:
+    """Run ``pollen server OPTIONS`` and ``clients`` ``pollen client``s over loopback.
+
+    The clients hold IID partitions of ``data`` and use one thread each; their
+    output goes to ``out/name/client-I.log``. Prints and returns the figures
+    of the server's ``history.json`` (wall time: the server process).
+    """
+    from pollen.runtime import free_port
+
+    run, port = out / name, free_port()
+    run.mkdir(parents=True, exist_ok=True)
+    data_args = ["--data-dir", data] if data else []
+    cli = [sys.executable, "-m", "pollen.cli"]
+    server_cmd = [*cli, "server", "--address", f"127.0.0.1:{port}", *options, "--out", str(run)]
+    server_cmd += ["--test-data", data] if data else []
+    print("$", " ".join(server_cmd), flush=True)
+    start = time.perf_counter()
+    server = subprocess.Popen(server_cmd)
+    procs = []
+    try:
+        for i in range(clients):
+            log = open(run / f"client-{i}.log", "wb")  # noqa: SIM115 - closed with the process
+            client_cmd = [
+                *cli, "client", "--server", f"127.0.0.1:{port}", *data_args,
+                "--partition-id", str(i), "--num-partitions", str(clients), "--threads", "1",
+            ]  # fmt: skip
+            procs.append((subprocess.Popen(client_cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        rc = server.wait()
+        wall = time.perf_counter() - start
+    finally:
+        if server.poll() is None:
+            server.terminate()
+        for proc, log in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+            log.close()
+    history = run / "history.json"
+    if rc != 0 or not history.exists():
+        print(f"{name}: pollen server failed (see its output above)", file=sys.stderr)
+        return {"options": options, "failed": True, "wall_seconds": wall}
+    figures = {"options": options, **run_figures(json.loads(history.read_text()), wall)}
+    print_table(f"{name}: pollen server {' '.join(options)} + {clients} pollen client", figures)
+    return figures
+
+
 def script(name: str, args: list[str], out: Path) -> dict:
     """Run a sibling benchmark script with ``--json``; return what it wrote."""
     target = out / f"{name}.json"
@@ -158,13 +210,14 @@ def script(name: str, args: list[str], out: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--configs", default="fast,reference,throughput,noniid")
+    parser.add_argument("--configs", default="fast,reference,throughput,noniid,deployment")
     parser.add_argument("--fast-rounds", type=int, default=5)
     parser.add_argument("--target", type=float, default=0.8)
     parser.add_argument("--fast-options", default="", help="more `pollen simulate` options")
     parser.add_argument("--noniid-rounds", type=int, default=20)
     parser.add_argument("--noniid-fraction", type=float, default=0.5)
     parser.add_argument("--noniid-strategies", default="fedavg,fedprox")
+    parser.add_argument("--deploy-rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     args = parser.parse_args()
@@ -211,8 +264,17 @@ def main() -> int:
                     out, data,
                 )  # fmt: skip
             report["configs"]["noniid"] = runs
+        elif config == "deployment":
+            report["configs"]["deployment"] = deployed(
+                "deployment",
+                ["--model", "mobilenetv2", "--rounds", str(args.deploy_rounds)],
+                out, data,
+            )  # fmt: skip
         else:
-            print(f"unknown configuration {config!r}: use fast, reference, throughput, noniid")
+            print(
+                f"unknown configuration {config!r}: use fast, reference, throughput, noniid, "
+                "deployment"
+            )
             return 2
         args.json.write_text(json.dumps(report, indent=2) + "\n")  # after each: nothing lost
     print(f"\nmachine: {report['machine']}; JSON: {args.json}; run folders: {out}")

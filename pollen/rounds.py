@@ -95,7 +95,7 @@ def exchange(
     grid: Grid,
     messages: Sequence[Message],
     timeout: float,
-    poll_interval: float = 1.0,
+    poll_interval: float = 0.25,
     *,
     pack: bool = True,
 ) -> Exchange:
@@ -113,6 +113,10 @@ def exchange(
     own daemon thread, and the caller waits for those threads until the
     deadline only; a thread still stuck then is abandoned (its late result is
     dropped) and its node is reported missing.
+
+    Each outstanding reply is asked for every ``poll_interval`` seconds (one
+    small request to the SuperLink): a reply waits half that on average
+    before the round goes on.
     """
     messages = list(messages)
     if not messages:
@@ -195,7 +199,7 @@ def wait_for_clients(grid: Grid, minimum: int, timeout: float) -> list[int]:
         if len(nodes) != last_logged:
             log(INFO, "Waiting for clients: %d of %d connected", len(nodes), minimum)
             last_logged = len(nodes)
-        time.sleep(1.0)
+        time.sleep(0.25)
 
 
 def request_initial_arrays(

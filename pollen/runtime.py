@@ -115,35 +115,53 @@ def write_connection(
 def app_dir() -> Path:
     """The Flower App folder (the one holding ``pyproject.toml``) for ``flwr run``.
 
-    From a source checkout (``pip install -e .``) that is the checkout; from
-    an installed wheel it is a generated folder whose ``pyproject.toml``
-    names the same components (the code is imported from the environment).
+    A folder holding only a ``pyproject.toml``: the checkout's own when Pollen
+    runs from a source checkout (``pip install -e .``), so the run is the one
+    ``flwr run .`` would do; from an installed wheel, one generated with the
+    same components and run config. The components are imported from the
+    environment Pollen runs in, so the app bundle needs no code.
+
+    Why not hand over the checkout itself: Flower 1.42 builds the bundle by
+    walking every file under the folder before it applies ``.gitignore``;
+    with a virtual environment inside the checkout (60,000 files) that walk
+    alone took 9.6 s of every run's start-up here, against 2.0 s for this folder.
     """
+    import hashlib
+
     root = Path(__file__).resolve().parent.parent
     if (root / "pyproject.toml").is_file() and (root / "pollen" / "server_app.py").is_file():
-        return root
-    from pollen.config import RunConfig
+        text = (root / "pyproject.toml").read_text(encoding="utf-8")
+    else:
+        from pollen.config import RunConfig
 
-    gen = Path(tempfile.gettempdir()) / "pollen-app"
-    gen.mkdir(exist_ok=True)
-    config_lines = [f"{k} = {toml_value(v)}" for k, v in RunConfig.declared_defaults().items()]
-    (gen / "pyproject.toml").write_text(
-        "\n".join(
-            [
-                "[project]",
-                'name = "pollen"',
-                'version = "0.1.0"',
-                "[tool.flwr.app]",
-                'publisher = "pollen"',
-                "[tool.flwr.app.components]",
-                'serverapp = "pollen.server_app:app"',
-                'clientapp = "pollen.client_app:app"',
-                "[tool.flwr.app.config]",
-                *config_lines,
-            ]
+        config_lines = [f"{k} = {toml_value(v)}" for k, v in RunConfig.declared_defaults().items()]
+        text = (
+            "\n".join(
+                [
+                    "[project]",
+                    'name = "pollen"',
+                    'version = "0.1.0"',
+                    "[tool.flwr.app]",
+                    'publisher = "pollen"',
+                    "[tool.flwr.app.components]",
+                    'serverapp = "pollen.server_app:app"',
+                    'clientapp = "pollen.client_app:app"',
+                    "[tool.flwr.app.config]",
+                    *config_lines,
+                ]
+            )
+            + "\n"
         )
-        + "\n"
-    )
+    # One folder per content, written atomically: concurrent runs never see a partial file.
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    gen = Path(tempfile.gettempdir()) / f"pollen-app-{digest}"
+    target = gen / "pyproject.toml"
+    if not (target.is_file() and target.read_text(encoding="utf-8") == text):
+        gen.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=gen.parent, prefix=f"{gen.name}-", suffix=".toml")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
     return gen
 
 

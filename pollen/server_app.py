@@ -13,6 +13,7 @@ import functools
 import json
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from logging import ERROR, INFO
 from pathlib import Path
@@ -289,6 +290,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
                 strategy.num_sampled_clients,
                 cfg.dp_delta,
             )
+        preparing = None
+        if evaluate_fn is not None:
+            # Load the test split and build the evaluation model while the client builds
+            # its own: a broken test set still fails before round 1, and the server's
+            # start-up overlaps the client's. The freshly initialised model itself is
+            # not evaluated (chance level, and ~15 s of a fastnet run's wall time).
+            preparing = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
+            prepared = preparing.submit(files.prepare)
+            preparing.shutdown(wait=False)
         arrays, client_info = request_initial_arrays(grid, nodes[0], cfg.round_timeout)
         if client_info.get("whitened-images"):
             log(
@@ -300,11 +310,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         if "classes" in client_info:
             classes = json.dumps(list(client_info["classes"])) + "\n"
             atomic_write(run_dir / "classes.json", classes)
-        if evaluate_fn is not None:
-            # Load the test split and build the evaluation model now: a broken test set
-            # fails before round 1, not after it. The freshly initialised model itself is
-            # not evaluated (chance level, and ~15 s of a fastnet run's wall time).
-            files.prepare()
+        if preparing is not None:
+            prepared.result()  # raises here what went wrong (e.g. a broken test set)
     writer = RunFolderWriter(run_dir, files, strategy, config, history.elapsed_seconds)
     train = None
     if cfg.secagg:

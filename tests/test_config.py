@@ -237,9 +237,16 @@ def test_generated_app_dir_matches_pyproject(tmp_path: Path, monkeypatch) -> Non
     assert generated["tool"]["flwr"]["app"]["config"] == real["tool"]["flwr"]["app"]["config"]
 
 
-def test_app_dir_is_the_checkout() -> None:
-    assert runtime.app_dir() == ROOT
+def test_app_dir_holds_the_checkouts_pyproject_only(tmp_path: Path, monkeypatch) -> None:
+    """From a checkout, flwr run gets its pyproject.toml alone (not a walk over .venv)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gen = runtime.app_dir()
+    assert gen.parent == tmp_path
+    assert [p.name for p in gen.iterdir()] == ["pyproject.toml"]
+    assert (gen / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
     assert "flwr" in _pyproject()["tool"]
+    assert runtime.app_dir() == gen  # reused, not rewritten
+    assert [p.name for p in tmp_path.iterdir()] == [gen.name]  # no temporary file left
 
 
 # --- addresses -----------------------------------------------------------------------------------

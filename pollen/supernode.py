@@ -1,0 +1,72 @@
+"""A deployed client's SuperNode: Flower's ``flower-supernode`` with a shorter idle poll.
+
+Flower 1.42's SuperNode asks the SuperLink for a new message and, when there
+is none, sleeps a fixed 3 s before asking again
+(``flwr.supernode.start_client_internal``); it then waits for the app's reply
+in 0.5-s steps. Every train and every evaluate request of a round therefore
+waits 1.5 s on average before the client sees it, plus up to 0.5 s before its
+reply leaves: on a loopback deployment of the reference configuration about
+3-4 s of each round's overhead. Flower has no setting for these waits.
+
+``pollen client`` runs ``python -m pollen.supernode`` (with
+``flower-supernode``'s own arguments) instead: the same SuperNode, in this
+process, whose module sees a ``time`` whose ``sleep`` never waits longer than
+``POLLEN_SUPERNODE_POLL`` seconds (default :data:`DEFAULT_POLL_SECONDS`).
+Each idle poll is one small HTTP request to the server, so the default keeps
+an idle client at 2 requests a second; raise it for very large fleets.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from types import ModuleType
+
+__all__ = ["DEFAULT_POLL_SECONDS", "POLL_ENV", "capped_time", "main"]
+
+#: Longest wait, in seconds, between the SuperNode's polls (Flower's own: 3 s when idle).
+DEFAULT_POLL_SECONDS = 0.5
+#: Environment variable that overrides :data:`DEFAULT_POLL_SECONDS`.
+POLL_ENV = "POLLEN_SUPERNODE_POLL"
+
+
+def capped_time(longest: float) -> ModuleType:
+    """A stand-in for the ``time`` module whose ``sleep`` waits at most ``longest`` seconds.
+
+    Args:
+        longest: Cap on a single ``sleep``, in seconds (> 0).
+
+    Returns:
+        A module object that forwards every other attribute to ``time``.
+    """
+    if not longest > 0:
+        raise ValueError(f"the poll cap must be positive seconds, got {longest!r}")
+    capped = ModuleType("time")
+    capped.__dict__.update(vars(time))
+    capped.sleep = lambda seconds: time.sleep(min(seconds, longest))
+    return capped
+
+
+def poll_seconds() -> float:
+    """The cap from ``POLLEN_SUPERNODE_POLL`` (seconds), or :data:`DEFAULT_POLL_SECONDS`."""
+    raw = os.environ.get(POLL_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_POLL_SECONDS
+    except ValueError:
+        value = DEFAULT_POLL_SECONDS
+    return value if value > 0 else DEFAULT_POLL_SECONDS
+
+
+def main() -> None:
+    """``python -m pollen.supernode ARGS``: ``flower-supernode ARGS`` with capped polls."""
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli import flower_supernode
+
+    start_client_internal.time = capped_time(poll_seconds())
+    sys.argv[0] = "flower-supernode"
+    sys.exit(flower_supernode())
+
+
+if __name__ == "__main__":
+    main()

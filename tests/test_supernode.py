@@ -1,0 +1,52 @@
+"""pollen.supernode: Flower's SuperNode with its idle poll capped."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from pollen import supernode
+
+
+def test_capped_time_caps_sleep_and_forwards_the_rest() -> None:
+    capped = supernode.capped_time(0.05)
+    start = time.monotonic()
+    capped.sleep(3)  # Flower's idle wait
+    assert time.monotonic() - start < 1.0
+    start = time.monotonic()
+    capped.sleep(0.01)  # shorter waits are kept
+    assert time.monotonic() - start >= 0.009
+    assert capped.monotonic is time.monotonic and capped.time is time.time
+    with pytest.raises(ValueError, match="positive"):
+        supernode.capped_time(0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(None, supernode.DEFAULT_POLL_SECONDS), ("0.2", 0.2), ("zero", 0.5), ("-1", 0.5)],
+)
+def test_poll_seconds_from_the_environment(monkeypatch, raw, expected) -> None:
+    if raw is None:
+        monkeypatch.delenv(supernode.POLL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(supernode.POLL_ENV, raw)
+    assert supernode.poll_seconds() == pytest.approx(expected)
+
+
+def test_main_runs_flowers_supernode_with_the_capped_poll(monkeypatch, capsys) -> None:
+    from flwr.supernode import start_client_internal
+
+    monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    monkeypatch.setenv(supernode.POLL_ENV, "0.05")
+    monkeypatch.setattr(sys, "argv", ["pollen.supernode", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        supernode.main()
+    assert exit_.value.code == 0
+    assert "--superlink" in capsys.readouterr().out  # Flower's own argument parser answered
+    patched = start_client_internal.time
+    assert patched is not time
+    start = time.monotonic()
+    patched.sleep(3)
+    assert time.monotonic() - start < 1.0
