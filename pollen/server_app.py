@@ -155,6 +155,12 @@ class RunFolderWriter:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run a whole federation as configured by ``context.run_config``."""
+    from flwr.superlink.grid import http_grid
+
+    from pollen.wire import quick_pulls
+
+    # A reply is listed while its content is still on its way to the SuperLink.
+    quick_pulls(http_grid, "pull_objects")
     cfg = RunConfig.from_mapping(context.run_config)
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

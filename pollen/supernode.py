@@ -13,7 +13,9 @@ reply leaves: on a loopback deployment of the reference configuration about
 process, whose module sees a ``time`` whose ``sleep`` never waits longer than
 ``POLLEN_SUPERNODE_POLL`` seconds (default :data:`DEFAULT_POLL_SECONDS`).
 Each idle poll is one small HTTP request to the server, so the default keeps
-an idle client at 2 requests a second; raise it for very large fleets.
+an idle client at 2 requests a second; raise it for very large fleets. The
+SuperNode's downloads of a message's content also retry sooner
+(:func:`pollen.wire.quick_pulls`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
+    from pollen.wire import quick_pulls
+
     start_client_internal.time = capped_time(poll_seconds())
+    quick_pulls(start_client_internal, "pull_objects")  # a message's content from the server
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())
 

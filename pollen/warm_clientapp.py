@@ -175,6 +175,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import importlib
 
+    from flwr.supernode.runtime import run_clientapp
+
+    from pollen.wire import quick_pulls
+
+    # A task arrives while the SuperNode is still downloading its message.
+    quick_pulls(run_clientapp, "pull_and_inflate_object_from_tree")
     superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
     # Flower 1.42 picks its executor by name (subprocess or kubernetes) inside
     # run_superexec; this is the one place to hand it ours.

@@ -90,3 +90,33 @@ def test_wire_mod_unpacks_for_the_handler_and_packs_the_reply() -> None:
     # An unmarked message (Flower's SecAgg+ workflow, say) passes both ways untouched.
     reply = wire_mod(_message(RecordDict({"arrays": weights})), context, handler)
     assert MARK not in reply.content and list(reply.content["arrays"]) == ["0", "1"]
+
+
+def test_quick_pulls_retry_an_object_that_has_not_arrived_soon() -> None:
+    """Flower's pull_objects waits 1 s before its second try; after quick_pulls, 0.05 s."""
+    import time
+    import types
+
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+    from pollen.wire import PULL_FIRST_RETRY, quick_pulls
+
+    module = types.ModuleType("receiver")
+    module.pull_objects = pull_objects
+    quick_pulls(module, "pull_objects")
+    first = module.pull_objects
+    quick_pulls(module, "pull_objects")  # idempotent: one wrapper, not two
+    assert module.pull_objects is first and first.func is pull_objects
+
+    tries: list[float] = []
+
+    def pull_object(object_id: str) -> bytes:
+        tries.append(time.monotonic())
+        if len(tries) == 1:  # the content is still on its way
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert module.pull_objects(["abc"], pull_object) == {"abc": b"content"}
+    assert len(tries) == 2
+    assert tries[1] - tries[0] < 0.5  # Flower's own first retry: 0.8-1.2 s
+    assert tries[1] - tries[0] >= PULL_FIRST_RETRY * 0.8 - 0.01  # with Flower's ±20% jitter
