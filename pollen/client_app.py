@@ -261,7 +261,9 @@ def query(msg: Message, context: Context) -> Message:
     the class names of the local data. For a model with a ``whiten`` layer
     (:class:`pollen.models.ModelSpec`) the first convolution starts from the
     whitened principal components of local image patches, except under DP
-    or SecAgg+. ``request="train-examples"`` (asked
+    or SecAgg+. ``request="prepare"``: load the local data and build the
+    model now (both are kept for the run's messages), reply with the name.
+    ``request="train-examples"`` (asked
     under SecAgg+): reply with the number of local training examples, which
     every train reply reveals too. ``request="run-over"``: the run is
     finished; touch the node's done file so ``pollen client`` can exit.
@@ -282,6 +284,10 @@ def query(msg: Message, context: Context) -> Message:
                 TRAIN_EXAMPLES_REQUEST: len(load_client_data(spec).y_train),
             }
         )
+        return Message(RecordDict({"client": info}), reply_to=msg)
+    if request == "prepare":  # load the data and build the model before round 1
+        _setup(msg, context)
+        info = ConfigRecord({"name": client_name(dict(context.node_config))})
         return Message(RecordDict({"client": info}), reply_to=msg)
     if request == "run-over":
         done = context.node_config.get("pollen-done-file")

@@ -202,20 +202,44 @@ def wait_for_clients(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(0.25)
 
 
+#: Query asking a client to load its data and build its model now (it replies its name).
+PREPARE_REQUEST = "prepare"
+
+
 def request_initial_arrays(
-    grid: Grid, node_id: int, timeout: float
+    grid: Grid, node_id: int, timeout: float, *, prepare: Iterable[int] = ()
 ) -> tuple[ArrayRecord, ConfigRecord]:
     """Ask one client for freshly initialised weights (the server has no model).
 
+    The clients in ``prepare`` are asked at the same time to load their data
+    and build their model (:data:`PREPARE_REQUEST`), so that round 1 does not
+    wait for their start-up: deployed, each does it on its own machine while
+    the first one builds the initial weights. A client that fails to prepare
+    is only logged here; round 1 records what becomes of it.
+
     Returns:
         The weights, and what the client says about itself (``name``, ``classes``).
+
+    Raises:
+        PollenError: ``node_id`` did not provide the weights within ``timeout``.
     """
-    msg = Message(
-        RecordDict({"config": ConfigRecord({"request": "initial-arrays"})}),
-        dst_node_id=node_id,
-        message_type=MessageType.QUERY,
-    )
-    reply = exchange(grid, [msg], timeout).replies.get(node_id)
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"request": request})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node, request in [
+            (node_id, "initial-arrays"),
+            *((n, PREPARE_REQUEST) for n in dict.fromkeys(prepare) if n != node_id),
+        ]
+    ]
+    replies = exchange(grid, messages, timeout).replies
+    for node, other in replies.items():
+        if node != node_id and other.has_error():
+            reason = readable_reason(other.error.reason)
+            log(WARNING, "Client %s could not prepare for round 1: %s", node, reason)
+    reply = replies.get(node_id)
     if reply is None or reply.has_error():
         reason = readable_reason(reply.error.reason) if reply is not None else "no reply"
         raise PollenError(

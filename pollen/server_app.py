@@ -37,7 +37,7 @@ from pollen.history import (
     write_status,
 )
 from pollen.privacy import make_private, sample_size
-from pollen.rounds import request_initial_arrays, run_rounds, wait_for_clients
+from pollen.rounds import learn_names, request_initial_arrays, run_rounds, wait_for_clients
 from pollen.strategy import check_sample_size, make_strategy
 
 app = ServerApp()
@@ -262,6 +262,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
     """
     files = ModelFiles(cfg)
     evaluate_fn = files.evaluate if cfg.server_eval else None
+    names: dict[int, str] = {}  # node id to client name, learned on the way
     config = cfg.replace(out=str(run_dir), resume=False).to_mapping()
     if cfg.resume:
         ckpt = load_checkpoint(run_dir)
@@ -305,12 +306,20 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
             preparing = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
             prepared = preparing.submit(files.prepare)
             preparing.shutdown(wait=False)
-        arrays, client_info = request_initial_arrays(grid, nodes[0], cfg.round_timeout)
+        # The first client by name gives the initial weights (fastnet's first layer is
+        # whitened on its images): the same client for the same fleet, so a run can be
+        # repeated. The clients round 1 will sample (all, unless fraction-train < 1)
+        # meanwhile load their data and build their model.
+        learn_names(grid, nodes, names, min(cfg.round_timeout, 15))
+        first = min(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
+        arrays, client_info = request_initial_arrays(
+            grid, first, cfg.round_timeout, prepare=nodes[: sample_size(cfg, len(nodes))]
+        )
         if client_info.get("whitened-images"):
             log(
                 INFO,
                 "Initial weights from client %s: first convolution whitened on %d of its images",
-                client_info.get("name", nodes[0]),
+                client_info.get("name", first),
                 client_info["whitened-images"],
             )
         if "classes" in client_info:
@@ -347,6 +356,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         first_round=first_round,
         min_clients=cfg.min_clients,
         max_update_norm=cfg.max_update_norm,
+        names=names,
         train=train,
         bn_stats=not cfg.secagg,
     )

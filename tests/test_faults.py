@@ -520,7 +520,7 @@ def _deterministic_client(name: str, seed: int):
         info = ConfigRecord({"name": name, "classes": ["a", "b"]})
         if config.get("request") == "initial-arrays":
             return RecordDict({"arrays": _arrays(), "client": info})
-        if config.get("request") == "hello":
+        if config.get("request") in ("hello", "prepare"):
             return RecordDict({"client": info})
         arrays = msg.content["arrays"].to_numpy_ndarrays()
         # Like Keras: the client's model is float32 whatever dtype it was sent.
@@ -531,6 +531,31 @@ def _deterministic_client(name: str, seed: int):
         )
 
     return reply
+
+
+@pytest.mark.parametrize("a_node", [1, 2])
+def test_the_first_client_by_name_starts_the_run_while_the_others_prepare(
+    tmp_path: Path, monkeypatch, a_node: int
+) -> None:
+    """Whichever node id it has, client "a" gives the initial weights; "b" prepares meanwhile."""
+    from pollen import server_app
+
+    monkeypatch.setattr(server_app.ModelFiles, "save", lambda self, run_dir, arrays: None)
+    b_node = 3 - a_node
+    grid = FakeGrid({a_node: _deterministic_client("a", 0), b_node: _deterministic_client("b", 1)})
+    cfg = RunConfig(model="cnn", server_eval=False, min_clients=2, round_timeout=5, num_rounds=1)
+    server_app.run_federation(grid, cfg.replace(out=str(tmp_path)), tmp_path)
+    queries = [
+        (m.metadata.dst_node_id, m.content["config"].get("request"))
+        for m in grid.sent.values()
+        if m.metadata.message_type == MessageType.QUERY
+    ]
+    assert sorted(q for q in queries if q[1] != "hello") == sorted(
+        [(a_node, "initial-arrays"), (b_node, "prepare")]
+    )
+    assert queries.index((a_node, "initial-arrays")) > max(
+        queries.index((n, "hello")) for n in (1, 2)
+    )  # names first, so the choice can be made
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch) -> None:

@@ -686,6 +686,27 @@ def test_preferred_backend(monkeypatch) -> None:
     assert models.select_backend("fastnet") == keras.backend.backend()
 
 
+def test_a_prepare_query_loads_the_data_and_builds_the_model(tiny_data, flower_task) -> None:
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from pollen import client_app
+    from pollen.config import RunConfig
+
+    client_app.get_model.cache_clear()
+    client_app.load_client_data.cache_clear()
+    cfg = RunConfig(model="cnn", num_classes=3, data_dir=str(tiny_data))
+    msg = Message(RecordDict({"config": ConfigRecord({"request": "prepare"})}),
+                  dst_node_id=7, message_type=MessageType.QUERY)  # fmt: skip
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=cfg.to_mapping(),
+                      node_config={"partition-id": 1, "num-partitions": 2})  # fmt: skip
+    reply = client_app.query(msg, context)
+    assert dict(reply.content["client"]) == {"name": "partition-1"}
+    assert "arrays" not in reply.content  # nothing but the name goes back
+    # Round 1's train message then finds both ready.
+    assert client_app.get_model.cache_info().currsize == 1
+    assert client_app.load_client_data.cache_info().currsize == 1
+
+
 def test_the_client_giving_initial_weights_whitens_fastnets_stem_except_under_dp(
     tiny_data, flower_task
 ) -> None:
