@@ -44,6 +44,9 @@ app = ServerApp()
 
 #: Seconds to wait for ``min-clients`` to connect before giving up.
 CONNECT_TIMEOUT = 600.0
+#: Seconds the clients get to tell their names before round 1 (simulated clients
+#: first start their workers: 20-30 s here). Nameless ones are ordered by node id.
+START_NAMES_TIMEOUT = 120.0
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
@@ -310,7 +313,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         # whitened on its images): the same client for the same fleet, so a run can be
         # repeated. The clients round 1 will sample (all, unless fraction-train < 1)
         # meanwhile load their data and build their model.
-        learn_names(grid, nodes, names, min(cfg.round_timeout, 15))
+        learn_names(grid, nodes, names, min(cfg.round_timeout, START_NAMES_TIMEOUT))
         first = min(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
         arrays, client_info = request_initial_arrays(
             grid, first, cfg.round_timeout, prepare=nodes[: sample_size(cfg, len(nodes))]
