@@ -300,15 +300,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
                 strategy.num_sampled_clients,
                 cfg.dp_delta,
             )
-        preparing = None
+        prepared = None
         if evaluate_fn is not None:
             # Load the test split and build the evaluation model while the client builds
             # its own: a broken test set still fails before round 1, and the server's
             # start-up overlaps the client's. The freshly initialised model itself is
             # not evaluated (chance level, and ~15 s of a fastnet run's wall time).
-            preparing = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
-            prepared = preparing.submit(files.prepare)
-            preparing.shutdown(wait=False)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
+            prepared = pool.submit(files.prepare)
+            pool.shutdown(wait=False)  # the thread ends with prepare()
         # The first client by name gives the initial weights (fastnet's first layer is
         # whitened on its images): the same client for the same fleet, so a run can be
         # repeated. The clients round 1 will sample (all, unless fraction-train < 1)
@@ -328,7 +328,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         if "classes" in client_info:
             classes = json.dumps(list(client_info["classes"])) + "\n"
             atomic_write(run_dir / "classes.json", classes)
-        if preparing is not None:
+        if prepared is not None:
             prepared.result()  # raises here what went wrong (e.g. a broken test set)
     writer = RunFolderWriter(run_dir, files, strategy, config, history.elapsed_seconds)
     train = None
