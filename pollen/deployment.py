@@ -243,7 +243,9 @@ def join(
             check, it refused this client's key, or the SuperNode failed.
     """
     from pollen.certs import probe_tls
+    from pollen.supernode import poll_seconds
 
+    poll_seconds()  # a bad POLLEN_SUPERNODE_POLL fails here, not inside the SuperNode
     host, port = split_address(server)
     _wait_for_server(host, port, connect_timeout)
     probe_tls(host, port, tls.ca if tls else None)

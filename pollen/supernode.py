@@ -51,13 +51,26 @@ def capped_time(longest: float) -> ModuleType:
 
 
 def poll_seconds() -> float:
-    """The cap from ``POLLEN_SUPERNODE_POLL`` (seconds), or :data:`DEFAULT_POLL_SECONDS`."""
-    raw = os.environ.get(POLL_ENV, "")
+    """The cap from ``POLLEN_SUPERNODE_POLL`` (seconds), or :data:`DEFAULT_POLL_SECONDS`.
+
+    Raises:
+        PollenError: The variable is set to something other than a positive number.
+    """
+    from pollen.errors import PollenError
+
+    raw = os.environ.get(POLL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_POLL_SECONDS
     try:
-        value = float(raw) if raw else DEFAULT_POLL_SECONDS
+        value = float(raw)
     except ValueError:
-        value = DEFAULT_POLL_SECONDS
-    return value if value > 0 else DEFAULT_POLL_SECONDS
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise PollenError(
+            f"{POLL_ENV}={raw!r} is not a positive number of seconds. Set it to how often an "
+            f"idle client asks the server for work (for example 0.5, the default), or unset it."
+        )
+    return value
 
 
 def main() -> None:

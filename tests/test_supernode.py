@@ -24,8 +24,7 @@ def test_capped_time_caps_sleep_and_forwards_the_rest() -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"),
-    [(None, supernode.DEFAULT_POLL_SECONDS), ("0.2", 0.2), ("zero", 0.5), ("-1", 0.5)],
+    ("raw", "expected"), [(None, supernode.DEFAULT_POLL_SECONDS), ("", 0.5), ("0.2", 0.2)]
 )
 def test_poll_seconds_from_the_environment(monkeypatch, raw, expected) -> None:
     if raw is None:
@@ -33,6 +32,15 @@ def test_poll_seconds_from_the_environment(monkeypatch, raw, expected) -> None:
     else:
         monkeypatch.setenv(supernode.POLL_ENV, raw)
     assert supernode.poll_seconds() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("raw", ["zero", "-1", "0", "nan", "inf"])
+def test_a_bad_poll_setting_is_refused_with_a_message(monkeypatch, raw) -> None:
+    from pollen.errors import PollenError
+
+    monkeypatch.setenv(supernode.POLL_ENV, raw)
+    with pytest.raises(PollenError, match="POLLEN_SUPERNODE_POLL=.*positive number of seconds"):
+        supernode.poll_seconds()
 
 
 def test_main_runs_flowers_supernode_with_the_capped_poll(monkeypatch, capsys) -> None:
@@ -50,3 +58,15 @@ def test_main_runs_flowers_supernode_with_the_capped_poll(monkeypatch, capsys) -
     start = time.monotonic()
     patched.sleep(3)
     assert time.monotonic() - start < 1.0
+
+
+def test_pollen_client_refuses_a_bad_poll_setting_before_it_starts(monkeypatch) -> None:
+    from pollen import deployment
+    from pollen.errors import PollenError
+
+    monkeypatch.setenv(supernode.POLL_ENV, "abc")
+    started: list = []
+    monkeypatch.setattr(deployment, "_wait_for_server", lambda *a: started.append(a))
+    with pytest.raises(PollenError, match="positive number of seconds"):
+        deployment.join("127.0.0.1:9", {}, connect_timeout=1.0, tls=None)
+    assert not started  # refused before dialling the server
