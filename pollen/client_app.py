@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from pollen.config import RunConfig
+from pollen.rounds import PREPARE_REQUEST
 from pollen.secagg import (
     TRAIN_EXAMPLES_REQUEST,
     is_legacy_train,
@@ -285,7 +286,7 @@ def query(msg: Message, context: Context) -> Message:
             }
         )
         return Message(RecordDict({"client": info}), reply_to=msg)
-    if request == "prepare":  # load the data and build the model before round 1
+    if request == PREPARE_REQUEST:  # load the data and build the model before round 1
         _setup(msg, context)
         info = ConfigRecord({"name": client_name(dict(context.node_config))})
         return Message(RecordDict({"client": info}), reply_to=msg)

@@ -143,6 +143,8 @@ def quick_pulls(module: ModuleType, name: str) -> None:
             both take the ``initial_backoff``, ``backoff_cap`` and
             ``max_tries_per_object`` keywords.
     """
+    from flwr.supercore.constant import PULL_MAX_TIME
+
     pull = getattr(module, name)
     if isinstance(pull, functools.partial):  # already done in this process
         return
@@ -153,6 +155,6 @@ def quick_pulls(module: ModuleType, name: str) -> None:
             pull,
             initial_backoff=PULL_FIRST_RETRY,
             backoff_cap=PULL_RETRY_CAP,
-            max_tries_per_object=int(7200 / PULL_RETRY_CAP),
+            max_tries_per_object=int(PULL_MAX_TIME / PULL_RETRY_CAP),
         ),
     )
