@@ -542,7 +542,8 @@ def test_the_first_client_by_name_starts_the_run_while_the_others_prepare(
 
     monkeypatch.setattr(server_app.ModelFiles, "save", lambda self, run_dir, arrays: None)
     b_node = 3 - a_node
-    grid = FakeGrid({a_node: _deterministic_client("a", 0), b_node: _deterministic_client("b", 1)})
+    # "b" is listed first: the node Flower lists first is not the one chosen.
+    grid = FakeGrid({b_node: _deterministic_client("b", 1), a_node: _deterministic_client("a", 0)})
     cfg = RunConfig(model="cnn", server_eval=False, min_clients=2, round_timeout=5, num_rounds=1)
     server_app.run_federation(grid, cfg.replace(out=str(tmp_path)), tmp_path)
     queries = [
