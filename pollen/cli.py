@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-threads",
         type=_non_negative_int,
         default=DEFAULTS.client_threads,
-        help="TensorFlow threads per client; 0 = cores / parallel clients (default: %(default)s)",
+        help="intra-op threads per client (torch or TensorFlow); 0 = cores / parallel clients "
+        "(default: %(default)s)",
     )
     _add_training_options(sim)
     _add_partition_options(sim)
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_non_negative_int,
         default=0,
-        help="TensorFlow threads; 0 = all cores (default: %(default)s)",
+        help="intra-op threads of the training backend; 0 = all cores (default: %(default)s)",
     )
     cli.add_argument(
         "--connect-timeout",

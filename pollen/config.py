@@ -82,7 +82,7 @@ class RunConfig:
             forward (no weight update) to re-estimate BatchNorm statistics of
             the aggregated model before it is evaluated; 0 turns it off.
         round_timeout: Seconds the server waits for replies in one round.
-        client_threads: TensorFlow threads per client process; 0 = the
+        client_threads: Intra-op threads (torch or TensorFlow) per client process; 0 = the
             machine's cores divided among the clients sharing it.
         keras_verbose: Keras ``fit`` verbosity on clients (0, 1 or 2).
         target_accuracy: Stop early once the server's test accuracy reaches

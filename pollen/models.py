@@ -98,6 +98,35 @@ class ModelSpec:
     flip_tta: bool = False
 
 
+def set_random_seed(seed: int) -> None:
+    """``keras.utils.set_random_seed(seed)``, without importing TensorFlow for another backend.
+
+    Keras also seeds TensorFlow whenever it is installed (for ``tf.data``
+    pipelines), and importing it costs seconds of every client's start. A
+    torch process never runs TensorFlow (see
+    ``pollen.training.feeds_on_device``), so there Keras is shown no
+    TensorFlow; Python's, NumPy's, torch's and Keras's own seeds are set as
+    usual, and the initial weights are the same.
+
+    Args:
+        seed: Seed for Python, NumPy, the backend and Keras's initialisers.
+    """
+    import keras
+
+    if keras.backend.backend() != "torch" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    from unittest import mock
+
+    from keras.src.utils import rng_utils  # Keras's implementation of set_random_seed
+
+    class _Absent:
+        available = False
+
+    with mock.patch.object(rng_utils, "tf", _Absent()):
+        rng_utils.set_random_seed(seed)
+
+
 def _set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
     """Set the moving-statistics momentum of every BatchNormalization layer.
 
@@ -131,7 +160,7 @@ def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
     """
     import keras
 
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
     base = keras.applications.MobileNetV2(
@@ -156,7 +185,7 @@ def _small_cnn(num_classes: int, seed: int, norm: str) -> keras.Model:
     """
     import keras
 
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     layers = keras.layers
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
@@ -201,7 +230,7 @@ def _fastnet(
     """The ``fastnet`` architecture with the given block widths (see :func:`build_fastnet`)."""
     import keras
 
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     layers = keras.layers
     channels_first = fastest_layout and keras.backend.backend() == "torch"
     fmt = "channels_first" if channels_first else "channels_last"

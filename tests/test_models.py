@@ -416,6 +416,49 @@ def test_training_runs_under_torch_without_tensorflow(tmp_path) -> None:
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+TORCH_CPU_CHECK = """
+import sys
+import numpy as np
+from pollen import training
+from pollen.models import build_client_model
+assert training.feeds_on_device()
+assert training.configure_threads(1, 2) == 1
+import torch
+assert torch.get_num_threads() == 1
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+y = (np.arange(24) % 3).astype(np.int64)
+model = build_client_model("cnn", 3, 0)
+assert np.isfinite(training.fit(model, x, y, epochs=1, batch_size=8, seed=0, augment=True,
+                                verbose=0).loss)
+training.calibrate_batchnorm(model, x, max_examples=16)
+loss, acc = training.evaluate(model, x, y, flip_tta=True)
+assert np.isfinite(loss) and np.isfinite(training.evaluate(model, x, y)[0])
+assert "tensorflow" not in sys.modules, "a torch client imported TensorFlow"
+print("ok")
+"""
+
+
+def test_torch_clients_never_import_tensorflow() -> None:
+    """Under torch, batches come from the device path even on a CPU beside TensorFlow.
+
+    TensorFlow's import is seconds of every simulated client's start that a
+    torch client does not need.
+    """
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed (pip install torch): TensorFlow-only setup")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, KERAS_BACKEND="torch", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(repo))
+    out = subprocess.run([sys.executable, "-c", TORCH_CPU_CHECK], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_evaluate_returns_loss_and_accuracy() -> None:
     model = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3)
     y = np.arange(12, dtype=np.int64) % 3
