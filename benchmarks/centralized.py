@@ -4,7 +4,7 @@ The yardstick for a federated run: the registry model trained on the whole
 training set for as many epochs as the federation's rounds x local epochs,
 with Pollen's local-training recipe (the registry model's optimizer, batch
 size, learning rate and run-wide schedule, augmentation, preferred Keras
-backend and tf.data pipeline). Prints test accuracy and wall time after every epoch.
+backend and input pipeline). Prints test accuracy and wall time after every epoch.
 
 Usage:
     python benchmarks/centralized.py [--data-dir PATH] [--epochs 3] [--model mobilenetv2]

@@ -9,7 +9,8 @@ arrays, after one warm-up epoch each (tracing excluded):
 - ``plain fit``: Pollen's registry model, numpy arrays into ``model.fit``,
   threads set as a Pollen client sets them;
 - ``pollen``: Pollen's client path, ``pollen.training.fit`` (``tf.data`` with
-  prefetching, model kept between rounds), threads as a Pollen client sets them.
+  prefetching under TensorFlow, ``DeviceBatches`` under torch; model kept
+  between rounds), threads as a Pollen client sets them.
 
 With ``--clients 1`` (default) each runs in this one process, nothing else
 running. With ``--clients N`` each way runs in N processes at once, the
