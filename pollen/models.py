@@ -99,31 +99,30 @@ class ModelSpec:
 
 
 def set_random_seed(seed: int) -> None:
-    """``keras.utils.set_random_seed(seed)``, without importing TensorFlow for another backend.
+    """``keras.utils.set_random_seed(seed)``, without importing TensorFlow where nothing runs it.
 
     Keras also seeds TensorFlow whenever it is installed (for ``tf.data``
     pipelines), and importing it costs seconds of every client's start. A
-    torch process never runs TensorFlow (see
-    ``pollen.training.feeds_on_device``), so there Keras is shown no
-    TensorFlow; Python's, NumPy's, torch's and Keras's own seeds are set as
-    usual, and the initial weights are the same.
+    process whose batches do not come from ``tf.data``
+    (``pollen.training.feeds_on_device``: every torch process) never runs
+    TensorFlow, so there Keras is shown none; Python's, NumPy's, torch's and
+    Keras's own seeds are set as usual, and the initial weights are the same.
 
     Args:
         seed: Seed for Python, NumPy, the backend and Keras's initialisers.
     """
-    import keras
-
-    if keras.backend.backend() != "torch" or "tensorflow" in sys.modules:
-        keras.utils.set_random_seed(seed)
-        return
+    from types import SimpleNamespace
     from unittest import mock
 
+    import keras
     from keras.src.utils import rng_utils  # Keras's implementation of set_random_seed
 
-    class _Absent:
-        available = False
+    from pollen.training import feeds_on_device
 
-    with mock.patch.object(rng_utils, "tf", _Absent()):
+    if not feeds_on_device() or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    with mock.patch.object(rng_utils, "tf", SimpleNamespace(available=False)):
         rng_utils.set_random_seed(seed)
 
 

@@ -44,12 +44,11 @@ def configure_threads(threads: int, sharing_clients: int = 1) -> int:
     cores = os.cpu_count() or 1
     if threads <= 0:
         threads = max(1, cores // max(1, min(sharing_clients, cores)))
-    if keras.backend.backend() == "torch":  # torch computes and makes the batches (no tf.data)
+    if keras.backend.backend() == "torch":
         import torch
 
         torch.set_num_threads(threads)
-        return threads
-    if not _has_tensorflow():  # no tf.data either: nothing else to size
+    if feeds_on_device():  # no tf.data in this process: TensorFlow has nothing to run
         return threads
     import tensorflow as tf
 

@@ -390,20 +390,34 @@ print("ok")
 """
 
 
+def _torch_spec():
+    """torch's import spec; skips the test where torch is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None:
+        pytest.skip("torch is not installed (pip install torch): TensorFlow-only setup")
+    return spec
+
+
+def _run_check(script: str, env: dict, *flags: str) -> None:
+    """Run ``script`` in a fresh Python under ``env``; it must exit 0 and print ``ok``."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, *flags, "-c", script], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_training_runs_under_torch_without_tensorflow(tmp_path) -> None:
     """A GPU machine may have torch and no TensorFlow: batches then come from the device path.
 
     The check runs in a Python whose packages are this environment's minus TensorFlow.
     """
-    import importlib.util
     import os
-    import subprocess
-    import sys
 
-    torch_spec = importlib.util.find_spec("torch")
-    if torch_spec is None:
-        pytest.skip("torch is not installed (pip install torch): TensorFlow-only setup")
-    site = Path(torch_spec.origin).parents[1]
+    site = Path(_torch_spec().origin).parents[1]
     shadow = tmp_path / "site-packages"
     shadow.mkdir()
     for entry in site.iterdir():
@@ -411,9 +425,7 @@ def test_training_runs_under_torch_without_tensorflow(tmp_path) -> None:
             (shadow / entry.name).symlink_to(entry)
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, KERAS_BACKEND="torch", PYTHONPATH=f"{repo}{os.pathsep}{shadow}")
-    out = subprocess.run([sys.executable, "-S", "-c", NO_TENSORFLOW_CHECK], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _run_check(NO_TENSORFLOW_CHECK, env, "-S")
 
 
 TORCH_CPU_CHECK = """
@@ -445,18 +457,12 @@ def test_torch_clients_never_import_tensorflow() -> None:
     TensorFlow's import is seconds of every simulated client's start that a
     torch client does not need.
     """
-    import importlib.util
     import os
-    import subprocess
-    import sys
 
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed (pip install torch): TensorFlow-only setup")
+    _torch_spec()
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, KERAS_BACKEND="torch", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(repo))
-    out = subprocess.run([sys.executable, "-c", TORCH_CPU_CHECK], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _run_check(TORCH_CPU_CHECK, env)
 
 
 def test_evaluate_returns_loss_and_accuracy() -> None:
