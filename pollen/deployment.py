@@ -387,14 +387,17 @@ class _NodeWatch:
 
     def stop(self) -> None:
         """Stop the app runner and the SuperNode; show the rest of their output."""
-        if not self.node.alive():
+        node_gone = not self.node.alive()
+        if node_gone:
             # The app runner ends by itself once its SuperNode is gone: Flower's parent
             # monitor raises SIGINT in it within 0.2 s. A SIGTERM landing on top of that
             # SIGINT made CPython print "Signal 15 ignored due to race condition" with a
-            # traceback (seen once in CI, on a refused client).
+            # traceback (Flower's handler puts the default handlers back while it exits):
+            # seen on refused clients whose runner's exit waited for a thread in a 12-s
+            # connection retry. So it gets 5 s, then SIGKILL only; it holds no state.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.apps.proc.wait(timeout=5)
-        self.apps.stop()
+        self.apps.stop(term=not node_gone)
         self.node.stop()
         self.echo()
 

@@ -210,15 +210,21 @@ class ManagedProcess:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, *, term: bool = True) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left.
 
         Processes below it that started their own sessions (the SuperLink's
         SuperExec and the simulation's server app and Ray workers under it)
         are outside the group: they get the same SIGTERM, then SIGKILL.
+
+        Args:
+            timeout: Seconds to wait after SIGTERM.
+            term: ``False`` skips SIGTERM: for a process already stopping on
+                another signal, where a SIGTERM on top only races with its
+                handlers.
         """
         tree = descendants(self.proc.pid)[1:] if self.alive() else []
-        if self.alive():
+        if self.alive() and term:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             _signal_all(tree, signal.SIGTERM)

@@ -310,6 +310,50 @@ time.sleep(300)
 """
 
 
+SAYS_SIGTERM = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(3)))
+print("up", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_client_whose_supernode_is_gone_stops_its_app_runner_without_sigterm(
+    tmp_path: Path,
+) -> None:
+    """The app runner is then already exiting on Flower's SIGINT; a SIGTERM on top made
+    CPython print a traceback ("Signal 15 ignored due to race condition")."""
+    import sys
+    import time
+
+    from pollen.deployment import _NodeWatch
+
+    watch = object.__new__(_NodeWatch)  # its two processes, without Flower
+    watch.log, watch.shown = tmp_path / "supernode.log", 0
+    watch.node = runtime.ManagedProcess("supernode", [sys.executable, "-c", "pass"], {}, None)
+    watch.apps = runtime.ManagedProcess("clientapp", [sys.executable, "-c", SAYS_SIGTERM], {},
+                                        watch.log)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while "up" not in watch.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watch.node.proc.wait(30)
+    watch.stop()
+    assert not watch.apps.alive()
+    assert "got SIGTERM" not in watch.log.read_text()
+    # A SuperNode that is still up: both get SIGTERM as usual.
+    watch.node = runtime.ManagedProcess("supernode", [sys.executable, "-c", SAYS_SIGTERM], {},
+                                        tmp_path / "node.log")  # fmt: skip
+    while "up" not in (tmp_path / "node.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watch.apps = runtime.ManagedProcess("clientapp", [sys.executable, "-c", SAYS_SIGTERM], {},
+                                        tmp_path / "apps.log")  # fmt: skip
+    while "up" not in (tmp_path / "apps.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watch.stop()
+    assert "got SIGTERM" in (tmp_path / "apps.log").read_text()
+    assert "got SIGTERM" in (tmp_path / "node.log").read_text()
+
+
 def test_managed_process_stop_reaches_children_in_their_own_sessions(tmp_path: Path) -> None:
     """Flower's SuperLink starts its SuperExec (and a simulation's server app and Ray
     workers under it) in new sessions, outside the SuperLink's process group: stopping
