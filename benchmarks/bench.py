@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import ROOT, machine, resolve_data, simulate  # noqa: E402
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
-#: A round's phases as ``history.json`` times them (``RoundRecord.phase_seconds``).
-PHASES = ("train", "evaluate", "server")
+#: A round's phases as ``history.json`` times them (``RoundRecord.phase_seconds``);
+#: ``server-beside`` ran beside the next round or after the last one.
+PHASES = ("train", "evaluate", "server", "server-beside")
 HERE = Path(__file__).resolve().parent
 
 
@@ -61,19 +62,25 @@ def run_figures(history: dict, wall: float) -> dict:
         wall: Wall seconds of the whole ``pollen simulate`` process.
 
     Returns:
-        ``{"wall_seconds", "startup_seconds", "rounds": [...], "time_to": {...}}``;
-        each round has ``test_accuracy``, ``round_seconds``, ``elapsed_seconds``
-        (since the process started), ``overhead`` (round / slowest client's
-        fit + evaluate), ``overhead_without_server_eval`` (the same, less the
-        server's central evaluation), ``images_per_second`` (slowest client's
-        local epoch), ``bytes`` (sent + received) and ``phase_seconds`` (see
+        ``{"wall_seconds", "startup_seconds", "final_seconds", "rounds": [...],
+        "time_to": {...}}``; ``final_seconds`` is what followed the last round
+        (its central evaluation, when it ran after the clients were released).
+        Each round has ``test_accuracy``, ``round_seconds``, ``elapsed_seconds``
+        (since the process started, until the round's test accuracy was known),
+        ``overhead`` (round / slowest client's fit + evaluate),
+        ``overhead_without_server_eval`` (the same, less a central evaluation
+        the round waited for), ``images_per_second`` (slowest client's local
+        epoch), ``bytes`` (sent + received) and ``phase_seconds`` (see
         :data:`PHASES`).
     """
     rounds = history["rounds"]
-    startup = max(0.0, wall - sum(r["seconds"] for r in rounds))
+    final = ((rounds[-1].get("phase_seconds") or {}).get("server-beside", 0.0)) if rounds else 0.0
+    startup = max(0.0, wall - sum(r["seconds"] for r in rounds) - final)
     elapsed, rows = startup, []
     for r in rounds:
         elapsed += r["seconds"]
+        # A central evaluation beside the next round tells the accuracy that much later.
+        known = elapsed + (r.get("phase_seconds") or {}).get("server-beside", 0.0)
         busy = [
             (c.get("fit_seconds") or 0.0) + (c.get("eval_seconds") or 0.0) for c in r["clients"]
         ]
@@ -87,7 +94,7 @@ def run_figures(history: dict, wall: float) -> dict:
                 "round": r["round"],
                 "test_accuracy": (r.get("server") or {}).get("accuracy"),
                 "round_seconds": r["seconds"],
-                "elapsed_seconds": elapsed,
+                "elapsed_seconds": known,
                 "overhead": r["seconds"] / max(busy) if busy and max(busy) > 0 else None,
                 # the same without the server's central evaluation (an extra job on the
                 # server, not federation: deployed, it runs on the server's own cores)
@@ -107,7 +114,13 @@ def run_figures(history: dict, wall: float) -> dict:
         hit = next((x for x in rows if (x["test_accuracy"] or 0) >= t), None)
         if hit:
             time_to[f"{t:.0%}"] = {"round": hit["round"], "seconds": hit["elapsed_seconds"]}
-    return {"wall_seconds": wall, "startup_seconds": startup, "rounds": rows, "time_to": time_to}
+    return {
+        "wall_seconds": wall,
+        "startup_seconds": startup,
+        "final_seconds": final,
+        "rounds": rows,
+        "time_to": time_to,
+    }
 
 
 def print_table(title: str, figures: dict) -> None:
@@ -115,7 +128,7 @@ def print_table(title: str, figures: dict) -> None:
     print(f"\n{title}")
     print(
         f"{'round':>5} {'test acc':>9} {'round s':>8} {'elapsed s':>10} {'overhead':>9} "
-        f"{'w/o srv':>8} {'img/s':>7} {'MB/round':>9}  train/eval/server s"
+        f"{'w/o srv':>8} {'img/s':>7} {'MB/round':>9}  train/eval/server/beside s"
     )
     for r in figures["rounds"]:
         acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
@@ -134,7 +147,8 @@ def print_table(title: str, figures: dict) -> None:
         for k, v in figures["time_to"].items()
     )
     print(
-        f"whole run {figures['wall_seconds']:.0f} s (start-up {figures['startup_seconds']:.0f} s); "
+        f"whole run {figures['wall_seconds']:.0f} s (start-up {figures['startup_seconds']:.0f} s, "
+        f"after the last round {figures.get('final_seconds', 0.0):.0f} s); "
         f"reached: {reached or 'none of ' + ', '.join(f'{t:.0%}' for t in THRESHOLDS)}"
     )
 

@@ -69,7 +69,10 @@ class RoundRecord:
 
     Attributes:
         round: Round number, from 1.
-        seconds: Wall time of the round (train, evaluate, server evaluation).
+        seconds: Wall time of the round until the federation could go on:
+            train and the clients' evaluation, plus the server's central
+            evaluation only where the next round waited for it (a run with a
+            target accuracy).
         train: Aggregated train metrics (``loss``, ``accuracy``, ``examples``).
         evaluate: Aggregated client evaluation (``loss``, ``accuracy``, ``examples``).
         server: Central evaluation of the global model (``loss``, ``accuracy``).
@@ -81,8 +84,10 @@ class RoundRecord:
             empty without DP.
         phase_seconds: Wall time of the round's phases: ``train`` (send the
             global weights, local training, aggregation), ``evaluate``
-            (clients' evaluation and BatchNorm statistics) and ``server``
-            (central evaluation).
+            (clients' evaluation and BatchNorm statistics), and the central
+            evaluation as ``server`` (the next round waited for it; in
+            ``seconds``) or ``server-beside`` (it ran beside the next round or
+            after the last one; not in ``seconds``).
     """
 
     round: int

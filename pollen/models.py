@@ -386,7 +386,7 @@ def build_client_model(
     spec = MODELS[name]
     model = build_model(name, num_classes, seed, fastest_layout=True)
     if whitened and spec.whiten and spec.freeze_whitened:
-        model.get_layer(spec.whiten).trainable = False
+        find_layer(model, spec.whiten).trainable = False
     return compile_model(model, spec.recipe.learning_rate, spec.recipe)
 
 
@@ -476,6 +476,21 @@ def whitening_kernel(images: np.ndarray, kernel_size: int, filters: int, eps: fl
     return kernel.astype(np.float32)
 
 
+def find_layer(model: keras.Model, name: str) -> keras.layers.Layer:
+    """The layer called ``name``, in ``model`` or in a model nested in it.
+
+    ``keras.Model.get_layer`` looks at the top level only; the reference
+    model's layers sit inside ``keras.applications.MobileNetV2``.
+
+    Raises:
+        ValueError: No layer has that name.
+    """
+    for layer in model._flatten_layers(include_self=False):  # noqa: SLF001 - Keras's own walker
+        if layer.name == name:
+            return layer
+    raise ValueError(f"model {model.name!r} has no layer {name!r}")
+
+
 def whiten_first_conv(
     model: keras.Model,
     layer_name: str,
@@ -506,11 +521,7 @@ def whiten_first_conv(
     if len(images) > max_images:
         pick = np.random.default_rng(seed).choice(len(images), max_images, replace=False)
         images = images[np.sort(pick)]
-    layer = next(
-        layer
-        for layer in model._flatten_layers(include_self=False)  # noqa: SLF001
-        if layer.name == layer_name
-    )
+    layer = find_layer(model, layer_name)
     kernel_size, _, _, filters = layer.kernel.shape
     scaled = images.astype(np.float32) / 127.5 - 1.0
     layer.kernel.assign(whitening_kernel(scaled, int(kernel_size), int(filters)))

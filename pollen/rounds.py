@@ -17,6 +17,7 @@ checking updates) lives in :mod:`pollen.aggregation`, free of Flower and Keras.
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import time
@@ -174,8 +175,15 @@ def exchange(
 class RoundObserver(Protocol):
     """What the loop tells the outside world after each round."""
 
-    def round_done(self, record: RoundRecord, arrays: ArrayRecord, history: History) -> None:
-        """Called after every round with the new global arrays."""
+    def round_done(
+        self, record: RoundRecord, arrays: ArrayRecord, history: History, strategy: Strategy
+    ) -> None:
+        """Called after every round with the new global arrays.
+
+        ``strategy`` is the strategy as it stood at the end of the round (a
+        copy when the call comes while the next round already runs), e.g. for
+        a checkpoint.
+        """
 
 
 def wait_for_clients(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -498,6 +506,7 @@ def run_rounds(
     names: dict[int, str] | None = None,
     train: TrainPhase | None = None,
     bn_stats: bool = True,
+    release: Callable[[], None] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; return the final global arrays.
 
@@ -507,6 +516,18 @@ def run_rounds(
     returns re-estimated BatchNorm statistics, which replace the averaged
     ones; the server evaluates centrally if ``evaluate_fn`` is given; the
     round is appended to ``history`` and ``observer.round_done`` is called.
+
+    The server's central evaluation never holds the clients up unless it has
+    to: it runs in a background thread beside the next round (the round's
+    record, history line and ``observer.round_done`` follow when it ends,
+    always before the next round's), and after the last round it runs once
+    ``release`` has told the clients that the run is over. Only with
+    ``target_accuracy`` (> 0) does the next round wait for it, since whether
+    there is a next round depends on it. A round's ``seconds`` is the time
+    until the federation could go on: ``phase_seconds`` has ``server`` for an
+    evaluation the next round waited for (counted in ``seconds``) and
+    ``server-beside`` for one that ran beside it or after the release (not
+    counted).
 
     A client that fails, sends an invalid update or does not reply within
     ``timeout`` is recorded in the round's history and the round goes on
@@ -525,49 +546,122 @@ def run_rounds(
             ``timeout``, or fewer valid updates came back in a round.
     """
     names = names if names is not None else {}
-    for rnd in range(first_round, num_rounds + 1):
-        start = time.perf_counter()
-        record = RoundRecord(round=rnd)
-        clients = _RoundClients(names)
-        # Flower's samplers wait for enough nodes forever: bound that wait here.
-        _wait_for_quorum(grid, min_clients, timeout, rnd)
-        arrays = (train or train_phase)(
-            grid,
-            strategy,
-            rnd,
-            arrays,
-            train_config or {},
-            timeout,
-            record,
-            clients,
-            max_update_norm=max_update_norm,
-            min_valid=min_clients,
-        )
-        record.privacy = privacy_record(strategy)
-        failed = [n for n, c in clients.by_node.items() if c.error]
-        record.phase_seconds["train"] = time.perf_counter() - start
-        _wait_for_quorum(grid, min_clients, timeout, rnd)
-        arrays = evaluate_phase(
-            grid, strategy, rnd, arrays, timeout, record, clients, failed, bn_stats
-        )
-        record.phase_seconds["evaluate"] = (
-            time.perf_counter() - start - sum(record.phase_seconds.values())
-        )
-        if evaluate_fn is not None:
-            record.server = evaluate_fn(rnd, arrays) or {}
-            record.phase_seconds["server"] = (
-                time.perf_counter() - start - sum(record.phase_seconds.values())
-            )
-        record.clients = clients.sorted()
-        record.seconds = time.perf_counter() - start
+
+    def finish(record: RoundRecord, arrays: ArrayRecord, state: Strategy) -> None:
         history.rounds.append(record)
         log(INFO, progress_line(record, num_rounds))
         if observer is not None:
-            observer.round_done(record, arrays, history)
-        if target_accuracy > 0 and record.server.get("accuracy", 0.0) >= target_accuracy:
-            log(INFO, "Target accuracy %.3f reached after round %d", target_accuracy, rnd)
-            break
+            observer.round_done(record, arrays, history, state)
+
+    pending: _Beside | None = None
+    try:
+        for rnd in range(first_round, num_rounds + 1):
+            start = time.perf_counter()
+            record = RoundRecord(round=rnd)
+            clients = _RoundClients(names)
+            # Flower's samplers wait for enough nodes forever: bound that wait here.
+            _wait_for_quorum(grid, min_clients, timeout, rnd)
+            arrays = (train or train_phase)(
+                grid,
+                strategy,
+                rnd,
+                arrays,
+                train_config or {},
+                timeout,
+                record,
+                clients,
+                max_update_norm=max_update_norm,
+                min_valid=min_clients,
+            )
+            record.privacy = privacy_record(strategy)
+            failed = [n for n, c in clients.by_node.items() if c.error]
+            record.phase_seconds["train"] = time.perf_counter() - start
+            _wait_for_quorum(grid, min_clients, timeout, rnd)
+            arrays = evaluate_phase(
+                grid, strategy, rnd, arrays, timeout, record, clients, failed, bn_stats
+            )
+            record.phase_seconds["evaluate"] = (
+                time.perf_counter() - start - sum(record.phase_seconds.values())
+            )
+            record.clients = clients.sorted()
+            record.seconds = time.perf_counter() - start
+            if pending is not None:  # the previous round is recorded before this one
+                pending.wait()
+                pending = None
+            if evaluate_fn is None or target_accuracy > 0:
+                if evaluate_fn is not None:
+                    record.server = evaluate_fn(rnd, arrays) or {}
+                    record.phase_seconds["server"] = time.perf_counter() - start - record.seconds
+                    record.seconds = time.perf_counter() - start
+                finish(record, arrays, strategy)
+                accuracy = record.server.get("accuracy", 0.0)
+                if target_accuracy > 0 and accuracy >= target_accuracy:
+                    log(INFO, "Target accuracy %.3f reached after round %d", target_accuracy, rnd)
+                    break
+                continue
+            last = rnd == num_rounds
+            if last and release is not None:
+                release()
+            # The next round changes the strategy's state (FedOpt's moments, the DP
+            # accountant): the round is recorded with its state as it is now.
+            state = strategy if last else copy.deepcopy(strategy)
+            pending = _Beside(evaluate_fn, finish, record, arrays, state)
+    except BaseException:
+        if pending is not None:  # the completed round is still recorded and checkpointed
+            pending.wait(quiet=True)
+        raise
+    if pending is not None:
+        pending.wait()
     return arrays
+
+
+class _Beside:
+    """A round's central evaluation and recording, in a thread beside the next round.
+
+    Args:
+        evaluate_fn: The server's central evaluation.
+        finish: Records the round (history, console, observer).
+        record: The round, complete but for ``server``.
+        arrays: The round's global arrays.
+        state: The strategy as it stood at the end of the round.
+    """
+
+    def __init__(
+        self,
+        evaluate_fn: EvaluateFn,
+        finish: Callable[[RoundRecord, ArrayRecord, Strategy], None],
+        record: RoundRecord,
+        arrays: ArrayRecord,
+        state: Strategy,
+    ) -> None:
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                start = time.perf_counter()
+                record.server = evaluate_fn(record.round, arrays) or {}
+                record.phase_seconds["server-beside"] = time.perf_counter() - start
+                finish(record, arrays, state)
+            except BaseException as err:  # noqa: BLE001 - raised again in the loop's thread
+                self.error = err
+
+        self.thread = threading.Thread(
+            target=run, name=f"pollen-server-eval-{record.round}", daemon=True
+        )
+        self.thread.start()
+
+    def wait(self, *, quiet: bool = False) -> None:
+        """Block until the round is recorded; raise what went wrong there.
+
+        Args:
+            quiet: Log the error instead of raising it (another one is on its way).
+        """
+        while self.thread.is_alive():  # short slices: signals reach this thread
+            self.thread.join(0.2)
+        if self.error is not None:
+            if not quiet:
+                raise self.error
+            log(WARNING, "The server's evaluation failed too: %s", self.error)
 
 
 def _wait_for_quorum(grid: Grid, min_clients: int, timeout: float, rnd: int) -> None:
@@ -620,7 +714,11 @@ def progress_line(record: RoundRecord, num_rounds: int) -> str:
         parts.append(
             f"DP epsilon {record.privacy['epsilon']:.3g} (delta {record.privacy['delta']:g})"
         )
-    parts.append(f"{record.seconds:.1f} s")
+    beside = record.phase_seconds.get("server-beside")
+    parts.append(
+        f"{record.seconds:.1f} s"
+        + ("" if beside is None else f" (+ server evaluation {beside:.1f} s beside)")
+    )
     parts.append(
         f"sent {record.bytes_sent / 1e6:.1f} MB, received {record.bytes_received / 1e6:.1f} MB"
     )

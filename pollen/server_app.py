@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from logging import ERROR, INFO
@@ -125,34 +127,32 @@ class RunFolderWriter:
     """
 
     def __init__(
-        self,
-        run_dir: Path,
-        files: ModelFiles,
-        strategy=None,
-        config: dict | None = None,
-        elapsed: float = 0.0,
+        self, run_dir: Path, files: ModelFiles, config: dict | None = None, elapsed: float = 0.0
     ) -> None:
         self.run_dir = run_dir
         self.files = files
-        self.strategy = strategy
         self.config = config or {}
         self.started = time.perf_counter() - elapsed
 
-    def round_done(self, record: RoundRecord, arrays: ArrayRecord, history: History) -> None:
-        """Persist everything a reader needs after ``record``'s round."""
+    def round_done(
+        self, record: RoundRecord, arrays: ArrayRecord, history: History, strategy
+    ) -> None:
+        """Persist everything a reader needs after ``record``'s round.
+
+        ``strategy`` (as it stood at the end of the round) goes into the checkpoint.
+        """
         history.elapsed_seconds = time.perf_counter() - self.started
         write_history(self.run_dir, history)
         plot_history(self.run_dir, history)
         self.files.save(self.run_dir, arrays)
-        if self.strategy is not None:
-            save_checkpoint(
-                self.run_dir,
-                record.round,
-                {k: a.numpy() for k, a in arrays.items()},
-                self.strategy,
-                history,
-                self.config,
-            )
+        save_checkpoint(
+            self.run_dir,
+            record.round,
+            {k: a.numpy() for k, a in arrays.items()},
+            strategy,
+            history,
+            self.config,
+        )
 
 
 @app.main()
@@ -192,20 +192,27 @@ def _run_and_report(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
         log(ERROR, "%s", err)
         announce_run_over(grid)
         raise err
+    announced = threading.Event()
+
+    def release() -> None:  # tell the clients once, whichever way the run ends
+        if not announced.is_set():
+            announced.set()
+            announce_run_over(grid)
+
     write_status(run_dir, "running")
     log(INFO, "Pollen run folder: %s", run_dir)
     history: History | None = None
     try:
-        history = run_federation(grid, cfg, run_dir)
+        history = run_federation(grid, cfg, run_dir, release)
     except PollenError as err:
         write_status(run_dir, "failed", str(err), **_last_round(run_dir))
         log(ERROR, "%s", err)
-        announce_run_over(grid)
+        release()
         raise
     except Exception as err:
         write_status(run_dir, "failed", f"{type(err).__name__}: {err}", **_last_round(run_dir))
         log(ERROR, "%s", traceback.format_exc())
-        announce_run_over(grid)
+        release()
         raise
     final = history.rounds[-1] if history.rounds else None
     write_status(
@@ -217,7 +224,7 @@ def _run_and_report(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
         **({"privacy": final.privacy} if final and final.privacy else {}),
         **_target_status(cfg, history),
     )
-    announce_run_over(grid)
+    release()
 
 
 def _target_status(cfg: RunConfig, history: History) -> dict:
@@ -252,8 +259,14 @@ def _last_round(run_dir: Path) -> dict:
     return {"last_completed_round": manifest["round"] if manifest else 0}
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
+def run_federation(
+    grid: Grid, cfg: RunConfig, run_dir: Path, release: Callable[[], None] | None = None
+) -> History:
     """Initialise from a client (or the checkpoint), run the rounds, write outputs.
+
+    ``release`` tells the clients that the run is over; it is called after the
+    last round's client phases, so they need not wait for the server's last
+    central evaluation (see :func:`pollen.rounds.run_rounds`).
 
     With ``cfg.resume`` the run continues from ``run_dir``'s checkpoint: the
     global weights, the strategy object (with its optimizer state) and the
@@ -330,7 +343,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
             atomic_write(run_dir / "classes.json", classes)
         if prepared is not None:
             prepared.result()  # raises here what went wrong (e.g. a broken test set)
-    writer = RunFolderWriter(run_dir, files, strategy, config, history.elapsed_seconds)
+    writer = RunFolderWriter(run_dir, files, config, history.elapsed_seconds)
     train = None
     if cfg.secagg:
         from pollen.secagg import SecureAggregation
@@ -362,5 +375,6 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> History:
         names=names,
         train=train,
         bn_stats=not cfg.secagg,
+        release=release,
     )
     return history

@@ -45,10 +45,10 @@ def test_run_figures_overhead_throughput_and_time_to_threshold(capsys) -> None:
     print_table("made up", figures)
     out = capsys.readouterr().out
     assert "80% after round 3 (345 s)" in out and "1.100" in out
-    assert r1["phase_seconds"]["server"] == 7.0 and "97/6/7" in out
+    assert r1["phase_seconds"]["server"] == 7.0 and "97/6/7/-" in out
     assert r1["overhead_without_server_eval"] == pytest.approx(103 / 100) and "1.030" in out
     assert r2["overhead_without_server_eval"] == pytest.approx(1.0)  # no phases: whole round
-    assert r2["phase_seconds"] == {} and "-/-/-" in out  # histories from before phases
+    assert r2["phase_seconds"] == {} and "-/-/-/-" in out  # histories from before phases
 
 
 def test_run_figures_without_server_evaluation() -> None:
@@ -91,3 +91,25 @@ def test_gpu_benchmark_federation_runs_every_round_for_an_unreachable_target(tin
     assert [r["round"] for r in result["rounds"]] == [1, 2]
     assert result["seconds_to_target"] == {"1.01": None}
     assert all(r["elapsed"] <= result["wall_seconds"] for r in result["rounds"])
+
+
+def test_run_figures_with_the_server_evaluation_beside_the_next_round(capsys) -> None:
+    """An evaluation beside the next round tells the accuracy later and is not overhead."""
+    beside = {"train": 95.0, "evaluate": 5.0, "server-beside": 8.0}
+    history = {
+        "rounds": [
+            {**HISTORY["rounds"][0], "seconds": 100.0, "phase_seconds": beside},
+            {**HISTORY["rounds"][2], "round": 2, "seconds": 105.0, "phase_seconds": beside},
+        ]
+    }
+    figures = run_figures(history, wall=243.0)
+    # 243 s = 30 s start-up + 100 + 105 s of rounds + 8 s of evaluation after the last one
+    assert figures["startup_seconds"] == pytest.approx(30.0)
+    assert figures["final_seconds"] == pytest.approx(8.0)
+    r1, r2 = figures["rounds"]
+    assert r1["overhead"] == pytest.approx(1.0) and r1["overhead_without_server_eval"] == 1.0
+    assert r1["elapsed_seconds"] == pytest.approx(138.0)  # 130 s, then 8 s of evaluation
+    assert figures["time_to"]["80%"] == {"round": 2, "seconds": pytest.approx(243.0)}
+    print_table("beside", figures)
+    out = capsys.readouterr().out
+    assert "95/5/-/8" in out and "after the last round 8 s" in out

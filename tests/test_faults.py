@@ -402,7 +402,7 @@ def test_run_rounds_resumes_at_first_round() -> None:
     seen = []
 
     class Observer:
-        def round_done(self, record, arrays, history):
+        def round_done(self, record, arrays, history, strategy):
             seen.append(record.round)
 
     run_rounds(
@@ -411,6 +411,139 @@ def test_run_rounds_resumes_at_first_round() -> None:
     )  # fmt: skip
     assert seen == [3, 4]
     assert [r.round for r in history.rounds] == [1, 2, 3, 4]
+
+
+def _sent(grid: FakeGrid, kind: str) -> int:
+    return sum(1 for m in list(grid.sent.values()) if m.metadata.message_type == kind)
+
+
+def _wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_server_evaluation_runs_beside_the_next_round_and_after_the_release() -> None:
+    """Round 1's central evaluation overlaps round 2; the last one follows the release."""
+    grid = FakeGrid({1: _trainer("a"), 2: _trainer("b")})
+    history, events = History(config={}), []
+
+    def evaluate(rnd, arrays):
+        if rnd == 1:  # holds until round 2's training is under way: it must not block it
+            events.append(("round 2 trained meanwhile", _wait_until(
+                lambda: _sent(grid, MessageType.TRAIN) == 4)))  # fmt: skip
+        events.append(("evaluated", rnd))
+        return {"accuracy": 0.25 * rnd}
+
+    class Observer:
+        def round_done(self, record, arrays, history, strategy):
+            events.append(("recorded", record.round, record.server["accuracy"]))
+
+    run_rounds(
+        grid, _strategy(), _arrays(), num_rounds=2, history=history, timeout=5.0,
+        evaluate_fn=evaluate, observer=Observer(), release=lambda: events.append("release"),
+    )  # fmt: skip
+    assert events == [
+        ("round 2 trained meanwhile", True),
+        ("evaluated", 1),
+        ("recorded", 1, 0.25),
+        "release",
+        ("evaluated", 2),
+        ("recorded", 2, 0.5),
+    ]
+    assert [r.round for r in history.rounds] == [1, 2]
+    for r in history.rounds:
+        assert set(r.phase_seconds) == {"train", "evaluate", "server-beside"}
+        assert r.seconds == pytest.approx(
+            sum(r.phase_seconds.values()) - r.phase_seconds["server-beside"], abs=0.01
+        )
+    assert history.rounds[0].phase_seconds["server-beside"] > 0
+
+
+def test_with_a_target_accuracy_the_next_round_waits_for_the_server_evaluation() -> None:
+    grid = FakeGrid({1: _trainer("a"), 2: _trainer("b")})
+    history, trained_before = History(config={}), []
+
+    def evaluate(rnd, arrays):
+        trained_before.append(_sent(grid, MessageType.TRAIN))
+        time.sleep(0.1)
+        return {"accuracy": 0.5}
+
+    run_rounds(
+        grid, _strategy(), _arrays(), num_rounds=3, history=history, timeout=5.0,
+        evaluate_fn=evaluate, target_accuracy=0.5,
+    )  # fmt: skip
+    assert trained_before == [2]  # reached after round 1, before any round-2 message
+    (record,) = history.rounds
+    assert set(record.phase_seconds) == {"train", "evaluate", "server"}
+    assert record.seconds == pytest.approx(sum(record.phase_seconds.values()), abs=0.01)
+    assert record.phase_seconds["server"] >= 0.1
+
+
+def test_a_round_recorded_beside_the_next_keeps_its_own_strategy_state() -> None:
+    """FedAdam's moments in round 1's checkpoint are round 1's, not round 2's."""
+
+    def grid():
+        return FakeGrid({1: _deterministic_client("a", 0), 2: _deterministic_client("b", 1)})
+
+    def moments(rounds: int, evaluate) -> list[dict]:
+        seen = []
+
+        class Observer:
+            def round_done(self, record, arrays, history, strategy):
+                seen.append(pickle.loads(pickle.dumps(strategy)).m_t)
+
+        strategy = FedAdam(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+        run_rounds(
+            grid(), strategy, _arrays(), num_rounds=rounds, history=History(config={}),
+            timeout=5.0, evaluate_fn=evaluate, observer=Observer(),
+        )  # fmt: skip
+        return seen
+
+    two = grid()
+
+    def slow_first(rnd, arrays):  # round 2 aggregates before round 1 is recorded
+        if rnd == 1:
+            assert _wait_until(lambda: _sent(two, MessageType.EVALUATE) >= 4)
+        return {"accuracy": 0.5}
+
+    alone = moments(1, lambda rnd, arrays: {"accuracy": 0.5})[0]
+    strategy = FedAdam(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+    seen = []
+
+    class Observer:
+        def round_done(self, record, arrays, history, state):
+            seen.append(pickle.loads(pickle.dumps(state)).m_t)
+
+    run_rounds(
+        two, strategy, _arrays(), num_rounds=2, history=History(config={}), timeout=5.0,
+        evaluate_fn=slow_first, observer=Observer(),
+    )  # fmt: skip
+    assert len(seen) == 2
+    for k in alone:
+        np.testing.assert_array_equal(seen[0][k], alone[k])
+        assert not np.array_equal(seen[1][k], alone[k])
+
+
+def test_a_failing_round_still_records_the_one_evaluated_beside_it() -> None:
+    grid = FakeGrid({1: _trainer("a"), 2: _trainer("b")})
+    history, recorded = History(config={}), []
+
+    def evaluate(rnd, arrays):
+        grid.behaviours = {1: "error", 2: "error"}  # round 2's training fails meanwhile
+        return {"accuracy": 0.5}
+
+    class Observer:
+        def round_done(self, record, arrays, history, strategy):
+            recorded.append(record.round)
+
+    with pytest.raises(PollenError, match="Round 2 has 0 valid update"):
+        run_rounds(
+            grid, _strategy(), _arrays(), num_rounds=3, history=history, timeout=5.0,
+            evaluate_fn=evaluate, observer=Observer(), min_clients=1,
+        )  # fmt: skip
+    assert recorded == [1] and history.rounds[0].server == {"accuracy": 0.5}
 
 
 # --- checkpoints -------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ from pollen.errors import PollenError
 from pollen.models import (
     MODELS,
     batchnorm_stat_indices,
+    build_client_model,
     build_model,
     compile_model,
+    find_layer,
     whiten_first_conv,
     whitening_kernel,
 )
@@ -819,6 +821,25 @@ def test_clients_keep_fastnets_whitened_stem_frozen_and_train_it_when_not_whiten
     assert any(not np.allclose(frozen[i], global_weights[i]) for i in others)  # the rest trains
     trainable = trained(whiten=False)  # a random first layer must train
     assert not np.allclose(trainable[stem], global_weights[stem])
+
+
+def test_a_whitened_layer_is_frozen_inside_a_nested_model(monkeypatch) -> None:
+    """MobileNetV2's Conv1 sits in the nested keras.applications model: freezing reaches it."""
+    import dataclasses
+
+    from pollen import models
+
+    spec = dataclasses.replace(MODELS["mobilenetv2"], freeze_whitened=True)
+    monkeypatch.setitem(models.MODELS, "mobilenetv2", spec)
+    frozen = build_client_model("mobilenetv2", 10, 0, whitened=True)
+    free = build_client_model("mobilenetv2", 10, 0, whitened=False)
+    conv1 = find_layer(frozen, MODELS["mobilenetv2"].whiten)
+    assert conv1.kernel.path not in {w.path for w in frozen.trainable_weights}
+    assert len(free.trainable_weights) == len(frozen.trainable_weights) + 1
+    # The same arrays in the same order: the server and the clients exchange them by position.
+    assert [w.path for w in frozen.weights] == [w.path for w in free.weights]
+    with pytest.raises(ValueError, match="has no layer 'nope'"):
+        find_layer(frozen, "nope")
 
 
 def test_an_unschedulable_compiled_model_saves_and_loads_with_plain_keras(tmp_path) -> None:
