@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,7 @@ from pollen.runtime import (
     temporary_home,
     write_connection,
 )
+from pollen.supernode import PARENT_ENV
 
 if TYPE_CHECKING:
     from pollen.certs import ClientCerts, ServerCerts
@@ -358,7 +360,11 @@ class _NodeWatch:
         self.shown = 0
         self.started = time.monotonic()
         # The app runner asks its SuperNode for tasks every 0.1 s (Flower's default: 1 s).
-        env = flower_env(self.home, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"})
+        # The SuperNode stops once this process is gone, even after a SIGKILL (pollen.supernode).
+        env = flower_env(
+            self.home,
+            {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", PARENT_ENV: str(os.getpid())},
+        )
         self.node = ManagedProcess("supernode", argv, env, self.log)
         runtime_api = f"127.0.0.1:{argv[argv.index('--port') + 1]}"
         self.apps = ManagedProcess(

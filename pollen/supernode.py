@@ -15,7 +15,10 @@ process, whose module sees a ``time`` whose ``sleep`` never waits longer than
 Each idle poll is one small HTTP request to the server, so the default keeps
 an idle client at 2 requests a second; raise it for very large fleets. The
 SuperNode's downloads of a message's content also retry sooner
-(:func:`pollen.wire.quick_pulls`).
+(:func:`pollen.wire.quick_pulls`). With ``POLLEN_PARENT_PID`` set (``pollen
+client`` sets its own pid) the SuperNode stops, as on Ctrl-C, once that
+process is gone: a ``pollen client`` killed with SIGKILL leaves no SuperNode
+behind (its app runner follows its SuperNode the same way).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import sys
 import time
 from types import ModuleType
 
-__all__ = ["DEFAULT_POLL_SECONDS", "POLL_ENV", "capped_time", "main"]
+__all__ = ["DEFAULT_POLL_SECONDS", "PARENT_ENV", "POLL_ENV", "capped_time", "main"]
 
 #: Longest wait, in seconds, between the SuperNode's polls (Flower's own: 3 s when idle).
 DEFAULT_POLL_SECONDS = 0.5
 #: Environment variable that overrides :data:`DEFAULT_POLL_SECONDS`.
 POLL_ENV = "POLLEN_SUPERNODE_POLL"
+#: Environment variable naming the process whose end stops the SuperNode.
+PARENT_ENV = "POLLEN_PARENT_PID"
 
 
 def capped_time(longest: float) -> ModuleType:
@@ -75,11 +80,14 @@ def poll_seconds() -> float:
 
 def main() -> None:
     """``python -m pollen.supernode ARGS``: ``flower-supernode ARGS`` with capped polls."""
+    from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
     from pollen.wire import quick_pulls
 
+    if os.environ.get(PARENT_ENV, "").isdigit():  # SIGINT once it is gone: Flower exits cleanly
+        start_parent_process_monitor(int(os.environ[PARENT_ENV]))
     start_client_internal.time = capped_time(poll_seconds())
     quick_pulls(start_client_internal, "pull_objects")  # a message's content from the server
     sys.argv[0] = "flower-supernode"

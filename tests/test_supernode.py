@@ -70,3 +70,44 @@ def test_pollen_client_refuses_a_bad_poll_setting_before_it_starts(monkeypatch) 
     with pytest.raises(PollenError, match="positive number of seconds"):
         deployment.join("127.0.0.1:9", {}, connect_timeout=1.0, tls=None)
     assert not started  # refused before dialling the server
+
+
+SPAWNS_A_SUPERNODE = """
+import os, subprocess, sys
+argv = [sys.executable, "-m", "pollen.supernode", "--insecure", "--superlink", sys.argv[1],
+        "--isolation", "process", "--host", "127.0.0.1", "--port", sys.argv[2]]
+node = subprocess.Popen(argv, env={**os.environ, "POLLEN_PARENT_PID": str(os.getpid())},
+                        start_new_session=True, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+print(node.pid, flush=True)
+node.wait()
+"""
+
+
+def test_a_supernode_stops_once_the_pollen_client_that_started_it_is_killed() -> None:
+    """`pollen client` killed with SIGKILL cannot stop its SuperNode: the SuperNode notices."""
+    import os
+    import signal
+    import subprocess
+
+    from pollen.runtime import free_port, is_running
+
+    dead_server = f"127.0.0.1:{free_port()}"  # nobody listens: the SuperNode keeps retrying
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SPAWNS_A_SUPERNODE, dead_server, str(free_port())],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    node = int(parent.stdout.readline())
+    try:
+        time.sleep(8)  # imports done, retrying the connection
+        assert is_running(node)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 30
+        while is_running(node) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not is_running(node)
+    finally:
+        if is_running(node):
+            os.kill(node, signal.SIGKILL)
