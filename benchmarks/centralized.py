@@ -49,7 +49,7 @@ def main() -> int:
     print(f"backend {select_backend(args.model)}: batch {args.batch_size}, lr {args.lr}, "
           f"schedule {args.lr_schedule}")  # fmt: skip
     from pollen.data import load_dataset
-    from pollen.models import build_model, compile_model, whiten_first_conv
+    from pollen.models import build_model, compile_model, find_layer, whiten_first_conv
     from pollen.training import RunSchedule, evaluate, fit
 
     ds = load_dataset(resolve_data(args.data_dir))
@@ -57,7 +57,7 @@ def main() -> int:
     model = build_model(args.model, ds.num_classes, args.seed, fastest_layout=True)
     if spec.whiten:  # the same start as a federation's (there: one client's images)
         whiten_first_conv(model, spec.whiten, ds.x_train, seed=args.seed)
-        model.get_layer(spec.whiten).trainable = not spec.freeze_whitened
+        find_layer(model, spec.whiten).trainable = not spec.freeze_whitened
     model = compile_model(model, args.lr, spec.recipe)
     steps = math.ceil(len(ds.y_train) / args.batch_size)
     rows = []

@@ -430,9 +430,10 @@ def test_server_evaluation_runs_beside_the_next_round_and_after_the_release() ->
     history, events = History(config={}), []
 
     def evaluate(rnd, arrays):
-        if rnd == 1:  # holds until round 2's training is under way: it must not block it
+        if rnd == 1:  # starts once round 2's weights have left, then holds until it trained
+            events.append(("round 2 sent", _sent(grid, MessageType.TRAIN) == 4))
             events.append(("round 2 trained meanwhile", _wait_until(
-                lambda: _sent(grid, MessageType.TRAIN) == 4)))  # fmt: skip
+                lambda: _sent(grid, MessageType.EVALUATE) == 4)))  # fmt: skip
         events.append(("evaluated", rnd))
         return {"accuracy": 0.25 * rnd}
 
@@ -445,6 +446,7 @@ def test_server_evaluation_runs_beside_the_next_round_and_after_the_release() ->
         evaluate_fn=evaluate, observer=Observer(), release=lambda: events.append("release"),
     )  # fmt: skip
     assert events == [
+        ("round 2 sent", True),
         ("round 2 trained meanwhile", True),
         ("evaluated", 1),
         ("recorded", 1, 0.25),
@@ -527,12 +529,20 @@ def test_a_round_recorded_beside_the_next_keeps_its_own_strategy_state() -> None
 
 
 def test_a_failing_round_still_records_the_one_evaluated_beside_it() -> None:
-    grid = FakeGrid({1: _trainer("a"), 2: _trainer("b")})
-    history, recorded = History(config={}), []
+    def once(name: str):  # trains in round 1 only, then never replies
+        trainer, trained = _trainer(name), []
 
-    def evaluate(rnd, arrays):
-        grid.behaviours = {1: "error", 2: "error"}  # round 2's training fails meanwhile
-        return {"accuracy": 0.5}
+        def reply(msg: Message) -> RecordDict:
+            if msg.metadata.message_type == MessageType.TRAIN:
+                if trained:
+                    raise ValueError("broken client")
+                trained.append(1)
+            return trainer(msg)
+
+        return reply
+
+    grid = FakeGrid({1: once("a"), 2: once("b")})
+    history, recorded = History(config={}), []
 
     class Observer:
         def round_done(self, record, arrays, history, strategy):
@@ -540,8 +550,8 @@ def test_a_failing_round_still_records_the_one_evaluated_beside_it() -> None:
 
     with pytest.raises(PollenError, match="Round 2 has 0 valid update"):
         run_rounds(
-            grid, _strategy(), _arrays(), num_rounds=3, history=history, timeout=5.0,
-            evaluate_fn=evaluate, observer=Observer(), min_clients=1,
+            grid, _strategy(), _arrays(), num_rounds=3, history=history, timeout=1.0,
+            evaluate_fn=lambda rnd, arrays: {"accuracy": 0.5}, observer=Observer(),
         )  # fmt: skip
     assert recorded == [1] and history.rounds[0].server == {"accuracy": 0.5}
 

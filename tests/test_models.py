@@ -495,9 +495,11 @@ def test_flip_tta_averages_image_and_mirror_probabilities() -> None:
     assert plain_loss == pytest.approx(float(-np.mean(np.log(plain[np.arange(12), y]))), rel=1e-4)
 
 
-def test_flip_tta_is_on_for_models_trained_with_flips_only() -> None:
+def test_flip_tta_is_on_for_models_trained_with_flips_and_the_reference() -> None:
     assert MODELS["fastnet"].flip_tta and MODELS["fastnet"].augment
-    assert not any(spec.flip_tta and not spec.augment for spec in MODELS.values())
+    # MobileNetV2 trains without flips; mirror images help it all the same (CIFAR-10).
+    assert MODELS["mobilenetv2"].flip_tta and not MODELS["mobilenetv2"].augment
+    assert not MODELS["cnn"].flip_tta
 
 
 # --- client architecture check ------------------------------------------------------------------
