@@ -587,8 +587,8 @@ def run_rounds(
             record.clients = clients.sorted()
             record.seconds = time.perf_counter() - start
             if pending is not None:  # the previous round is recorded before this one
-                pending.wait()
-                pending = None
+                previous, pending = pending, None
+                previous.wait()
             if evaluate_fn is None or target_accuracy > 0:
                 if evaluate_fn is not None:
                     record.server = evaluate_fn(rnd, arrays) or {}

@@ -556,6 +556,22 @@ def test_a_failing_round_still_records_the_one_evaluated_beside_it() -> None:
     assert recorded == [1] and history.rounds[0].server == {"accuracy": 0.5}
 
 
+def test_a_failing_server_evaluation_beside_the_next_round_stops_the_run_with_its_error() -> None:
+    grid = FakeGrid({1: _trainer("a"), 2: _trainer("b")})
+    history = History(config={})
+
+    def evaluate(rnd, arrays):
+        raise RuntimeError(f"test split unreadable in round {rnd}")
+
+    with pytest.raises(RuntimeError, match="unreadable in round 1"):
+        run_rounds(
+            grid, _strategy(), _arrays(), num_rounds=3, history=history, timeout=5.0,
+            evaluate_fn=evaluate,
+        )  # fmt: skip
+    assert history.rounds == []  # round 1 is never recorded without its evaluation
+    assert _sent(grid, MessageType.TRAIN) == 4  # round 2 had trained; round 3 never began
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 
 
