@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -192,11 +191,12 @@ def _run_and_report(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
         log(ERROR, "%s", err)
         announce_run_over(grid)
         raise err
-    announced = threading.Event()
+    announced = False
 
     def release() -> None:  # tell the clients once, whichever way the run ends
-        if not announced.is_set():
-            announced.set()
+        nonlocal announced
+        if not announced:
+            announced = True
             announce_run_over(grid)
 
     write_status(run_dir, "running")

@@ -489,7 +489,7 @@ def test_a_round_recorded_beside_the_next_keeps_its_own_strategy_state() -> None
     def grid():
         return FakeGrid({1: _deterministic_client("a", 0), 2: _deterministic_client("b", 1)})
 
-    def moments(rounds: int, evaluate) -> list[dict]:
+    def moments(grid: FakeGrid, rounds: int, evaluate) -> list[dict]:
         seen = []
 
         class Observer:
@@ -498,7 +498,7 @@ def test_a_round_recorded_beside_the_next_keeps_its_own_strategy_state() -> None
 
         strategy = FedAdam(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
         run_rounds(
-            grid(), strategy, _arrays(), num_rounds=rounds, history=History(config={}),
+            grid, strategy, _arrays(), num_rounds=rounds, history=History(config={}),
             timeout=5.0, evaluate_fn=evaluate, observer=Observer(),
         )  # fmt: skip
         return seen
@@ -510,18 +510,8 @@ def test_a_round_recorded_beside_the_next_keeps_its_own_strategy_state() -> None
             assert _wait_until(lambda: _sent(two, MessageType.EVALUATE) >= 4)
         return {"accuracy": 0.5}
 
-    alone = moments(1, lambda rnd, arrays: {"accuracy": 0.5})[0]
-    strategy = FedAdam(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
-    seen = []
-
-    class Observer:
-        def round_done(self, record, arrays, history, state):
-            seen.append(pickle.loads(pickle.dumps(state)).m_t)
-
-    run_rounds(
-        two, strategy, _arrays(), num_rounds=2, history=History(config={}), timeout=5.0,
-        evaluate_fn=slow_first, observer=Observer(),
-    )  # fmt: skip
+    alone = moments(grid(), 1, lambda rnd, arrays: {"accuracy": 0.5})[0]
+    seen = moments(two, 2, slow_first)
     assert len(seen) == 2
     for k in alone:
         np.testing.assert_array_equal(seen[0][k], alone[k])
