@@ -47,6 +47,8 @@ class Recipe:
             ``pollen.training.schedule_value``).
         label_smoothing: Label smoothing of the training loss (0 = none).
         weight_decay: Decoupled weight decay of the optimizer (0 = none).
+        beta_2: Adam's decay rate of its second-moment estimates (Keras's
+            default 0.999 averages over about 1,000 steps); unused by SGD.
     """
 
     optimizer: str = "adam"
@@ -55,6 +57,7 @@ class Recipe:
     lr_schedule: str = "cosine"
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
+    beta_2: float = 0.999
 
 
 @dataclass(frozen=True)
@@ -142,13 +145,41 @@ def _set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
             layer.momentum = momentum
 
 
+def _zero_residual_branches(model: keras.Model) -> int:
+    """Start every residual block of a ``keras.applications.MobileNetV2`` as the identity.
+
+    Sets the scale (gamma) of the BatchNorm that ends each residual branch
+    (``block_<i>_project_BN`` where ``block_<i>_add`` exists) to 0, so at
+    the start each block passes its input through unchanged and the network
+    behaves like a shallow one; the gammas are trained like any other weight
+    (the "zero-init residual" of Goyal et al., 2017). Only the initial
+    values change, not the architecture. For the reference configuration
+    this lifted the federated model from 48.1% to 55.8% (single view) after
+    3 rounds in the same in-process run (see the README's Performance).
+
+    Returns:
+        The number of residual blocks changed (10 in MobileNetV2).
+    """
+    import numpy as np
+
+    layers = {layer.name: layer for layer in model._flatten_layers(include_self=False)}  # noqa: SLF001
+    count = 0
+    for name in layers:
+        if name.startswith("block_") and name.endswith("_add"):
+            bn = layers[name.removesuffix("_add") + "_project_BN"]
+            bn.gamma.assign(np.zeros(bn.gamma.shape, bn.gamma.dtype))
+            count += 1
+    return count
+
+
 def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
     """The reference model: ``keras.applications.MobileNetV2`` for 32x32x3.
 
     Exactly ``MobileNetV2(input_shape=(32, 32, 3), classes=num_classes,
     weights=None)`` (2.27M parameters for 10 classes), preceded by a weightless
-    rescaling of pixels from [0, 255] to [-1, 1] (the range MobileNetV2 expects)
-    and with BatchNorm momentum 0.9.
+    rescaling of pixels from [0, 255] to [-1, 1] (the range MobileNetV2 expects),
+    with BatchNorm momentum 0.9 and every residual branch starting at zero
+    (:func:`_zero_residual_branches`).
 
     Args:
         num_classes: Output classes.
@@ -167,6 +198,7 @@ def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
         input_shape=INPUT_SHAPE, classes=num_classes, weights=None
     )
     _set_batchnorm_momentum(base, 0.9)
+    _zero_residual_branches(base)
     return keras.Model(inputs, base(x), name="pollen_mobilenetv2")
 
 
@@ -305,6 +337,15 @@ def build_fastnet_wide(num_classes: int, seed: int, fastest_layout: bool = False
     return _fastnet(num_classes, seed, fastest_layout, (64, 256, 256), "pollen_fastnet-wide")
 
 
+#: Local training of ``mobilenetv2``: the reference's Adam at 0.001, batch 32, with a
+#: second-moment decay of 0.99. Every round starts a fresh Adam (its moments described
+#: the previous global weights), and at 0.999 its second-moment estimates average over
+#: more steps than the 782 of a round on half of CIFAR-10; at 0.99 they follow within
+#: about 100. Measured in the reference configuration (seed 42, in-process, 3 rounds):
+#: 48.1% -> 51.4% with Keras's initial residual branches, 55.8% -> 57.6% with them
+#: starting at zero (single view).
+MOBILENETV2_RECIPE = Recipe(beta_2=0.99)
+
 #: Local training of ``fastnet`` and ``fastnet-wide``.
 FASTNET_RECIPE = Recipe(
     optimizer="sgd",
@@ -319,6 +360,7 @@ MODELS: dict[str, ModelSpec] = {
     "mobilenetv2": ModelSpec(
         build_mobilenetv2,
         "reference: keras.applications.MobileNetV2(32x32x3, weights=None), 2.27M params",
+        recipe=MOBILENETV2_RECIPE,
         whiten="Conv1",
         flip_tta=True,
     ),
@@ -583,7 +625,9 @@ def compile_model(
             learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay
         )
     else:
-        optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+        optimizer = keras.optimizers.Adam(
+            learning_rate, beta_2=recipe.beta_2, weight_decay=weight_decay
+        )
     if schedulable:
         for variable in learning_rate.state:  # see StepLearningRate.state
             optimizer._track_variable(variable)  # noqa: SLF001 - Keras's own hook for optimizer state

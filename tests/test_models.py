@@ -104,6 +104,26 @@ def test_mobilenetv2_batchnorm_momentum(mobilenet) -> None:
     assert {layer.momentum for layer in layers} == {0.9}
 
 
+def test_mobilenetv2_residual_blocks_start_as_the_identity(mobilenet) -> None:
+    model, reference = mobilenet
+    base = model.layers[-1]
+    adds = [layer for layer in base.layers if isinstance(layer, keras.layers.Add)]
+    assert len(adds) == 10  # MobileNetV2's residual blocks
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    for add in adds:
+        # inputs: the block's input (the shortcut) and its branch, ending in <block>_project_BN
+        probe = keras.Model(base.inputs, [*add.input, add.output])
+        shortcut, branch, out = (np.asarray(t) for t in probe(x, training=False))
+        assert add.input[1]._keras_history.operation.name == add.name[: -len("add")] + "project_BN"
+        np.testing.assert_array_equal(branch, 0.0)
+        np.testing.assert_allclose(out, shortcut)
+    # Only those scales start at 0: every other BatchNorm keeps Keras's gamma of 1.
+    zeroed = {add.name[: -len("add")] + "project_BN" for add in adds}
+    for layer in _bn_layers(model):
+        np.testing.assert_array_equal(np.asarray(layer.gamma), 0.0 if layer.name in zeroed else 1.0)
+    assert all(np.all(np.asarray(layer.gamma) == 1.0) for layer in _bn_layers(reference))
+
+
 def test_cnn_batchnorm_momentum(cnn) -> None:
     assert [layer.momentum for layer in _bn_layers(cnn)] == [0.9, 0.9, 0.9]
 
@@ -716,6 +736,20 @@ def test_recipe_compiles_sgd_with_label_smoothing() -> None:
     plain = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3)
     assert isinstance(plain.optimizer, keras.optimizers.Adam)
     assert plain.loss == "sparse_categorical_crossentropy"
+
+
+def test_mobilenetv2_recipe_is_adam_at_the_reference_rate_with_a_faster_second_moment() -> None:
+    from pollen.models import Recipe
+
+    recipe = MODELS["mobilenetv2"].recipe
+    assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size) == ("adam", 1e-3, 32)
+    model = compile_model(build_model("cnn", num_classes=3, seed=0), 1e-3, recipe)
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert model.optimizer.beta_2 == 0.99 and model.optimizer.beta_1 == 0.9
+    model.train_on_batch(RNG_IMAGES[:8], np.arange(8) % 3)
+    training.reset_optimizer(model, 1e-3)  # every round's fresh Adam keeps it
+    assert model.optimizer.beta_2 == 0.99
+    assert compile_model(build_model("cnn", 3, 0), 1e-3, Recipe()).optimizer.beta_2 == 0.999
 
 
 def test_preferred_backend(monkeypatch) -> None:
