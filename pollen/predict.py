@@ -40,18 +40,21 @@ def predict(model_path: Path, images: Sequence[Path], *, top: int = 3) -> list[s
     Raises:
         PollenError: The model or an image cannot be read.
     """
-    import keras
-    import numpy as np
-
-    from pollen.data import load_images
-
     if not model_path.is_file():
         raise PollenError(
             f"No model at {model_path}: pass the model.keras file of a finished run, "
             "for example --model runs/<timestamp>/model.keras."
         )
+    from pollen.runtime import without_native_notices
+
+    with without_native_notices():  # TensorFlow's load-time notices: see TF_LOAD_NOTICES
+        import keras
+    import numpy as np
+
+    from pollen.data import load_images
+
     try:
-        model = keras.saving.load_model(model_path)
+        model = keras.saving.load_model(model_path, compile=False)  # predicting only
     except Exception as err:  # Keras raises many types for a bad file
         raise PollenError(
             f"Cannot load {model_path} as a Keras model ({type(err).__name__}: {err}). "

@@ -36,6 +36,45 @@ QUIET_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
+#: Lines TensorFlow's native libraries write to standard error while they load, before
+#: its logging is set up, so ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them (TensorFlow 2.21
+#: on CPUs where it enables oneDNN; only ``TF_ENABLE_ONEDNN_OPTS=0`` would, at a cost in
+#: speed).
+TF_LOAD_NOTICES = (
+    "WARNING: All log messages before absl::InitializeLog() is called",
+    "oneDNN custom operations are on",
+)
+
+
+@contextlib.contextmanager
+def without_native_notices(notices: Sequence[str] = TF_LOAD_NOTICES) -> Iterator[None]:
+    """Hold back lines containing ``notices`` that native code writes to standard error.
+
+    File descriptor 2 goes to a temporary file for the block; afterwards every
+    captured line that contains none of ``notices`` is written to standard error,
+    in order, so warnings and errors still show. For a command whose output must
+    be exactly its result or a one-paragraph error (``pollen predict``). A
+    ``contextlib.redirect_stderr`` would not do: native libraries write to the
+    descriptor, not to ``sys.stderr``.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [line for line in lines if not any(n in line for n in notices)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 #: Name of the connection in the private ``config.toml``.
 CONNECTION = "pollen"
 

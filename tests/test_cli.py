@@ -498,3 +498,23 @@ def test_simulate_samples_a_fraction_of_the_clients(monkeypatch, tmp_path) -> No
             cli.main(argv + extra)
         cfg, clients = caught.value.args
         assert (cfg.min_clients, clients) == (expected, 10)
+
+
+def test_native_load_notices_are_held_back_and_everything_else_kept(capfd) -> None:
+    import os
+
+    from pollen.errors import PollenError
+    from pollen.runtime import without_native_notices
+
+    with without_native_notices():
+        # what TensorFlow's native libraries write while loading, straight to descriptor 2
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are x\n")
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see\n")
+        os.write(2, b"E0000 something real went wrong\n")
+        os.write(2, b"and its second line\n")
+    err = capfd.readouterr().err
+    assert err == "E0000 something real went wrong\nand its second line\n"
+    with pytest.raises(PollenError), without_native_notices():
+        os.write(2, b"kept before the error\n")
+        raise PollenError("bad input")
+    assert capfd.readouterr().err == "kept before the error\n"
