@@ -89,7 +89,7 @@ class ModelSpec:
             probabilities of each image and its mirror image
             (:func:`pollen.training.predict_proba`); for models trained with
             random flips, or on classes that look the same mirrored (CIFAR-10:
-            +1.3 to +2.0 points for ``mobilenetv2``, trained without flips).
+            +1.7 to +2.2 points for ``mobilenetv2``, trained without flips).
     """
 
     build: Callable[..., keras.Model]
