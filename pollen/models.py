@@ -145,7 +145,7 @@ def _set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
             layer.momentum = momentum
 
 
-def _zero_residual_branches(model: keras.Model) -> int:
+def _zero_residual_branches(model: keras.Model) -> None:
     """Start every residual block of a ``keras.applications.MobileNetV2`` as the identity.
 
     Sets the scale (gamma) of the BatchNorm that ends each residual branch
@@ -156,20 +156,15 @@ def _zero_residual_branches(model: keras.Model) -> int:
     values change, not the architecture. For the reference configuration
     this lifted the federated model from 48.1% to 55.8% (single view) after
     3 rounds, in an in-process probe of seed 42 (see the README's How it learns).
-
-    Returns:
-        The number of residual blocks changed (10 in MobileNetV2).
+    MobileNetV2 has 10 such blocks.
     """
     import numpy as np
 
     layers = {layer.name: layer for layer in model._flatten_layers(include_self=False)}  # noqa: SLF001
-    count = 0
     for name in layers:
         if name.startswith("block_") and name.endswith("_add"):
             bn = layers[name.removesuffix("_add") + "_project_BN"]
             bn.gamma.assign(np.zeros(bn.gamma.shape, bn.gamma.dtype))
-            count += 1
-    return count
 
 
 def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
