@@ -36,7 +36,7 @@ from pollen.aggregation import merge_batchnorm_stats, validate_update
 from pollen.errors import PollenError
 from pollen.history import ClientRound, History, RoundRecord
 from pollen.privacy import privacy_record
-from pollen.wire import pack_content, unpack_content
+from pollen.wire import NOT_HELD, HeldWeights, pack_content, unpack_content
 
 EvaluateFn = Callable[[int, ArrayRecord], "dict[str, float] | None"]
 #: A round's train phase: :func:`train_phase` or a replacement with its signature.
@@ -134,8 +134,19 @@ def exchange(
         return result
     lock = threading.Lock()
     stop = threading.Event()
+    done = threading.Event()  # every pull thread has ended
+    running = [sum(1 for i in message_ids if i)]
 
     def pull(message_id: str, node: int) -> None:
+        try:
+            _pull(message_id, node)
+        finally:
+            with lock:
+                running[0] -= 1
+                if running[0] == 0:
+                    done.set()
+
+    def _pull(message_id: str, node: int) -> None:
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 replies = list(grid.pull_messages([message_id]))
@@ -161,8 +172,9 @@ def exchange(
         threads.append(t)
     # Wait in short slices: a signal raised by another thread (Flower's parent-process
     # monitor stops the app that way) is only handled when this thread runs again.
-    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    # The last reply ends the wait at once.
+    while threads and not done.is_set() and time.monotonic() < deadline:
+        done.wait(min(0.2, max(0.0, deadline - time.monotonic())))
     with lock:
         stop.set()
         result.missing = [n for n in destinations if n not in result.replies]
@@ -335,7 +347,13 @@ def _collect(
     Returns:
         ``(node id, reply)`` of every reply that carries content.
     """
-    result = exchange(grid, messages, timeout)
+    return _record(exchange(grid, messages, timeout), timeout, phase, rnd, clients)
+
+
+def _record(
+    result: Exchange, timeout: float, phase: str, rnd: int, clients: _RoundClients
+) -> list[tuple[int, Message]]:
+    """:func:`_collect` for an exchange already made."""
     ok = []
     for node, msg in result.replies.items():
         if msg.has_error():
@@ -369,6 +387,7 @@ def train_phase(
     *,
     max_update_norm: float = 0.0,
     min_valid: int = 1,
+    held: HeldWeights | None = None,
 ) -> ArrayRecord:
     """Send ``arrays`` for training, validate and record replies, return the aggregate.
 
@@ -377,15 +396,36 @@ def train_phase(
     rejected: ..."``). Clients that fail or do not reply within ``timeout``
     are recorded too.
 
+    With ``held``, a client that holds the weights of the last evaluate
+    message gets only the arrays that differ from them
+    (:meth:`HeldWeights.shorten`); one that replies it no longer holds them
+    gets the whole weights, within the same ``timeout``.
+
     Raises:
         PollenError: Fewer than ``min_valid`` clients returned a valid update.
     """
+    deadline = time.monotonic() + timeout
     messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
-    record.bytes_sent += record_bytes(arrays) * len(messages)
+    whole = held.shorten(messages, arrays) if held is not None else {}
+    record.bytes_sent += sum(_arrays_bytes(m.content) for m in messages)
     learn_names(grid, [m.metadata.dst_node_id for m in messages], clients.names, min(timeout, 15))
     global_np = arrays.to_numpy_ndarrays()
+    result = exchange(grid, messages, timeout)
+    resend = [
+        Message(whole[node], dst_node_id=node, message_type=MessageType.TRAIN)
+        for node, reply in result.replies.items()
+        if node in whole and reply.has_error() and NOT_HELD in reply.error.reason
+    ]
+    if resend:
+        log(INFO, "Round %d: sending the whole weights to %d client(s)", rnd, len(resend))
+        record.bytes_sent += sum(_arrays_bytes(m.content) for m in resend)
+        again = exchange(grid, resend, max(0.0, deadline - time.monotonic()))
+        for m in resend:
+            del result.replies[m.metadata.dst_node_id]
+        result.replies.update(again.replies)
+        result.missing += again.missing
     valid: list[Message] = []
-    for node, msg in _collect(grid, messages, timeout, "train", rnd, clients):
+    for node, msg in _record(result, timeout, "train", rnd, clients):
         c = clients.get(node)
         if "arrays" not in msg.content or "metrics" not in msg.content:
             reason = "reply has no weights or metrics"
@@ -430,6 +470,11 @@ def train_phase(
     return _cast_like(new_arrays, arrays)
 
 
+def _arrays_bytes(content: RecordDict) -> int:
+    """Payload bytes of the ArrayRecords of a message's content."""
+    return sum(record_bytes(r) for r in content.array_records.values())
+
+
 def _cast_like(new: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
     """``new`` with each array in the dtype of ``like``'s array of the same key.
 
@@ -457,13 +502,16 @@ def evaluate_phase(
     clients: _RoundClients,
     skip: Iterable[int] = (),
     bn_stats: bool = True,
+    held: HeldWeights | None = None,
 ) -> ArrayRecord:
     """Clients evaluate ``arrays``; return them with re-estimated BatchNorm statistics.
 
     Nodes in ``skip`` (those that sent no train reply this round: dead or
     still busy) are not asked. With ``bn_stats=False`` (secure aggregation:
     per-client statistics would reveal per-client data) clients' BatchNorm
-    statistics are ignored and ``arrays`` come back unchanged.
+    statistics are ignored and ``arrays`` come back unchanged. With
+    ``held``, the clients are asked to keep ``arrays``
+    (:meth:`HeldWeights.keep`), and those that reply are noted.
     """
     skip = set(skip)
     messages = [
@@ -471,8 +519,12 @@ def evaluate_phase(
         for m in strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
         if m.metadata.dst_node_id not in skip
     ]
+    if held is not None:
+        held.keep(messages, arrays)
     record.bytes_sent += record_bytes(arrays) * len(messages)
     ok = _collect(grid, messages, timeout, "evaluate", rnd, clients)
+    if held is not None:
+        held.held_by(node for node, _ in ok)
     for node, msg in ok:
         m, c = msg.content["metrics"], clients.get(node)
         c.eval_loss, c.eval_accuracy = m.get("eval_loss"), m.get("eval_accuracy")
@@ -507,6 +559,7 @@ def run_rounds(
     train: TrainPhase | None = None,
     bn_stats: bool = True,
     release: Callable[[], None] | None = None,
+    held_weights: bool = False,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; return the final global arrays.
 
@@ -541,6 +594,12 @@ def run_rounds(
     which the server sees only the aggregate. ``bn_stats=False`` ignores the
     clients' BatchNorm statistics (per-client data statistics).
 
+    ``held_weights``: the clients keep the weights of each evaluate message,
+    and the next round's train message to a client that evaluated carries
+    only the arrays that changed since (:class:`pollen.wire.HeldWeights`;
+    with :func:`train_phase` only). For deployments: a simulated client's
+    messages do not leave the process.
+
     Raises:
         PollenError: Fewer than ``min_clients`` clients are connected within
             ``timeout``, or fewer valid updates came back in a round.
@@ -555,6 +614,8 @@ def run_rounds(
 
     pending: _Beside | None = None
     gate = _TrainSent(grid)
+    held = HeldWeights() if held_weights and train is None else None
+    extra = {} if held is None else {"held": held}
     try:
         for rnd in range(first_round, num_rounds + 1):
             start = time.perf_counter()
@@ -573,13 +634,14 @@ def run_rounds(
                 clients,
                 max_update_norm=max_update_norm,
                 min_valid=min_clients,
+                **extra,
             )
             record.privacy = privacy_record(strategy)
             failed = [n for n, c in clients.by_node.items() if c.error]
             record.phase_seconds["train"] = time.perf_counter() - start
             _wait_for_quorum(grid, min_clients, timeout, rnd)
             arrays = evaluate_phase(
-                grid, strategy, rnd, arrays, timeout, record, clients, failed, bn_stats
+                grid, strategy, rnd, arrays, timeout, record, clients, failed, bn_stats, held
             )
             record.phase_seconds["evaluate"] = (
                 time.perf_counter() - start - sum(record.phase_seconds.values())

@@ -376,5 +376,13 @@ def run_federation(
         train=train,
         bn_stats=not cfg.secagg,
         release=release,
+        held_weights=not _simulated(grid),
     )
     return history
+
+
+def _simulated(grid: Grid) -> bool:
+    """Whether the clients are Flower's simulation engine's (their messages stay in memory)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)

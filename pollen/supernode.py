@@ -4,17 +4,23 @@ Flower 1.42's SuperNode asks the SuperLink for a new message and, when there
 is none, sleeps a fixed 3 s before asking again
 (``flwr.supernode.start_client_internal``); it then waits for the app's reply
 in 0.5-s steps. Every train and every evaluate request of a round therefore
-waits 1.5 s on average before the client sees it, plus up to 0.5 s before its
-reply leaves: on a loopback deployment of the reference configuration about
-3-4 s of each round's overhead. Flower has no setting for these waits.
+waits 1.5 s on average before the client sees it, plus 0.25 s on average
+before its reply leaves: on a loopback deployment of the reference
+configuration about 3-4 s of each round's overhead. Flower has no setting for
+these waits.
 
 ``pollen client`` runs ``python -m pollen.supernode`` (with
 ``flower-supernode``'s own arguments) instead: the same SuperNode, in this
-process, whose module sees a ``time`` whose ``sleep`` never waits longer than
-``POLLEN_SUPERNODE_POLL`` seconds (default :data:`DEFAULT_POLL_SECONDS`).
-Each idle poll is one small HTTP request to the server, so the default keeps
-an idle client at 2 requests a second; raise it for very large fleets. The
-SuperNode's downloads of a message's content also retry sooner
+process, whose module sees a ``time`` with a shorter ``sleep``
+(:func:`capped_time`): an idle poll waits at most ``POLLEN_SUPERNODE_POLL``
+seconds (default :data:`DEFAULT_POLL_SECONDS`), or a fifth of that
+(:data:`BUSY_POLL_SHARE`) during the :data:`BUSY_WINDOW_SECONDS` after the
+SuperNode last handled a message (a round's next message follows its last
+reply within a second or two), and a wait for the node's own app at most
+:data:`LOCAL_WAIT_SECONDS`. Each poll is one small HTTP request to the
+server, so the default keeps an idle client at 2 requests a second (10 in a
+busy window); raise it for very large fleets. The SuperNode's downloads of a
+message's content also retry sooner
 (:func:`pollen.wire.quick_pulls`). With ``POLLEN_PARENT_PID`` set (``pollen
 client`` sets its own pid) the SuperNode stops, as on Ctrl-C, once that
 process is gone: a ``pollen client`` killed with SIGKILL leaves no SuperNode
@@ -28,30 +34,81 @@ import sys
 import time
 from types import ModuleType
 
-__all__ = ["DEFAULT_POLL_SECONDS", "PARENT_ENV", "POLL_ENV", "capped_time", "main"]
+__all__ = [
+    "BUSY_POLL_SHARE",
+    "BUSY_WINDOW_SECONDS",
+    "DEFAULT_POLL_SECONDS",
+    "LOCAL_WAIT_SECONDS",
+    "PARENT_ENV",
+    "POLL_ENV",
+    "capped_time",
+    "main",
+]
 
 #: Longest wait, in seconds, between the SuperNode's polls (Flower's own: 3 s when idle).
 DEFAULT_POLL_SECONDS = 0.5
+#: Longest wait between polls soon after the SuperNode handled a message, as a share
+#: of the idle one (0.1 s by default).
+BUSY_POLL_SHARE = 0.2
+#: Seconds after the SuperNode last waited for its app during which polls are quicker.
+BUSY_WINDOW_SECONDS = 10.0
+#: Longest wait, seconds, on the node's own state: its app's reply, an object's
+#: content in its store (Flower's own: 0.5 s). Each check is in memory.
+LOCAL_WAIT_SECONDS = 0.02
+#: Flower's sleeps at least this long are idle polls of the server (3 s in 1.42);
+#: shorter ones wait on the node's own state (0.5 s).
+_POLL_SLEEP_AT_LEAST = 1.0
 #: Environment variable that overrides :data:`DEFAULT_POLL_SECONDS`.
 POLL_ENV = "POLLEN_SUPERNODE_POLL"
 #: Environment variable naming the process whose end stops the SuperNode.
 PARENT_ENV = "POLLEN_PARENT_PID"
 
 
-def capped_time(longest: float) -> ModuleType:
-    """A stand-in for the ``time`` module whose ``sleep`` waits at most ``longest`` seconds.
+def capped_time(
+    longest: float,
+    *,
+    busy: float | None = None,
+    window: float = BUSY_WINDOW_SECONDS,
+    local: float = LOCAL_WAIT_SECONDS,
+) -> ModuleType:
+    """A stand-in for the ``time`` module whose ``sleep`` waits less than Flower asks.
+
+    A requested sleep of 1 s or more is an idle poll of the server: it waits
+    at most ``longest`` seconds, or ``busy`` seconds while less than
+    ``window`` seconds have passed since the last shorter sleep. A shorter
+    sleep waits on the node's own state (its app's reply): at most ``local``
+    seconds, and it starts the busy window.
 
     Args:
-        longest: Cap on a single ``sleep``, in seconds (> 0).
+        longest: Cap on an idle poll, in seconds (> 0).
+        busy: Cap on a poll in the busy window, in seconds (> 0); default:
+            ``longest`` times :data:`BUSY_POLL_SHARE`.
+        window: Length of the busy window, in seconds (>= 0; 0: none).
+        local: Cap on a wait on the node's own state, in seconds (> 0).
 
     Returns:
         A module object that forwards every other attribute to ``time``.
     """
-    if not longest > 0:
-        raise ValueError(f"the poll cap must be positive seconds, got {longest!r}")
+    busy = longest * BUSY_POLL_SHARE if busy is None else busy
+    if not (longest > 0 and busy > 0 and local > 0 and window >= 0):
+        raise ValueError(
+            f"the poll caps must be positive seconds, got {longest!r}, {busy!r}, {local!r} "
+            f"(window {window!r})"
+        )
+    last_local = [-float("inf")]  # monotonic time of the last wait on the node's own state
+
+    def sleep(seconds: float) -> None:
+        if seconds < _POLL_SLEEP_AT_LEAST:
+            last_local[0] = time.monotonic()
+            time.sleep(min(seconds, local))
+        elif time.monotonic() - last_local[0] < window:
+            time.sleep(min(seconds, busy, longest))
+        else:
+            time.sleep(min(seconds, longest))
+
     capped = ModuleType("time")
     capped.__dict__.update(vars(time))
-    capped.sleep = lambda seconds: time.sleep(min(seconds, longest))
+    capped.sleep = sleep
     return capped
 
 

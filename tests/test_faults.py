@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from conftest import pollen_cmd
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Error,
@@ -38,6 +39,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
+from pollen import wire
 from pollen.aggregation import validate_update
 from pollen.checkpoint import RunLock, load_checkpoint, read_manifest, save_checkpoint
 from pollen.client_app import FAULTS, corrupt, fault_of
@@ -53,7 +55,7 @@ from pollen.rounds import (
 )
 from pollen.runtime import descendants, is_running
 from pollen.strategy import STRATEGIES
-from pollen.wire import pack_content, unpack_content
+from pollen.wire import held_weights, pack_content, unpack_content
 
 # --- validate_update ---------------------------------------------------------------------------
 
@@ -222,14 +224,21 @@ class FakeGrid:
                 err = Error(code=2, reason="<class 'ValueError'>:<'broken client'>")
                 out.append(Message(metadata=meta, error=err))
             else:  # the node sees and sends records as a real client does (pollen.wire)
-                content = behaviour(_as_received(msg))
-                out.append(Message(metadata=meta, content=pack_content(content)))
+                try:
+                    content = pack_content(behaviour(_as_received(msg)))
+                except Exception as ex:  # an error reply, as Flower makes of a raising app
+                    reason = f"<class '{type(ex).__module__}.{type(ex).__name__}'>:<'{ex}'>"
+                    out.append(Message(metadata=meta, error=Error(code=1, reason=reason)))
+                    continue
+                out.append(Message(metadata=meta, content=content))
         return out
 
 
 def _as_received(msg: Message) -> Message:
-    """``msg`` as a client's handler sees it: its records unpacked (``pollen.wire.wire_mod``)."""
-    return Message(metadata=msg.metadata, content=unpack_content(msg.content))
+    """``msg`` as a client's handler sees it (``pollen.wire.wire_mod``): its records
+    unpacked, and weights kept or rebuilt as the server asked."""
+    content = held_weights(unpack_content(msg.content), msg.metadata.dst_node_id)
+    return Message(metadata=msg.metadata, content=content)
 
 
 def _trainer(name: str, shift: float = 0.01, n: int = 10, tamper=None):
@@ -281,6 +290,29 @@ def test_exchange_returns_replies_and_missing_nodes_within_the_deadline() -> Non
     assert set(result.replies) == {1, 4}
     assert result.replies[4].has_error()
     assert sorted(result.missing) == [2, 3]
+
+
+def test_exchange_returns_as_soon_as_the_last_reply_is_in() -> None:
+    """No wait for the next 0.2-s slice of the deadline's loop once every reply is in."""
+
+    class LateGrid(FakeGrid):  # each reply is there from the second pull on
+        def pull_messages(self, message_ids):
+            first = [m for m in message_ids if m not in self.asked]
+            self.asked.update(first)
+            return super().pull_messages([m for m in message_ids if m not in first])
+
+    grid = LateGrid({1: _trainer("a"), 2: _trainer("b")})
+    grid.asked = set()
+    start = time.monotonic()
+    for _ in range(5):
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord({"request": "hello"})}), n, "query")
+            for n in (1, 2)
+        ]
+        result = exchange(grid, msgs, timeout=5.0, poll_interval=0.01)
+        assert set(result.replies) == {1, 2}
+    took = time.monotonic() - start
+    assert took < 0.6, f"5 exchanges took {took:.2f} s"
 
 
 def test_flower_send_and_receive_would_hang_here() -> None:
@@ -394,6 +426,66 @@ def test_run_rounds_records_failures_and_goes_on() -> None:
         # The rejected client is not asked to evaluate in the same round.
         bad = next(c for c in r.clients if c.name == "bad")
         assert bad.eval_accuracy is None
+
+
+def _calibrating(name: str, shift: float, forget: bool = False):
+    """A trainer whose evaluate replies carry BatchNorm statistics of arrays "1" and "2".
+
+    ``forget``: the client's app loses the weights it was asked to keep right after
+    each evaluation (as if it restarted).
+    """
+    trainer = _trainer(name, shift)
+
+    def reply(msg: Message) -> RecordDict:
+        content = trainer(msg)
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            mean, var = np.full(10, 10 * shift, np.float32), np.full(10, 1 + shift, np.float32)
+            content["bn-stats"] = ArrayRecord(array_dict={"1": Array(mean), "2": Array(var)})
+            content["metrics"]["calibration-examples"] = 10
+            if forget:
+                wire._kept.pop(msg.metadata.dst_node_id, None)
+        return content
+
+    return reply
+
+
+def _bn_arrays() -> ArrayRecord:
+    return ArrayRecord(
+        [np.zeros((20, 10), np.float32), np.zeros(10, np.float32), np.ones(10, np.float32)]
+    )
+
+
+@pytest.mark.parametrize("forget", [False, True])
+def test_train_messages_carry_only_what_changed_since_the_clients_evaluated(
+    monkeypatch, forget: bool
+) -> None:
+    """held_weights: the same rounds, the same weights; far fewer bytes sent."""
+    monkeypatch.setattr(wire, "_kept", {})
+    results = {}
+    for held in (False, True):
+        grid = FakeGrid({1: _calibrating("a", 0.1), 2: _calibrating("b", 0.3, forget)})
+        history = History(config={})
+        final = run_rounds(
+            grid, _strategy(2), _bn_arrays(), num_rounds=3, history=history, timeout=5.0,
+            min_clients=2, held_weights=held,
+        )  # fmt: skip
+        assert all(c.error is None for r in history.rounds for c in r.clients)
+        trains = [m for m in grid.sent.values() if m.metadata.message_type == MessageType.TRAIN]
+        sizes = [(m.metadata.dst_node_id, unpack_content(m.content)["arrays"]) for m in trains]
+        results[held] = (final.to_numpy_ndarrays(), history, sizes)
+    plain, held = results[False], results[True]
+    for a, b in zip(plain[0], held[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r.server for r in plain[1].rounds] == [r.server for r in held[1].rounds]
+    assert all(len(arrays) == 3 for _, arrays in plain[2])  # always the whole weights
+    # Round 1: whole. Rounds 2 and 3: the merged statistics only, to a client that kept
+    # the weights; one that lost them says so and gets the whole weights again.
+    expected = [(1, 3), (2, 3)] + [(1, 2), (2, 2)] + ([(2, 3)] if forget else [])
+    expected = expected + expected[2:]
+    got = [(node, len(arrays)) for node, arrays in held[2]]
+    assert sorted(got) == sorted(expected), got
+    sent = [r.bytes_sent for r in held[1].rounds]
+    assert sent[1] < [r.bytes_sent for r in plain[1].rounds][1] or forget
 
 
 def test_run_rounds_resumes_at_first_round() -> None:

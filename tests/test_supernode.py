@@ -10,17 +10,30 @@ import pytest
 from pollen import supernode
 
 
+def _slept(capped, seconds: float) -> float:
+    start = time.monotonic()
+    capped.sleep(seconds)
+    return time.monotonic() - start
+
+
 def test_capped_time_caps_sleep_and_forwards_the_rest() -> None:
-    capped = supernode.capped_time(0.05)
-    start = time.monotonic()
-    capped.sleep(3)  # Flower's idle wait
-    assert time.monotonic() - start < 1.0
-    start = time.monotonic()
-    capped.sleep(0.01)  # shorter waits are kept
-    assert time.monotonic() - start >= 0.009
+    capped = supernode.capped_time(0.05, window=0)
+    assert _slept(capped, 3) < 1.0  # Flower's idle wait
+    assert _slept(capped, 0.01) >= 0.009  # shorter waits are kept
     assert capped.monotonic is time.monotonic and capped.time is time.time
     with pytest.raises(ValueError, match="positive"):
         supernode.capped_time(0)
+
+
+def test_polls_are_quick_right_after_a_message_and_local_waits_short() -> None:
+    capped = supernode.capped_time(0.4, busy=0.02, window=1.5, local=0.01)
+    assert 0.35 <= _slept(capped, 3) < 1.0  # idle: the poll cap
+    assert _slept(capped, 0.5) < 0.2  # Flower's wait for the app's reply: the local cap
+    assert _slept(capped, 3) < 0.2  # and the next polls come quickly for a while
+    time.sleep(1.6)
+    assert _slept(capped, 3) >= 0.35  # until the window has passed
+    assert _slept(capped, 0.4) < 0.2
+    assert _slept(supernode.capped_time(0.4, window=0), 3) >= 0.35  # no window
 
 
 @pytest.mark.parametrize(

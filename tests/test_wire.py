@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 from flwr.app import (
     DEFAULT_TTL,
     Array,
@@ -17,7 +18,19 @@ from flwr.app import (
     RecordDict,
 )
 
-from pollen.wire import MARK, pack_content, pack_record, unpack_content, unpack_record, wire_mod
+from pollen import wire
+from pollen.errors import PollenError
+from pollen.wire import (
+    HELD,
+    MARK,
+    NOT_HELD,
+    HeldWeights,
+    pack_content,
+    pack_record,
+    unpack_content,
+    unpack_record,
+    wire_mod,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -64,11 +77,11 @@ def test_content_is_marked_and_unmarked() -> None:
     _same(back["arrays"], content["arrays"])
 
 
-def _message(content: RecordDict) -> Message:
-    """A message as a client receives it."""
+def _message(content: RecordDict, node: int = 1, kind: str = MessageType.TRAIN) -> Message:
+    """A message to ``node``, as the server sends it and the client receives it."""
     metadata = Metadata(
-        run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=MessageType.TRAIN,
+        run_id=1, message_id="m1", src_node_id=0, dst_node_id=node, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=kind,
     )  # fmt: skip
     return Message(metadata=metadata, content=content)
 
@@ -120,3 +133,105 @@ def test_quick_pulls_retry_an_object_that_has_not_arrived_soon() -> None:
     assert len(tries) == 2
     assert tries[1] - tries[0] < 0.5  # Flower's own first retry: 0.8-1.2 s
     assert tries[1] - tries[0] >= PULL_FIRST_RETRY * 0.8 - 0.01  # with Flower's ±20% jitter
+
+
+# --- weights a client already holds -----------------------------------------------------
+
+
+def _deliver(msg: Message, seen: dict[int, RecordDict]) -> Message:
+    """Send ``msg`` through the wire to its node's client app (wire_mod), as a deployment does."""
+    node = msg.metadata.dst_node_id
+
+    def handler(m: Message, _context: Context) -> Message:
+        seen[node] = m.content
+        return Message(metadata=m.metadata, content=RecordDict({"ok": ConfigRecord({})}))
+
+    context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+    received = _message(pack_content(msg.content), node, msg.metadata.message_type)
+    return wire_mod(received, context, handler)
+
+
+def _to(nodes, content: RecordDict, kind: str) -> list[Message]:
+    """One message per node, all sharing ``content`` (as Flower's strategies build them)."""
+    return [_message(content, n, kind) for n in nodes]
+
+
+def test_train_messages_to_clients_that_evaluated_carry_only_what_changed(monkeypatch) -> None:
+    monkeypatch.setattr(wire, "_kept", {})
+    weights = _record({"kernel": (40, 30), "mean": (30,), "var": (30,)})
+    evaluate = RecordDict({"arrays": weights, "config": ConfigRecord({})})
+    held, seen = HeldWeights(), {}
+    messages = _to([1, 2, 3], evaluate, MessageType.EVALUATE)
+    held.keep(messages, weights)
+    assert HELD not in evaluate  # the strategy's shared content is left alone
+    for m in messages[:2]:  # node 3 never replies
+        _deliver(m, seen)
+    held.held_by([1, 2])
+    assert HELD not in seen[1] and list(seen[1]["arrays"]) == ["kernel", "mean", "var"]
+
+    # The server merged BatchNorm statistics: two small arrays changed.
+    merged = ArrayRecord(array_dict=dict(weights.items()))
+    merged["mean"], merged["var"] = (
+        Array(np.full(30, 0.5, np.float32)),
+        Array(np.ones(30, np.float32)),
+    )
+    train = RecordDict({"arrays": merged, "config": ConfigRecord({"server-round": 2})})
+    messages = _to([1, 2, 3], train, MessageType.TRAIN)
+    whole = held.shorten(messages, merged)
+    assert set(whole) == {1, 2} and whole[1] is train
+    assert list(messages[0].content["arrays"]) == ["mean", "var"]
+    assert messages[0].content[HELD]["changes-to"] == held.id
+    assert messages[2].content is train  # node 3 did not evaluate: the whole weights
+
+    for m in messages:
+        _deliver(m, seen)
+    for node in (1, 2, 3):  # every handler sees the whole merged weights, and no note
+        assert HELD not in seen[node] and seen[node]["config"]["server-round"] == 2
+        _same(seen[node]["arrays"], merged)
+
+    # Kept weights serve one train message: sent again, it is refused with NOT_HELD.
+    reply = None
+    with pytest.raises(PollenError, match=NOT_HELD):
+        reply = _deliver(messages[0], seen)
+    assert reply is None
+
+
+def test_a_client_that_lost_the_weights_says_so(monkeypatch) -> None:
+    monkeypatch.setattr(wire, "_kept", {})
+    weights = _record({"kernel": (40, 30), "mean": (30,)})
+    held, seen = HeldWeights(), {}
+    (message,) = _to([1], RecordDict({"arrays": weights}), MessageType.EVALUATE)
+    held.keep([message], weights)
+    _deliver(message, seen)
+    held.held_by([1])
+    wire._kept.clear()  # the client's app restarted
+    merged = ArrayRecord(
+        array_dict={**dict(weights.items()), "mean": Array(np.zeros(30, np.float32))}
+    )
+    (message,) = _to([1], RecordDict({"arrays": merged}), MessageType.TRAIN)
+    assert held.shorten([message], merged)
+    with pytest.raises(PollenError, match=f"^{NOT_HELD}: this client no longer holds"):
+        _deliver(message, seen)
+
+
+def test_weights_that_changed_mostly_or_in_shape_are_sent_whole() -> None:
+    weights = _record({"kernel": (40, 30), "mean": (30,)})
+    held = HeldWeights()
+    held.keep(_to([1], RecordDict({"arrays": weights}), MessageType.EVALUATE), weights)
+    held.held_by([1])
+    for other in (
+        _record({"kernel": (40, 30), "mean": (30,)}),  # every array changed
+        _record({"kernel": (30, 40), "mean": (30,)}),  # shapes changed
+        _record({"mean": (30,), "kernel": (40, 30)}),  # other keys order
+        ArrayRecord(array_dict={"kernel": weights["kernel"]}),  # fewer keys
+    ):
+        messages = _to([1], RecordDict({"arrays": other}), MessageType.TRAIN)
+        content = messages[0].content
+        assert held.shorten(messages, other) == {}
+        assert messages[0].content is content
+    # Before any evaluate message, and for a record other than the one sent: whole.
+    fresh = HeldWeights()
+    messages = _to([1], RecordDict({"arrays": weights}), MessageType.TRAIN)
+    assert fresh.shorten(messages, weights) == {}
+    messages = _to([1], RecordDict({"arrays": _record({"a": (2,)})}), MessageType.TRAIN)
+    assert held.shorten(messages, weights) == {}
