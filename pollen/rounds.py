@@ -511,7 +511,7 @@ def evaluate_phase(
     per-client statistics would reveal per-client data) clients' BatchNorm
     statistics are ignored and ``arrays`` come back unchanged. With
     ``held``, the clients are asked to keep ``arrays``
-    (:meth:`HeldWeights.keep`), and those that reply are noted.
+    (:meth:`HeldWeights.keep`), and those that confirm it are noted.
     """
     skip = set(skip)
     messages = [
@@ -524,7 +524,7 @@ def evaluate_phase(
     record.bytes_sent += record_bytes(arrays) * len(messages)
     ok = _collect(grid, messages, timeout, "evaluate", rnd, clients)
     if held is not None:
-        held.held_by(node for node, _ in ok)
+        held.held_by(ok)
     for node, msg in ok:
         m, c = msg.content["metrics"], clients.get(node)
         c.eval_loss, c.eval_accuracy = m.get("eval_loss"), m.get("eval_accuracy")

@@ -177,10 +177,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from flwr.supernode.runtime import run_clientapp
 
-    from pollen.wire import quick_pulls
+    from pollen.wire import quick_pulls, serve_later_messages
 
     # A task arrives while the SuperNode is still downloading its message.
     quick_pulls(run_clientapp, "pull_and_inflate_object_from_tree")
+    serve_later_messages()  # weights kept for the next message are still here then
     superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
     # Flower 1.42 picks its executor by name (subprocess or kubernetes) inside
     # run_superexec; this is the one place to hand it ours.

@@ -22,10 +22,12 @@ Weights a client already holds are not sent again (:class:`HeldWeights`,
 deployments only): a round's train message carries the global weights that
 the same clients received in the previous round's evaluate message, with
 only the BatchNorm statistics merged since then. The server asks the
-clients to keep the evaluate message's weights and then sends a client that
-evaluated only the arrays that changed, naming the weights they build on;
-:func:`wire_mod` rebuilds the whole record before the handler sees it. A
-client that no longer holds them (its app restarted) replies
+clients to keep the evaluate message's weights; a client whose app process
+serves its later messages too (Pollen's warm app runner; Flower's own starts
+a process per message) keeps them and says so in its reply. The server then
+sends such a client only the arrays that changed, naming the weights they
+build on, and :func:`wire_mod` rebuilds the whole record before the handler
+sees it. A client that no longer holds them (its app restarted) replies
 :data:`NOT_HELD`, and the server sends it the whole record. Flower has
 nothing of the kind: its objects are content-addressed per message, and a
 SuperNode keeps none between messages.
@@ -52,6 +54,7 @@ __all__ = [
     "pack_content",
     "pack_record",
     "quick_pulls",
+    "serve_later_messages",
     "unpack_content",
     "unpack_record",
     "wire_mod",
@@ -126,14 +129,20 @@ def unpack_content(content: RecordDict) -> RecordDict:
 def wire_mod(msg: Message, context: Context, call_next: Callable) -> Message:
     """Client mod: unpack a marked message for the handler, pack its reply.
 
-    Weights the server asks this client to keep are kept, and a record sent
-    as changes to kept weights is rebuilt (:func:`held_weights`).
+    Weights the server asks this client to keep are kept where this process
+    serves the node's later messages too (:func:`serve_later_messages`), and
+    the reply says so; a record sent as changes to kept weights is rebuilt
+    (:func:`held_weights`).
     """
     if not msg.has_content() or MARK not in msg.content:
         return call_next(msg, context)
-    msg.content = held_weights(unpack_content(msg.content), context.node_id)
+    node = context.node_id
+    note = msg.content.config_records.get(HELD, ConfigRecord())
+    msg.content = held_weights(unpack_content(msg.content), node)
     reply = call_next(msg, context)
     if reply.has_content():
+        if "keep" in note and _kept.get(node, ("",))[0] == note["keep"]:
+            reply.content[HELD] = ConfigRecord({"kept": note["keep"]})
         reply.content = pack_content(reply.content)
     return reply
 
@@ -142,7 +151,8 @@ def wire_mod(msg: Message, context: Context, call_next: Callable) -> Message:
 
 #: Name of the ConfigRecord in a message that refers to held weights: ``keep``
 #: (keep this message's ``arrays`` under this id) or ``changes-to`` (this
-#: message's ``arrays`` are changes to the weights kept under this id).
+#: message's ``arrays`` are changes to the weights kept under this id); in a
+#: reply, ``kept`` (the client kept the weights of that id).
 HELD = "pollen-held"
 #: Opens the error of a client asked to rebuild weights it does not hold.
 NOT_HELD = "pollen-weights-not-held"
@@ -150,6 +160,21 @@ NOT_HELD = "pollen-weights-not-held"
 #: Weights kept by this process's client app: node id -> (id, weights). One entry per
 #: node (a deployed client's app serves one node), dropped once used.
 _kept: dict[int, tuple[str, ArrayRecord]] = {}
+#: Whether this process serves its node's later messages too (see serve_later_messages).
+_serves_later = [False]
+
+
+def serve_later_messages(enabled: bool = True) -> None:
+    """Say whether this process serves its node's later messages too, so it may keep weights.
+
+    Pollen's warm app runner (:mod:`pollen.warm_clientapp`) does. Flower's own
+    runner starts a process per message, whose kept weights would be gone by
+    the next one: there a client keeps nothing, says so by not confirming,
+    and gets whole weights.
+    """
+    _serves_later[0] = enabled
+    if not enabled:
+        _kept.clear()
 
 
 def held_weights(content: RecordDict, node_id: int) -> RecordDict:
@@ -157,7 +182,8 @@ def held_weights(content: RecordDict, node_id: int) -> RecordDict:
 
     Content without a :data:`HELD` record is returned as it is. With
     ``keep``, its ``arrays`` are kept for ``node_id`` (replacing what was
-    kept). With ``changes-to``, its ``arrays`` replace arrays of the same
+    kept) if this process serves later messages (:func:`serve_later_messages`).
+    With ``changes-to``, its ``arrays`` replace arrays of the same
     keys in the weights kept under that id, and the whole record is returned
     (the kept weights are dropped). The :data:`HELD` record is removed.
 
@@ -169,7 +195,7 @@ def held_weights(content: RecordDict, node_id: int) -> RecordDict:
         return content
     note = content[HELD]
     out = RecordDict({k: v for k, v in content.items() if k != HELD})
-    if "keep" in note and "arrays" in out:
+    if "keep" in note and "arrays" in out and _serves_later[0]:
         _kept[node_id] = (str(note["keep"]), out["arrays"])
     elif "changes-to" in note:
         kept = _kept.pop(node_id, None)
@@ -189,7 +215,7 @@ class HeldWeights:
     """What the server knows its clients hold: the weights of the last evaluate message.
 
     :meth:`keep` asks the receivers of evaluate messages to keep their
-    weights, :meth:`held_by` notes who replied, and :meth:`shorten` turns a
+    weights, :meth:`held_by` notes who confirmed it, and :meth:`shorten` turns a
     later train message to one of them into the arrays that differ from what
     it holds. With MobileNetV2 under FedAvg a round's train message to a
     client that evaluated then carries its BatchNorm statistics (0.3 MB)
@@ -211,9 +237,12 @@ class HeldWeights:
             if m.content.get("arrays") is arrays:
                 m.content = _with(m.content, HELD, ConfigRecord({"keep": self.id}))
 
-    def held_by(self, nodes: Iterable[int]) -> None:
-        """Note that ``nodes`` received the weights of :meth:`keep` (they replied)."""
-        self.nodes |= set(nodes)
+    def held_by(self, replies: Iterable[tuple[int, Message]]) -> None:
+        """Note the nodes whose reply ``(node id, reply)`` confirms they kept the weights."""
+        for node, reply in replies:
+            note = reply.content.config_records.get(HELD) if reply.has_content() else None
+            if note is not None and note.get("kept") == self.id:
+                self.nodes.add(node)
 
     def shorten(self, messages: Iterable[Message], arrays: ArrayRecord) -> dict[int, RecordDict]:
         """Send ``arrays`` to clients that hold the kept weights as the arrays that differ.

@@ -221,6 +221,12 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
 
     check_run_folder(run, clients=2, train_total=72, server_eval=True)
 
+    # From round 2 on, each train message carried only the merged BatchNorm statistics:
+    # the clients' warm apps kept the weights of the evaluate message (pollen.wire).
+    sent = [r["bytes_sent"] for r in json.loads((run / "history.json").read_text())["rounds"]]
+    assert all(s < 0.75 * sent[0] for s in sent[1:]), sent
+    assert "sending the whole weights" not in (tmp_path / "server.log").read_text()
+
     # Each client ran every message in its one warm app process (pollen.warm_clientapp):
     # the initial-weights query (client 0 only), ROUNDS train and evaluate messages and the
     # end-of-run announcement; no per-message flwr-clientapp process was started.

@@ -30,6 +30,7 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Context,
     Error,
     Message,
     MessageType,
@@ -55,7 +56,7 @@ from pollen.rounds import (
 )
 from pollen.runtime import descendants, is_running
 from pollen.strategy import STRATEGIES
-from pollen.wire import held_weights, pack_content, unpack_content
+from pollen.wire import unpack_content, wire_mod
 
 # --- validate_update ---------------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class FakeGrid:
                 out.append(Message(metadata=meta, error=err))
             else:  # the node sees and sends records as a real client does (pollen.wire)
                 try:
-                    content = pack_content(behaviour(_as_received(msg)))
+                    content = _through_wire(msg, behaviour)
                 except Exception as ex:  # an error reply, as Flower makes of a raising app
                     reason = f"<class '{type(ex).__module__}.{type(ex).__name__}'>:<'{ex}'>"
                     out.append(Message(metadata=meta, error=Error(code=1, reason=reason)))
@@ -234,11 +235,16 @@ class FakeGrid:
         return out
 
 
-def _as_received(msg: Message) -> Message:
-    """``msg`` as a client's handler sees it (``pollen.wire.wire_mod``): its records
-    unpacked, and weights kept or rebuilt as the server asked."""
-    content = held_weights(unpack_content(msg.content), msg.metadata.dst_node_id)
-    return Message(metadata=msg.metadata, content=content)
+def _through_wire(msg: Message, behaviour) -> RecordDict:
+    """The content of the reply of ``behaviour``, a client's handler behind ``wire_mod``."""
+    node = msg.metadata.dst_node_id
+    context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+
+    def handler(received: Message, _context: Context) -> Message:
+        return Message(metadata=received.metadata, content=behaviour(received))
+
+    # A copy: wire_mod replaces the content of the message it gets.
+    return wire_mod(Message(metadata=msg.metadata, content=msg.content), context, handler).content
 
 
 def _trainer(name: str, shift: float = 0.01, n: int = 10, tamper=None):
@@ -428,12 +434,8 @@ def test_run_rounds_records_failures_and_goes_on() -> None:
         assert bad.eval_accuracy is None
 
 
-def _calibrating(name: str, shift: float, forget: bool = False):
-    """A trainer whose evaluate replies carry BatchNorm statistics of arrays "1" and "2".
-
-    ``forget``: the client's app loses the weights it was asked to keep right after
-    each evaluation (as if it restarted).
-    """
+def _calibrating(name: str, shift: float):
+    """A trainer whose evaluate replies carry BatchNorm statistics of arrays "1" and "2"."""
     trainer = _trainer(name, shift)
 
     def reply(msg: Message) -> RecordDict:
@@ -442,11 +444,20 @@ def _calibrating(name: str, shift: float, forget: bool = False):
             mean, var = np.full(10, 10 * shift, np.float32), np.full(10, 1 + shift, np.float32)
             content["bn-stats"] = ArrayRecord(array_dict={"1": Array(mean), "2": Array(var)})
             content["metrics"]["calibration-examples"] = 10
-            if forget:
-                wire._kept.pop(msg.metadata.dst_node_id, None)
         return content
 
     return reply
+
+
+class RestartingGrid(FakeGrid):
+    """Node 2's app restarts after each of its evaluate replies: it loses what it kept."""
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        for r in replies:
+            if r.metadata.src_node_id == 2 and r.metadata.message_type == MessageType.EVALUATE:
+                wire._kept.pop(2, None)
+        return replies
 
 
 def _bn_arrays() -> ArrayRecord:
@@ -455,15 +466,22 @@ def _bn_arrays() -> ArrayRecord:
     )
 
 
-@pytest.mark.parametrize("forget", [False, True])
+@pytest.mark.parametrize("client", ["warm", "restarts", "cold"])
 def test_train_messages_carry_only_what_changed_since_the_clients_evaluated(
-    monkeypatch, forget: bool
+    monkeypatch, client: str
 ) -> None:
-    """held_weights: the same rounds, the same weights; far fewer bytes sent."""
+    """held_weights: the same rounds, the same weights; far fewer bytes sent.
+
+    ``warm``: the clients' apps serve every message (pollen.warm_clientapp).
+    ``restarts``: node 2's app restarts between messages. ``cold``: a process per
+    message (Flower's own app runner), which keeps nothing.
+    """
     monkeypatch.setattr(wire, "_kept", {})
+    monkeypatch.setattr(wire, "_serves_later", [client != "cold"])
+    grid_type = RestartingGrid if client == "restarts" else FakeGrid
     results = {}
     for held in (False, True):
-        grid = FakeGrid({1: _calibrating("a", 0.1), 2: _calibrating("b", 0.3, forget)})
+        grid = grid_type({1: _calibrating("a", 0.1), 2: _calibrating("b", 0.3)})
         history = History(config={})
         final = run_rounds(
             grid, _strategy(2), _bn_arrays(), num_rounds=3, history=history, timeout=5.0,
@@ -479,13 +497,18 @@ def test_train_messages_carry_only_what_changed_since_the_clients_evaluated(
     assert [r.server for r in plain[1].rounds] == [r.server for r in held[1].rounds]
     assert all(len(arrays) == 3 for _, arrays in plain[2])  # always the whole weights
     # Round 1: whole. Rounds 2 and 3: the merged statistics only, to a client that kept
-    # the weights; one that lost them says so and gets the whole weights again.
-    expected = [(1, 3), (2, 3)] + [(1, 2), (2, 2)] + ([(2, 3)] if forget else [])
-    expected = expected + expected[2:]
+    # the weights; one that lost them says so and gets the whole weights after all; one
+    # that never keeps any says nothing and gets the whole weights.
+    later = {
+        "warm": [(1, 2), (2, 2)],
+        "restarts": [(1, 2), (2, 2), (2, 3)],
+        "cold": [(1, 3), (2, 3)],
+    }[client]
+    expected = [(1, 3), (2, 3)] + later + later
     got = [(node, len(arrays)) for node, arrays in held[2]]
     assert sorted(got) == sorted(expected), got
-    sent = [r.bytes_sent for r in held[1].rounds]
-    assert sent[1] < [r.bytes_sent for r in plain[1].rounds][1] or forget
+    if client == "warm":
+        assert held[1].rounds[1].bytes_sent < plain[1].rounds[1].bytes_sent
 
 
 def test_run_rounds_resumes_at_first_round() -> None:

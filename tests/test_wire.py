@@ -156,17 +156,24 @@ def _to(nodes, content: RecordDict, kind: str) -> list[Message]:
     return [_message(content, n, kind) for n in nodes]
 
 
-def test_train_messages_to_clients_that_evaluated_carry_only_what_changed(monkeypatch) -> None:
+@pytest.fixture
+def warm(monkeypatch) -> None:
+    """This process serves its node's later messages too (as pollen.warm_clientapp does)."""
     monkeypatch.setattr(wire, "_kept", {})
+    monkeypatch.setattr(wire, "_serves_later", [True])
+
+
+def test_train_messages_to_clients_that_evaluated_carry_only_what_changed(warm) -> None:
     weights = _record({"kernel": (40, 30), "mean": (30,), "var": (30,)})
     evaluate = RecordDict({"arrays": weights, "config": ConfigRecord({})})
     held, seen = HeldWeights(), {}
     messages = _to([1, 2, 3], evaluate, MessageType.EVALUATE)
     held.keep(messages, weights)
     assert HELD not in evaluate  # the strategy's shared content is left alone
-    for m in messages[:2]:  # node 3 never replies
-        _deliver(m, seen)
-    held.held_by([1, 2])
+    replies = {m.metadata.dst_node_id: _deliver(m, seen) for m in messages[:2]}  # not node 3
+    assert replies[1].content[HELD]["kept"] == held.id  # the client confirms
+    held.held_by(replies.items())
+    assert held.nodes == {1, 2}
     assert HELD not in seen[1] and list(seen[1]["arrays"]) == ["kernel", "mean", "var"]
 
     # The server merged BatchNorm statistics: two small arrays changed.
@@ -196,14 +203,12 @@ def test_train_messages_to_clients_that_evaluated_carry_only_what_changed(monkey
     assert reply is None
 
 
-def test_a_client_that_lost_the_weights_says_so(monkeypatch) -> None:
-    monkeypatch.setattr(wire, "_kept", {})
+def test_a_client_that_lost_the_weights_says_so(warm) -> None:
     weights = _record({"kernel": (40, 30), "mean": (30,)})
     held, seen = HeldWeights(), {}
     (message,) = _to([1], RecordDict({"arrays": weights}), MessageType.EVALUATE)
     held.keep([message], weights)
-    _deliver(message, seen)
-    held.held_by([1])
+    held.held_by([(1, _deliver(message, seen))])
     wire._kept.clear()  # the client's app restarted
     merged = ArrayRecord(
         array_dict={**dict(weights.items()), "mean": Array(np.zeros(30, np.float32))}
@@ -214,11 +219,34 @@ def test_a_client_that_lost_the_weights_says_so(monkeypatch) -> None:
         _deliver(message, seen)
 
 
-def test_weights_that_changed_mostly_or_in_shape_are_sent_whole() -> None:
+def test_a_process_per_message_keeps_nothing_and_gets_whole_weights(monkeypatch) -> None:
+    """Flower's own app runner: the client neither keeps nor confirms."""
+    monkeypatch.setattr(wire, "_kept", {})
+    monkeypatch.setattr(wire, "_serves_later", [False])
+    weights = _record({"kernel": (40, 30), "mean": (30,)})
+    held, seen = HeldWeights(), {}
+    (message,) = _to([1], RecordDict({"arrays": weights}), MessageType.EVALUATE)
+    held.keep([message], weights)
+    reply = _deliver(message, seen)
+    _same(seen[1]["arrays"], weights)
+    assert HELD not in reply.content and wire._kept == {}
+    held.held_by([(1, reply)])
+    assert held.nodes == set()
+    merged = ArrayRecord(
+        array_dict={**dict(weights.items()), "mean": Array(np.zeros(30, np.float32))}
+    )
+    messages = _to([1], RecordDict({"arrays": merged}), MessageType.TRAIN)
+    assert held.shorten(messages, merged) == {}
+    assert HELD not in messages[0].content
+
+
+def test_weights_that_changed_mostly_or_in_shape_are_sent_whole(warm) -> None:
     weights = _record({"kernel": (40, 30), "mean": (30,)})
     held = HeldWeights()
-    held.keep(_to([1], RecordDict({"arrays": weights}), MessageType.EVALUATE), weights)
-    held.held_by([1])
+    (message,) = _to([1], RecordDict({"arrays": weights}), MessageType.EVALUATE)
+    held.keep([message], weights)
+    held.held_by([(1, _deliver(message, {}))])
+    assert held.nodes == {1}
     for other in (
         _record({"kernel": (40, 30), "mean": (30,)}),  # every array changed
         _record({"kernel": (30, 40), "mean": (30,)}),  # shapes changed
