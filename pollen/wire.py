@@ -218,7 +218,7 @@ class HeldWeights:
     weights, :meth:`held_by` notes who confirmed it, and :meth:`shorten` turns a
     later train message to one of them into the arrays that differ from what
     it holds. With MobileNetV2 under FedAvg a round's train message to a
-    client that evaluated then carries its BatchNorm statistics (0.3 MB)
+    client that evaluated then carries its BatchNorm statistics (0.15 MB)
     instead of the 9-MB model.
     """
 
