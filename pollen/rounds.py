@@ -347,10 +347,10 @@ def _collect(
     Returns:
         ``(node id, reply)`` of every reply that carries content.
     """
-    return _record(exchange(grid, messages, timeout), timeout, phase, rnd, clients)
+    return _replies_of(exchange(grid, messages, timeout), timeout, phase, rnd, clients)
 
 
-def _record(
+def _replies_of(
     result: Exchange, timeout: float, phase: str, rnd: int, clients: _RoundClients
 ) -> list[tuple[int, Message]]:
     """:func:`_collect` for an exchange already made."""
@@ -425,7 +425,7 @@ def train_phase(
         result.replies.update(again.replies)
         result.missing += again.missing
     valid: list[Message] = []
-    for node, msg in _record(result, timeout, "train", rnd, clients):
+    for node, msg in _replies_of(result, timeout, "train", rnd, clients):
         c = clients.get(node)
         if "arrays" not in msg.content or "metrics" not in msg.content:
             reason = "reply has no weights or metrics"
