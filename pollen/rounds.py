@@ -18,6 +18,7 @@ checking updates) lives in :mod:`pollen.aggregation`, free of Flower and Keras.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import threading
 import time
@@ -615,7 +616,7 @@ def run_rounds(
     pending: _Beside | None = None
     gate = _TrainSent(grid)
     held = HeldWeights() if held_weights and train is None else None
-    extra = {} if held is None else {"held": held}
+    train = train or functools.partial(train_phase, held=held)
     try:
         for rnd in range(first_round, num_rounds + 1):
             start = time.perf_counter()
@@ -623,7 +624,7 @@ def run_rounds(
             clients = _RoundClients(names)
             # Flower's samplers wait for enough nodes forever: bound that wait here.
             _wait_for_quorum(grid, min_clients, timeout, rnd)
-            arrays = (train or train_phase)(
+            arrays = train(
                 gate,
                 strategy,
                 rnd,
@@ -634,7 +635,6 @@ def run_rounds(
                 clients,
                 max_update_norm=max_update_norm,
                 min_valid=min_clients,
-                **extra,
             )
             record.privacy = privacy_record(strategy)
             failed = [n for n, c in clients.by_node.items() if c.error]
