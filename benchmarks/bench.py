@@ -12,7 +12,10 @@ accuracy threshold reached. Everything is also written as JSON (``--json``).
   up to ``--fast-rounds`` rounds, stopping at ``--target`` (time to 80%).
 - ``reference``: the reference configuration (``mobilenetv2``, 2 clients IID,
   3 rounds, batch 32) and, side by side, the same model trained centrally
-  for the same 3 epochs (``centralized.py``).
+  for the same 3 epochs (``centralized.py``), at batch 32 (the yardstick of
+  the "within 2 points" target) and at the clients' combined batch of 64
+  (as many sequential steps as a client takes: what averaging the clients'
+  gradients at every step would reach); then the verdict on both targets.
 - ``throughput``: one local epoch, two clients training at once as in a
   simulation: Pollen's client path vs a plain ``model.fit`` of the same model
   vs the naive client (``throughput.py --clients 2``); ratios, so a noisy
@@ -123,6 +126,51 @@ def run_figures(history: dict, wall: float) -> dict:
     }
 
 
+def reference_verdict(federated: dict, central: dict, combined: dict | None = None) -> dict:
+    """The reference configuration's two accuracy targets, from the runs' figures.
+
+    Args:
+        federated: :func:`run_figures` of the federated run.
+        central: ``centralized.py``'s JSON for the same model and recipe trained
+            centrally for as many epochs as the federation has rounds.
+        combined: The same at the clients' combined batch, or ``None``.
+
+    Returns:
+        ``{"federated", "central", "combined", "gap_points", "at_least_50",
+        "within_2_points"}``: final test accuracies (fractions; ``combined``
+        ``None`` when not run or failed), the federated run's shortfall from
+        central training in percentage points (negative when it scores
+        higher), and whether each target holds.
+    """
+    fed = federated["rounds"][-1]["test_accuracy"] or 0.0
+    cen = central["epochs"][-1]["test_accuracy"]
+    ok = combined and not combined.get("failed")
+    gap = 100.0 * (cen - fed)
+    return {
+        "federated": fed,
+        "central": cen,
+        "combined": combined["epochs"][-1]["test_accuracy"] if ok else None,
+        "gap_points": gap,
+        "at_least_50": fed >= 0.5,
+        "within_2_points": gap <= 2.0,
+    }
+
+
+def describe_verdict(verdict: dict) -> str:
+    """One line on the reference targets from :func:`reference_verdict`'s dict."""
+    gap = verdict["gap_points"]
+    side = f"{gap:.1f} points under it" if gap >= 0 else f"{-gap:.1f} points over it"
+    line = (
+        f"federated after the last round {verdict['federated']:.2%}: >= 50% "
+        f"{'met' if verdict['at_least_50'] else 'NOT met'}; centralized "
+        f"{verdict['central']:.2%}, {side}: within 2 points "
+        f"{'met' if verdict['within_2_points'] else 'NOT met'}"
+    )
+    if verdict["combined"] is not None:
+        line += f" (centralized at the clients' combined batch: {verdict['combined']:.2%})"
+    return line
+
+
 def print_table(title: str, figures: dict) -> None:
     """Print one configuration's per-round table and its times to thresholds."""
     print(f"\n{title}")
@@ -211,9 +259,13 @@ def deployed(name: str, options: list[str], out: Path, data: str | None, clients
     return figures
 
 
-def script(name: str, args: list[str], out: Path) -> dict:
-    """Run a sibling benchmark script with ``--json``; return what it wrote."""
-    target = out / f"{name}.json"
+def script(name: str, args: list[str], out: Path, label: str = "") -> dict:
+    """Run a sibling benchmark script with ``--json out/LABEL.json``; return what it wrote.
+
+    ``label`` names the JSON file (default: the script's ``name``), so one
+    script can run twice with other arguments.
+    """
+    target = out / f"{label or name}.json"
     cmd = [sys.executable, str(HERE / f"{name}.py"), *args, "--json", str(target)]
     print("$", " ".join(cmd), flush=True)
     if subprocess.call(cmd) != 0 or not target.exists():
@@ -257,10 +309,18 @@ def main() -> int:
                 out, data,
             )  # fmt: skip
             central = script("centralized", [*data_args, "--epochs", "3"], out)
-            report["configs"]["reference"] = {"federated": fed, "centralized": central}
-            if not central.get("failed"):
-                accs = [f"{e['test_accuracy']:.4f}" for e in central["epochs"]]
-                print(f"centralized, same model and recipe, per epoch: {', '.join(accs)}")
+            # the clients' combined batch: as many sequential steps as a client takes
+            b64 = [*data_args, "--epochs", "3", "--batch-size", "64"]
+            combined = script("centralized", b64, out, "centralized-b64")
+            result = {"federated": fed, "centralized": central, "centralized_batch_64": combined}
+            for label, run in (("", central), (" at batch 64", combined)):
+                if not run.get("failed"):
+                    accs = ", ".join(f"{e['test_accuracy']:.4f}" for e in run["epochs"])
+                    print(f"centralized{label}, same model and recipe, per epoch: {accs}")
+            if not fed.get("failed") and not central.get("failed"):
+                verdict = result["verdict"] = reference_verdict(fed, central, combined)
+                print(describe_verdict(verdict))
+            report["configs"]["reference"] = result
         elif config == "throughput":
             # two clients sharing the machine, as in a simulation (see throughput.py)
             result = script(

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from bench import print_table, run_figures  # noqa: E402
+from bench import describe_verdict, print_table, reference_verdict, run_figures  # noqa: E402
 
 
 def _client(fit: float, evaluate: float, examples: int = 1000) -> dict:
@@ -113,3 +113,26 @@ def test_run_figures_with_the_server_evaluation_beside_the_next_round(capsys) ->
     print_table("beside", figures)
     out = capsys.readouterr().out
     assert "95/5/-/8" in out and "after the last round 8 s" in out
+
+
+def _central(*accuracies: float) -> dict:
+    return {"epochs": [{"epoch": i + 1, "test_accuracy": a} for i, a in enumerate(accuracies)]}
+
+
+def test_reference_verdict_measures_the_gap_to_central_training() -> None:
+    federated = run_figures(HISTORY, wall=345.0)  # 0.81 after the last round
+    short = reference_verdict(federated, _central(0.7, 0.85, 0.845), _central(0.8, 0.83, 0.84))
+    assert short["gap_points"] == pytest.approx(3.5)
+    assert short["at_least_50"] and not short["within_2_points"]
+    assert short["combined"] == 0.84
+    line = describe_verdict(short)
+    assert "3.5 points under it: within 2 points NOT met" in line and "84.00%" in line
+
+    close = reference_verdict(federated, _central(0.82), {"failed": True})
+    assert close["within_2_points"] and close["combined"] is None
+    assert "1.0 points under it: within 2 points met" in describe_verdict(close)
+    over = reference_verdict(federated, _central(0.49))
+    assert over["within_2_points"] and "32.0 points over it" in describe_verdict(over)
+
+    low = {"rounds": [{"test_accuracy": 0.45}]}
+    assert not reference_verdict(low, _central(0.46))["at_least_50"]
