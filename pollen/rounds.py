@@ -522,7 +522,7 @@ def evaluate_phase(
     ]
     if held is not None:
         held.keep(messages, arrays)
-    record.bytes_sent += record_bytes(arrays) * len(messages)
+    record.bytes_sent += sum(_arrays_bytes(m.content) for m in messages)
     ok = _collect(grid, messages, timeout, "evaluate", rnd, clients)
     if held is not None:
         held.held_by(ok)
