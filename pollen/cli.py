@@ -258,7 +258,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=DEFAULTS.seed,
-        help="seed for partitions, shuffling and initialisation (default: %(default)s)",
+        help="seed for partitions, shuffling, initialisation and client sampling "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--out", type=Path, default=None, help="run folder to write (default: ./runs/<timestamp>)"

@@ -52,7 +52,8 @@ class RunConfig:
             with ``--partition-id``: ``"iid"`` or ``"dirichlet"``. Default iid.
         alpha: Concentration of the Dirichlet label skew (smaller = more
             skewed). Used only with ``partition="dirichlet"``. Default 0.5.
-        seed: Seed for partitioning, shuffling and model initialisation.
+        seed: Seed for partitioning, shuffling, model initialisation and the
+            clients each round samples (:func:`pollen.strategy.seeded_sampling`).
         data_dir: Dataset location for clients ("" = CIFAR-10 from the cache,
             downloaded once). A client's own ``data-dir`` node config wins.
         out: Absolute path of the run folder the server writes. "" = the

@@ -17,6 +17,7 @@ checking updates) lives in :mod:`pollen.aggregation`, free of Flower and Keras.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import re
@@ -37,6 +38,7 @@ from pollen.aggregation import merge_batchnorm_stats, validate_update
 from pollen.errors import PollenError
 from pollen.history import ClientRound, History, RoundRecord
 from pollen.privacy import privacy_record
+from pollen.strategy import seeded_sampling
 from pollen.wire import NOT_HELD, HeldWeights, pack_content, unpack_content
 
 EvaluateFn = Callable[[int, ArrayRecord], "dict[str, float] | None"]
@@ -304,11 +306,33 @@ class _RoundClients:
     Args:
         names: Names of clients learned so far (node id to name); replies
             add to it, and clients that never replied are shown by it.
+        seed: Seed of the round's client sample (:func:`seeded_sampling`);
+            None leaves sampling to Flower's unseeded draw.
     """
 
-    def __init__(self, names: dict[int, str] | None = None) -> None:
+    def __init__(self, names: dict[int, str] | None = None, seed: int | None = None) -> None:
         self.by_node: dict[int, ClientRound] = {}
         self.names = names if names is not None else {}
+        self.seed = seed
+
+    def sampling(
+        self, grid: Grid, rnd: int, timeout: float
+    ) -> contextlib.AbstractContextManager[Grid]:
+        """The grid to configure round ``rnd``'s phases with, under its seeded sample.
+
+        With a seed, the names of connected clients not yet known are asked
+        first (:func:`learn_names`), since the sample is drawn over the
+        clients in the order of their names. Each client is asked once a run:
+        one that does not answer goes by ``node-<id>`` until a reply of its
+        names it, and later rounds do not wait for it again.
+        """
+        if self.seed is None:
+            return contextlib.nullcontext(grid)
+        nodes = list(grid.get_node_ids())
+        learn_names(grid, nodes, self.names, min(timeout, 15))
+        for node in nodes:
+            self.names.setdefault(node, f"node-{node}")
+        return seeded_sampling(grid, self.names, self.seed, rnd)
 
     def __call__(self, msg: Message, node: int | None = None) -> ClientRound:
         node = msg.metadata.src_node_id if node is None else node
@@ -406,7 +430,8 @@ def train_phase(
         PollenError: Fewer than ``min_valid`` clients returned a valid update.
     """
     deadline = time.monotonic() + timeout
-    messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
+    with clients.sampling(grid, rnd, timeout) as sampled:
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), sampled))
     whole = held.shorten(messages, arrays) if held is not None else {}
     record.bytes_sent += sum(_arrays_bytes(m.content) for m in messages)
     learn_names(grid, [m.metadata.dst_node_id for m in messages], clients.names, min(timeout, 15))
@@ -507,6 +532,9 @@ def evaluate_phase(
 ) -> ArrayRecord:
     """Clients evaluate ``arrays``; return them with re-estimated BatchNorm statistics.
 
+    The strategy samples the clients; under a seeded sample
+    (``clients.seed``, :func:`seeded_sampling`) they are the ones the round's
+    train phase sampled, unless the connected clients changed meanwhile.
     Nodes in ``skip`` (those that sent no train reply this round: dead or
     still busy) are not asked. With ``bn_stats=False`` (secure aggregation:
     per-client statistics would reveal per-client data) clients' BatchNorm
@@ -515,11 +543,12 @@ def evaluate_phase(
     (:meth:`HeldWeights.keep`), and those that confirm it are noted.
     """
     skip = set(skip)
-    messages = [
-        m
-        for m in strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
-        if m.metadata.dst_node_id not in skip
-    ]
+    with clients.sampling(grid, rnd, timeout) as sampled:
+        messages = [
+            m
+            for m in strategy.configure_evaluate(rnd, arrays, ConfigRecord(), sampled)
+            if m.metadata.dst_node_id not in skip
+        ]
     if held is not None:
         held.keep(messages, arrays)
     record.bytes_sent += sum(_arrays_bytes(m.content) for m in messages)
@@ -561,13 +590,15 @@ def run_rounds(
     bn_stats: bool = True,
     release: Callable[[], None] | None = None,
     held_weights: bool = False,
+    sampling_seed: int | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; return the final global arrays.
 
     Each round: the strategy samples clients and sends them ``arrays``; their
     updates are validated (:func:`validate_update`) and the valid ones
-    aggregated; every client that trained evaluates the new global model and
-    returns re-estimated BatchNorm statistics, which replace the averaged
+    aggregated; the strategy samples clients to evaluate the new global model
+    (with ``sampling_seed``, those that trained; :func:`seeded_sampling`), and they
+    return re-estimated BatchNorm statistics, which replace the averaged
     ones; the server evaluates centrally if ``evaluate_fn`` is given; the
     round is appended to ``history`` and ``observer.round_done`` is called.
 
@@ -601,6 +632,10 @@ def run_rounds(
     with :func:`train_phase` only). For deployments: a simulated client's
     messages do not leave the process.
 
+    ``sampling_seed``: each round's client sample is drawn with this seed
+    over the clients in the order of their names (:func:`seeded_sampling`),
+    so it repeats from run to run; None leaves it to Flower's unseeded draw.
+
     Raises:
         PollenError: Fewer than ``min_clients`` clients are connected within
             ``timeout``, or fewer valid updates came back in a round.
@@ -621,7 +656,7 @@ def run_rounds(
         for rnd in range(first_round, num_rounds + 1):
             start = time.perf_counter()
             record = RoundRecord(round=rnd)
-            clients = _RoundClients(names)
+            clients = _RoundClients(names, sampling_seed)
             # Flower's samplers wait for enough nodes forever: bound that wait here.
             _wait_for_quorum(grid, min_clients, timeout, rnd)
             arrays = train(

@@ -586,7 +586,8 @@ class SecureAggregation:
                 max_update_norm,
             )
             self._warned_norm = True
-        sampled = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
+        with clients.sampling(grid, rnd, timeout) as view:
+            sampled = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), view))
         nodes = [m.metadata.dst_node_id for m in sampled]
         # The strategy's own train config (server-round, learning-rate, anything it adds).
         config = dict(sampled[0].content["config"]) if sampled else dict(config)

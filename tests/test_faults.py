@@ -434,6 +434,58 @@ def test_run_rounds_records_failures_and_goes_on() -> None:
         assert bad.eval_accuracy is None
 
 
+def test_with_a_sampling_seed_a_round_trains_and_evaluates_the_same_repeatable_clients() -> None:
+    """Two clients of four a round: the same ones train and evaluate, whatever the node ids."""
+
+    def sampled(node_ids: list[int]) -> list[tuple[list[str], list[str]]]:
+        names = ["a", "b", "c", "d"]
+        grid = FakeGrid({n: _trainer(name) for n, name in zip(node_ids, names, strict=True)})
+        strategy = FedAvg(
+            fraction_train=0.5,
+            fraction_evaluate=0.5,
+            min_train_nodes=2,
+            min_evaluate_nodes=2,
+            min_available_nodes=2,
+        )
+        history = History(config={})
+        run_rounds(
+            grid, strategy, _arrays(), num_rounds=4, history=history, timeout=2.0,
+            min_clients=2, sampling_seed=42,
+        )  # fmt: skip
+        return [
+            (
+                [c.name for c in r.clients if c.train_examples is not None],
+                [c.name for c in r.clients if c.eval_accuracy is not None],
+            )
+            for r in history.rounds
+        ]
+
+    first = sampled([1, 2, 3, 4])
+    assert all(train == evaluated and len(train) == 2 for train, evaluated in first)
+    assert len({tuple(train) for train, _ in first}) > 1, "every round drew the same clients"
+    assert sampled([907, 15, 4242, 3]) == first
+
+
+def test_a_client_that_does_not_say_its_name_is_asked_once_a_run() -> None:
+    """Seeded sampling asks every connected client's name, but never waits twice for one."""
+    grid = FakeGrid({1: _trainer("a"), 2: _trainer("b"), 3: _trainer("c"), 4: "silent"})
+    strategy = FedAvg(
+        fraction_train=0.5, fraction_evaluate=0.5, min_train_nodes=1,
+        min_evaluate_nodes=1, min_available_nodes=1,
+    )  # fmt: skip
+    history = History(config={})
+    run_rounds(
+        grid, strategy, _arrays(), num_rounds=3, history=history, timeout=1.0,
+        min_clients=1, sampling_seed=42,
+    )  # fmt: skip
+    hellos = [
+        m for m in grid.sent.values()
+        if m.metadata.dst_node_id == 4 and m.metadata.message_type == MessageType.QUERY
+    ]  # fmt: skip
+    assert len(hellos) == 1
+    assert [r.round for r in history.rounds] == [1, 2, 3]
+
+
 def _calibrating(name: str, shift: float):
     """A trainer whose evaluate replies carry BatchNorm statistics of arrays "1" and "2"."""
     trainer = _trainer(name, shift)
