@@ -21,7 +21,10 @@ accuracy threshold reached. Everything is also written as JSON (``--json``).
   vs the naive client (``throughput.py --clients 2``); ratios, so a noisy
   machine does not change the verdict.
 - ``noniid``: 10 clients, Dirichlet alpha 0.5, ``fastnet``, ``--noniid-rounds``
-  rounds, each strategy of ``--noniid-strategies``.
+  rounds, ``--noniid-fraction`` of the clients a round, each strategy of
+  ``--noniid-strategies``. The runs share the seed, so every strategy trains the
+  same clients in every round (``pollen.strategy.seeded_sampling``): a paired
+  comparison.
 - ``deployment``: the reference configuration on Flower's deployment runtime
   over loopback: ``pollen server`` and two ``pollen client`` processes on this
   machine (one thread each), ``--deploy-rounds`` rounds; the same table, so
@@ -281,8 +284,11 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.8)
     parser.add_argument("--fast-options", default="", help="more `pollen simulate` options")
     parser.add_argument("--noniid-rounds", type=int, default=20)
-    parser.add_argument("--noniid-fraction", type=float, default=0.5)
+    parser.add_argument("--noniid-fraction", type=float, default=0.3)
     parser.add_argument("--noniid-strategies", default="fedavg,fedprox")
+    parser.add_argument(
+        "--noniid-options", default="", help="more `pollen simulate` options (e.g. --server-lr)"
+    )
     parser.add_argument("--deploy-rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
@@ -334,7 +340,8 @@ def main() -> int:
                     f"noniid-{strategy}",
                     ["--model", "fastnet", "--clients", "10", "--partition", "dirichlet",
                      "--alpha", "0.5", "--rounds", str(args.noniid_rounds),
-                     "--fraction-train", str(args.noniid_fraction), "--strategy", strategy],
+                     "--fraction-train", str(args.noniid_fraction), "--strategy", strategy,
+                     *shlex.split(args.noniid_options)],
                     out, data,
                 )  # fmt: skip
             report["configs"]["noniid"] = runs
