@@ -39,7 +39,7 @@ from pollen.history import (
 )
 from pollen.privacy import make_private, sample_size
 from pollen.rounds import learn_names, request_initial_arrays, run_rounds, wait_for_clients
-from pollen.strategy import check_sample_size, make_strategy, seeded_sample
+from pollen.strategy import by_name, check_sample_size, make_strategy, seeded_sample
 
 app = ServerApp()
 
@@ -327,7 +327,7 @@ def run_federation(
         # repeated. The clients round 1 will sample (all, unless fraction-train < 1)
         # meanwhile load their data and build their model.
         learn_names(grid, nodes, names, min(cfg.round_timeout, START_NAMES_TIMEOUT))
-        first = min(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
+        first = by_name(nodes, names)[0]
         round_one = seeded_sample(grid, names, cfg.seed, 1, sample_size(cfg, len(nodes)))
         arrays, client_info = request_initial_arrays(
             grid, first, cfg.round_timeout, prepare=round_one

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from flwr.serverapp import Grid
@@ -101,10 +101,15 @@ def make_strategy(cfg: RunConfig) -> fl.Strategy:
     return STRATEGIES[cfg.strategy](cfg)
 
 
-class _NameOrderedGrid:
-    """A view of ``grid`` that lists the connected nodes in the order of their clients' names.
+def by_name(nodes: Iterable[int], names: Mapping[int, str]) -> list[int]:
+    """``nodes`` in the order of their clients' names; those not in ``names`` last, by id."""
+    return sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
 
-    Nodes whose name is not known come last, by node id. Everything else goes to ``grid``.
+
+class _NameOrderedGrid:
+    """A view of ``grid`` that lists the connected nodes :func:`by_name`.
+
+    Everything else goes to ``grid``.
     """
 
     def __init__(self, grid: Grid, names: Mapping[int, str]) -> None:
@@ -112,8 +117,7 @@ class _NameOrderedGrid:
         self.names = names
 
     def get_node_ids(self) -> list[int]:
-        nodes = self.grid.get_node_ids()
-        return sorted(nodes, key=lambda n: (n not in self.names, self.names.get(n, ""), n))
+        return by_name(self.grid.get_node_ids(), self.names)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
