@@ -39,7 +39,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from pollen.config import RunConfig
-    from pollen.models import MODELS, select_backend
+    from pollen.models.registry import MODELS, select_backend
 
     cfg = RunConfig.from_mapping(
         {"model": args.model, "batch-size": args.batch_size, "learning-rate": args.lr,
@@ -48,9 +48,10 @@ def main() -> int:
     args.batch_size, args.lr, args.lr_schedule = cfg.batch_size, cfg.learning_rate, cfg.lr_schedule
     print(f"backend {select_backend(args.model)}: batch {args.batch_size}, lr {args.lr}, "
           f"schedule {args.lr_schedule}")  # fmt: skip
-    from pollen.data import load_dataset
-    from pollen.models import build_model, compile_model, find_layer, whiten_first_conv
-    from pollen.training import RunSchedule, evaluate, fit
+    from pollen.data.load import load_dataset
+    from pollen.models.registry import build_model, find_layer, whiten_first_conv
+    from pollen.training.compile import compile_model
+    from pollen.training.local import RunSchedule, evaluate, fit
 
     ds = load_dataset(resolve_data(args.data_dir))
     spec = MODELS[args.model]

@@ -1,18 +1,18 @@
 """Benchmark for a GPU machine: time to 90% and to 94% test accuracy of a 2-client federation.
 
 Runs where Keras has torch and/or JAX on an accelerator; TensorFlow and Flower
-are not needed there (batches come from :class:`pollen.training.DeviceBatches`).
+are not needed there (batches come from :class:`pollen.training.local.DeviceBatches`).
 Two stages, each variant in its own process (Keras fixes its backend and dtype
 policy per process):
 
-1. **probe** -- Pollen's local training (``pollen.training.fit``, the model's
+1. **probe** -- Pollen's local training (``pollen.training.local.fit``, the model's
    recipe) for ``--probe-steps`` steps under every variant: each installed
    backend (torch, eager; JAX, whose train step XLA compiles) in ``float32``
    and in Keras's ``mixed_bfloat16``. Images/s after a warm-up pass that holds
    the compilation.
 2. **run** -- the federation on the fastest variant, once for each entry of
    ``--rounds`` that fits in what is left of ``--budget``: ``--clients`` IID clients
-   (``pollen.partition``: flwr-datasets' partitioner, as ``pollen simulate``).
+   (``pollen.data.partition``: flwr-datasets' partitioner, as ``pollen simulate``).
    Every round, each client loads the global weights, resets its optimizer and
    trains one local epoch on the run-wide learning-rate schedule; the server
    averages the weights by example counts (FedAvg); each client re-estimates
@@ -84,7 +84,7 @@ def _setup_keras(precision: str) -> str:
 
 
 def _load(data: str | None, train_limit: int, seed: int):
-    from pollen.data import load_dataset
+    from pollen.data.load import load_dataset
 
     ds = load_dataset(data)
     if 0 < train_limit < len(ds.y_train):  # a seeded random subset (the arrays are class-sorted)
@@ -101,8 +101,9 @@ def probe(args: argparse.Namespace) -> dict:
     """Images/s of Pollen's local training of ``args.model`` under this process's variant."""
     device = _setup_keras(args.precision)
     from pollen.config import RunConfig
-    from pollen.models import MODELS, build_client_model
-    from pollen.training import fit
+    from pollen.models.registry import MODELS
+    from pollen.training.compile import build_client_model
+    from pollen.training.local import fit
 
     cfg = RunConfig(model=args.model)  # defaults + recipe (validation would import Flower)
     ds = _load(args.data_dir, cfg.batch_size * args.probe_steps, cfg.seed)
@@ -123,17 +124,12 @@ def run(args: argparse.Namespace, emit) -> dict:
     """The federation (see the module docstring); ``emit(record)`` after every round."""
     device = _setup_keras(args.precision)
 
-    from pollen.aggregation import merge_batchnorm_stats, weighted_mean
     from pollen.config import RunConfig
-    from pollen.models import (
-        MODELS,
-        build_client_model,
-        build_model,
-        compile_model,
-        whiten_first_conv,
-    )
-    from pollen.partition import partition_dataset
-    from pollen.training import (
+    from pollen.data.partition import partition_dataset
+    from pollen.models.registry import MODELS, build_model, whiten_first_conv
+    from pollen.server.aggregation import merge_batchnorm_stats, weighted_mean
+    from pollen.training.compile import build_client_model, compile_model
+    from pollen.training.local import (
         RunSchedule,
         calibrate_batchnorm,
         evaluate,
@@ -296,13 +292,13 @@ def main() -> int:
 
     print(f"machine: {machine()}", flush=True)
     args.data_dir = resolve_data(args.data_dir)
-    from pollen.data import load_dataset
+    from pollen.data.load import load_dataset
 
     t = time.perf_counter()
     ds = load_dataset(args.data_dir)  # decodes once into Pollen's cache
     print(f"data: {len(ds.y_train)} train / {len(ds.y_test)} test images "
           f"({time.perf_counter() - t:.1f} s)", flush=True)  # fmt: skip
-    from pollen.partition import partition_dataset
+    from pollen.data.partition import partition_dataset
 
     partition_dataset(ds, args.clients, 0)  # fails here, not after the probes, if it cannot
     variants = [v for v in args.variants.split(",") if v] or [

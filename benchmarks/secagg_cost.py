@@ -99,7 +99,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.data_dir:
         data = resolve_data(args.data_dir)
-        from pollen.data import load_dataset
+        from pollen.data.load import load_dataset
 
         classes = load_dataset(data).num_classes
     else:

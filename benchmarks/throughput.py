@@ -8,7 +8,7 @@ arrays, after one warm-up epoch each (tracing excluded):
   framework's default thread pools;
 - ``plain fit``: Pollen's registry model, numpy arrays into ``model.fit``,
   threads set as a Pollen client sets them;
-- ``pollen``: Pollen's client path, ``pollen.training.fit`` (``tf.data`` with
+- ``pollen``: Pollen's client path, ``pollen.training.local.fit`` (``tf.data`` with
   prefetching under TensorFlow, ``DeviceBatches`` under torch; model kept
   between rounds), threads as a Pollen client sets them.
 
@@ -19,7 +19,7 @@ its own arrays, the timed epochs start together (after every process's
 warm-up), and the figure is the sum of their images per second. There the
 naive processes keep the framework's default pools (each as many threads as
 cores) and oversubscribe the CPU; Pollen's get ``cores / N`` threads each
-(``pollen.training.configure_threads``).
+(``pollen.training.local.configure_threads``).
 
 Prints images per second and the ratios the accuracy-per-minute issue asks for
 (pollen ≥ 1.0× plain fit, ≥ 1.5× naive).
@@ -59,9 +59,11 @@ def measure(way: str, args: argparse.Namespace, index: int = 0, barrier: Path | 
     """
     import keras
 
-    from pollen.data import load_dataset
-    from pollen.models import MODELS, build_model, compile_model
-    from pollen.training import configure_threads, fit
+    from pollen.backend import configure_threads
+    from pollen.data.load import load_dataset
+    from pollen.models.registry import MODELS, build_model
+    from pollen.training.compile import compile_model
+    from pollen.training.local import fit
 
     if way != "naive":  # the naive client keeps the framework's default pools
         configure_threads(args.threads, args.clients)

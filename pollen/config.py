@@ -15,10 +15,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from pollen.errors import PollenError
+from pollen.models.registry import MODELS, Recipe
 
 PARTITION_METHODS = ("iid", "dirichlet")
 LR_SCHEDULES = ("cosine", "onecycle", "constant")
-#: Deliberate client misbehaviour for tests and experiments (see pollen.client_app.FAULTS).
+#: Deliberate client misbehaviour for tests and experiments (see pollen.client.app.FAULTS).
 FAULT_KINDS = ("nan", "scale", "signflip", "noise", "arch")
 #: Poisoned updates the attack harness (``malicious``/``attack``) can send.
 ATTACK_KINDS = ("signflip", "noise", "scale")
@@ -31,12 +32,12 @@ class RunConfig:
     Attributes:
         num_rounds: Federated rounds to run. Default 3.
         model: Registry name of the model every client builds (see
-            ``pollen.models.MODELS``). Default ``"mobilenetv2"``.
+            ``pollen.models.registry.MODELS``). Default ``"mobilenetv2"``.
         num_classes: Classes the model predicts; every client's labels must
             be below it. Default 10 (CIFAR-10).
         local_epochs: Local epochs per round on each client. Default 1.
         batch_size: Local training batch size. 0 (the default) = the
-            model's recipe (``pollen.models.Recipe``: 32 for ``mobilenetv2``,
+            model's recipe (``pollen.models.registry.Recipe``: 32 for ``mobilenetv2``,
             64 for ``fastnet``).
         learning_rate: Peak learning rate of the local optimizer. 0 (the
             default) = the model's recipe (0.001 for ``mobilenetv2``, 0.1 for
@@ -53,7 +54,7 @@ class RunConfig:
         alpha: Concentration of the Dirichlet label skew (smaller = more
             skewed). Used only with ``partition="dirichlet"``. Default 0.5.
         seed: Seed for partitioning, shuffling, model initialisation and the
-            clients each round samples (:func:`pollen.strategy.seeded_sampling`).
+            clients each round samples (:func:`pollen.server.strategies.seeded_sampling`).
         data_dir: Dataset location for clients ("" = CIFAR-10 from the cache,
             downloaded once). A client's own ``data-dir`` node config wins.
         out: Absolute path of the run folder the server writes. "" = the
@@ -61,7 +62,7 @@ class RunConfig:
         min_clients: Clients that must be connected before a round starts,
             and the fewest replies a round accepts. Default 2.
         fraction_train: Fraction of connected clients sampled per round.
-        strategy: Aggregation strategy name (see ``pollen.strategy``).
+        strategy: Aggregation strategy name (see ``pollen.server.strategies``).
         server_lr: Server learning rate of ``fedavgm`` and the adaptive
             strategies (``fedadam``, ``fedyogi``, ``fedadagrad``): how far the
             server moves along the clients' average update. Default 1.0.
@@ -103,7 +104,7 @@ class RunConfig:
             ``"KIND@IDS"`` (several separated by spaces) makes the clients
             whose ``partition-id`` is in the comma-separated IDS misbehave
             (``KIND`` one of ``nan``, ``scale``, ``signflip``, ``noise``,
-            ``arch``; see ``pollen.client_app.FAULTS``).
+            ``arch``; see ``pollen.client.app.FAULTS``).
             "" (the default) = every client is honest.
         resume: Continue the run in ``out`` from its checkpoint (the round
             after the last completed one) instead of starting a new run.
@@ -121,7 +122,7 @@ class RunConfig:
             partition ids ``0..malicious-1`` send poisoned updates (see
             ``attack``). Default 0 = no attack.
         attack: What malicious clients send: ``signflip``, ``noise`` or
-            ``scale`` (see ``pollen.client_app.FAULTS``). Default signflip.
+            ``scale`` (see ``pollen.client.app.FAULTS``). Default signflip.
         secagg: Secure aggregation with Flower's SecAgg+: the server learns
             only the weighted sum of the sampled clients' updates, never one
             client's update. Works with ``strategy="fedavg"`` only. Default off.
@@ -198,8 +199,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Fill ``batch-size``, ``learning-rate`` and ``lr-schedule`` left to the recipe."""
-        from pollen.models import MODELS, Recipe
-
         recipe = MODELS[self.model].recipe if self.model in MODELS else Recipe()
         for name, auto in (("batch_size", 0), ("learning_rate", 0.0), ("lr_schedule", "auto")):
             if getattr(self, name) == auto:
@@ -261,9 +260,6 @@ class RunConfig:
         Raises:
             PollenError: The first problem found, phrased for the user.
         """
-        from pollen.models import MODELS
-        from pollen.strategy import STRATEGIES
-
         checks = [
             (self.num_rounds >= 1, "rounds must be at least 1"),
             (0 <= self.seed < 2**32, "seed must be between 0 and 4294967295"),
@@ -314,7 +310,7 @@ class RunConfig:
         if self.model not in MODELS:
             raise PollenError(
                 f"Unknown model {self.model!r}: the registry has {', '.join(sorted(MODELS))}. "
-                "Add a model in pollen/models.py."
+                "Add a model as one file in pollen/models/ (docs/extending.md)."
             )
         for spec in self.fault.split():
             kind, at, ids = spec.partition("@")
@@ -326,31 +322,9 @@ class RunConfig:
                     "example nan@1 or 'nan@1 arch@2' (fault injection is for tests and "
                     "experiments only)."
                 )
-        if self.strategy not in STRATEGIES:
-            raise PollenError(
-                f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}."
-            )
         if self.attack not in ATTACK_KINDS:
             raise PollenError(
                 f"Unknown attack {self.attack!r}: use one of {', '.join(ATTACK_KINDS)}."
-            )
-        if self.secagg and self.strategy != "fedavg":
-            raise PollenError(
-                f"Secure aggregation works with the fedavg strategy only, not {self.strategy!r}: "
-                "with SecAgg+ the server sees only the sum of the updates, which is all FedAvg "
-                "needs, while robust and adaptive strategies need each update. Drop --secagg "
-                "or use --strategy fedavg."
-            )
-        if self.secagg and self.dp:
-            raise PollenError(
-                "--secagg and --dp cannot be combined yet: Pollen's DP clips each client's "
-                "update on the server, which SecAgg+ hides. Choose one of them."
-            )
-        if self.dp and self.strategy not in ("fedavg", "fedprox"):
-            raise PollenError(
-                f"Differential privacy works with fedavg or fedprox, not {self.strategy!r}: "
-                "Flower's privacy accountant covers plain FedAvg aggregation only. Use "
-                "--strategy fedavg with --dp."
             )
 
 

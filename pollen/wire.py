@@ -9,7 +9,7 @@ a minute of every round. Packed into one ``float32`` vector (which Flower cuts
 into 5 MB chunks), the same weights are a handful of objects.
 
 Both ends opt in, so messages of other senders pass untouched: the server
-packs what it sends in :func:`pollen.rounds.exchange` and marks the message;
+packs what it sends in :func:`pollen.server.rounds.exchange` and marks the message;
 :func:`wire_mod`, a client mod, unpacks a marked message before the handler
 sees it and packs the reply; the server unpacks the reply. Handlers,
 strategies and checkpoints only ever see ordinary records. An
@@ -167,7 +167,7 @@ _serves_later = [False]
 def serve_later_messages(enabled: bool = True) -> None:
     """Say whether this process serves its node's later messages too, so it may keep weights.
 
-    Pollen's warm app runner (:mod:`pollen.warm_clientapp`) does. Flower's own
+    Pollen's warm app runner (:mod:`pollen.deploy.warm_clientapp`) does. Flower's own
     runner starts a process per message, whose kept weights would be gone by
     the next one: there a client keeps nothing, says so by not confirming,
     and gets whole weights.

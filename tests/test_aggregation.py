@@ -1,4 +1,4 @@
-"""Aggregation arithmetic: pollen.aggregation and pollen.rounds helpers, Flower's FedAvg, numpy."""
+"""Aggregation arithmetic: pollen.server.aggregation and pollen.server.rounds helpers, Flower's FedAvg, numpy."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from pollen.aggregation import merge_batchnorm_stats, weighted_mean
-from pollen.history import ClientRound, RoundRecord
-from pollen.rounds import progress_line, record_bytes
+from pollen.server.aggregation import merge_batchnorm_stats, weighted_mean
+from pollen.server.history import ClientRound, RoundRecord
+from pollen.server.rounds import progress_line, record_bytes
 
 SHAPES = [(5,), (3, 4), (2, 3, 3, 1), ()]
 

@@ -1,4 +1,4 @@
-"""Tests for pollen.certs and the TLS/authentication options of the CLI.
+"""Tests for pollen.deploy.certs and the TLS/authentication options of the CLI.
 
 Unit tests: ``pollen certs`` output (files, modes, SANs, signatures, key formats
 Flower accepts), the checks of ``--certs`` folders, the transport rules of
@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pollen.certs import (
+from pollen.deploy.certs import (
     CertsSummary,
     create_certs,
     is_loopback,
@@ -200,7 +200,7 @@ def test_bad_server_names(tmp_path, name, phrase):
 def _expired_cert(ca_dir: Path, key: ec.EllipticCurvePrivateKey) -> bytes:
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     ca = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")]))
@@ -411,7 +411,7 @@ def test_loopback_tls_is_throwaway_and_valid(tmp_path):
 
 
 def _main(capsys, *argv: str) -> tuple[int, str, str]:
-    from pollen.cli import main
+    from pollen.cli.app import main
 
     rc = main(list(argv))
     out, err = capsys.readouterr()
@@ -483,7 +483,7 @@ def test_cli_transport_errors(capsys, tmp_path, bundle):
 
 
 def test_insecure_prints_one_warning_and_loopback_needs_nothing(capsys):
-    from pollen.cli import _transport
+    from pollen.cli.app import _transport
 
     args = argparse.Namespace(certs=None, insecure=True)
     assert _transport(args, "0.0.0.0:8080", "server") is None
@@ -497,7 +497,7 @@ def test_insecure_prints_one_warning_and_loopback_needs_nothing(capsys):
 
 
 def test_server_warns_when_its_address_is_not_in_the_certificate(capsys, bundle):
-    from pollen.cli import _transport
+    from pollen.cli.app import _transport
 
     args = argparse.Namespace(certs=bundle.out / "server", insecure=False)
     assert _transport(args, "10.1.2.3:8080", "server").cert.name == "server.crt"
@@ -519,7 +519,7 @@ def test_proxy_logs_refused_clients(bundle, caplog):
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from pollen.fleet_proxy import FleetProxy, create_app
+    from pollen.deploy.fleet_proxy import FleetProxy, create_app
 
     async def handle(request):
         if request.url.path.endswith("activate-node"):
@@ -538,12 +538,12 @@ def test_proxy_logs_refused_clients(bundle, caplog):
     headers = {"flwr-public-key": base64.b64encode(pem).decode()}
     with _serve_asgi(upstream) as port:
         with FleetProxy("127.0.0.1", 0, f"http://127.0.0.1:{port}") as proxy:
-            with caplog.at_level(logging.WARNING, logger="pollen.fleet_proxy"):
+            with caplog.at_level(logging.WARNING, logger="pollen.deploy.fleet_proxy"):
                 base = f"http://127.0.0.1:{proxy.port}/v1/fleet"
                 assert httpx.post(f"{base}/activate-node", headers=headers).status_code == 412
                 assert httpx.post(f"{base}/pull-messages", headers=headers).status_code == 401
                 assert httpx.post(f"{base}/get-run", headers=headers).status_code == 200
-    lines = [r.getMessage() for r in caplog.records if r.name == "pollen.fleet_proxy"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pollen.deploy.fleet_proxy"]
     assert len(lines) == 2, lines
     fingerprint = bundle.clients["client-1"]
     assert "refused client 127.0.0.1:" in lines[0] and fingerprint in lines[0]
@@ -582,7 +582,7 @@ def _serve_asgi(app) -> Iterator[int]:
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    from pollen.runtime import port_open
+    from pollen.deploy.runtime import port_open
 
     deadline = time.monotonic() + timeout
     while not port_open("127.0.0.1", port):
@@ -595,7 +595,7 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float) -> 
 def test_tls_run_admits_authorized_clients_only(tmp_path, tiny_data, pollen_env):
     """TLS + client keys: 2 authorized clients finish a run; a client with another CA's
     bundle and a client whose key is not authorized are refused with clear errors."""
-    from pollen.runtime import free_port
+    from pollen.deploy.runtime import free_port
 
     certs = create_certs(tmp_path / "certs", ["localhost"], clients=3)
     unknown_fp = certs.clients["client-2"]

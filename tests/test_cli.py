@@ -6,7 +6,7 @@ user sees: exit status 2, a message on stderr with a key phrase, and no tracebac
 Starting the CLI costs about 7 s of CPU (building the parser imports Keras and
 TensorFlow for the model registry), so ~25 fresh interpreters would take minutes on two
 cores. Instead one driver process pays for those imports once and then forks a child per
-case; each child executes ``pollen.cli`` as ``__main__`` exactly as ``python -m`` does
+case; each child executes ``pollen.cli.app`` as ``__main__`` exactly as ``python -m`` does
 (``runpy``), with its own argv, working folder, stdout, stderr and exit status, and a
 timeout. Two tests still start real interpreters (``python -m pollen.cli`` and the
 installed ``pollen`` script) and check that they behave like the forked children. Set
@@ -165,7 +165,7 @@ CASES: list[tuple[str, list[str], str]] = [
 DRIVER = r"""
 import json, os, runpy, signal, sys, traceback
 
-import pollen.data, pollen.deployment, pollen.models, pollen.predict, pollen.strategy  # noqa
+import pollen.data.load, pollen.deploy.deployment, pollen.models.registry, pollen.cli.predict, pollen.server.strategies  # noqa
 
 def run(argv, cwd, out_path, err_path, timeout):
     sys.stdout.flush()
@@ -274,8 +274,8 @@ def workspace(tmp_path_factory) -> dict[str, str]:
     png = _write_png(tmp / "cat.png", seed=1)
     wide = _write_png(tmp / "wide image.png", seed=2, size=(48, 40))
 
-    from pollen.history import save_model
-    from pollen.models import build_model
+    from pollen.models.registry import build_model
+    from pollen.server.history import save_model
 
     model = build_model("cnn", num_classes=3, seed=0)
     run = tmp / "run"
@@ -459,7 +459,7 @@ def test_predict_happy_path(results, workspace) -> None:
     assert len(lines) == 2, res
     import keras
 
-    from pollen.data import load_images
+    from pollen.data.load import load_images
 
     model = keras.saving.load_model(workspace["model"])
     paths = [workspace["png"], workspace["wide_png"]]
@@ -483,13 +483,13 @@ class _Captured(Exception):
 def test_simulate_samples_a_fraction_of_the_clients(monkeypatch, tmp_path) -> None:
     """--fraction-train 0.3 of 10 clients samples 3 per round: the default --min-clients
     follows it (it used to stay at all 10, which overrode the fraction)."""
-    import pollen.cli as cli
-    import pollen.simulation
+    import pollen.cli.app as cli
+    import pollen.deploy.simulation
 
     def fake(cfg, clients):
         raise _Captured(cfg, clients)
 
-    monkeypatch.setattr(pollen.simulation, "simulate", fake)
+    monkeypatch.setattr(pollen.deploy.simulation, "simulate", fake)
     monkeypatch.setattr(cli, "_prepare_data", lambda data_dir: None)
     argv = ["simulate", "--clients", "10", "--model", "cnn", "--out", str(tmp_path / "run")]
     for extra, expected in (([], 10), (["--fraction-train", "0.3"], 3),
@@ -503,8 +503,8 @@ def test_simulate_samples_a_fraction_of_the_clients(monkeypatch, tmp_path) -> No
 def test_native_load_notices_are_held_back_and_everything_else_kept(capfd) -> None:
     import os
 
+    from pollen.deploy.runtime import without_native_notices
     from pollen.errors import PollenError
-    from pollen.runtime import without_native_notices
 
     with without_native_notices():
         # what TensorFlow's native libraries write while loading, straight to descriptor 2

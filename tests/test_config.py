@@ -1,19 +1,19 @@
-"""Tests for pollen.config (RunConfig) and the run-config plumbing in pollen.runtime."""
+"""Tests for pollen.config (RunConfig) and the run-config plumbing in pollen.deploy.runtime."""
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
-import pollen.runtime as runtime
-from pollen.client_app import client_data_spec
+import pollen.deploy.runtime as runtime
+from pollen.client.app import client_data_spec
 from pollen.config import RunConfig
+from pollen.deploy.runtime import split_address, toml_value, write_run_config
 from pollen.errors import PollenError
-from pollen.runtime import split_address, toml_value, write_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,6 @@ def test_from_mapping_ignores_unknown_keys() -> None:
         ({"num-rounds": 0}, "rounds must be at least 1"),
         ({"num-rounds": "0"}, "rounds must be at least 1"),
         ({"model": "resnet9000"}, "Unknown model 'resnet9000'"),
-        ({"strategy": "fedmagic"}, "Unknown strategy 'fedmagic'"),
         ({"partition": "weird"}, "Unknown partition method 'weird'"),
         ({"alpha": 0}, "alpha must be positive"),
         ({"alpha": -1.5}, "alpha must be positive"),
@@ -224,7 +223,9 @@ def test_write_run_config_round_trips(tmp_path: Path) -> None:
 
 def test_generated_app_dir_matches_pyproject(tmp_path: Path, monkeypatch) -> None:
     """An installed wheel has no pyproject.toml: app_dir() generates an equivalent one."""
-    monkeypatch.setattr(runtime, "__file__", str(tmp_path / "site" / "pollen" / "runtime.py"))
+    monkeypatch.setattr(
+        runtime, "__file__", str(tmp_path / "site" / "pollen" / "deploy" / "runtime.py")
+    )
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     gen = runtime.app_dir()
@@ -326,7 +327,7 @@ def test_a_client_whose_supernode_is_gone_stops_its_app_runner_without_sigterm(
     import sys
     import time
 
-    from pollen.deployment import _NodeWatch
+    from pollen.deploy.deployment import _NodeWatch
 
     watch = object.__new__(_NodeWatch)  # its two processes, without Flower
     watch.log, watch.shown = tmp_path / "supernode.log", 0
@@ -372,3 +373,12 @@ def test_managed_process_stop_reaches_children_in_their_own_sessions(tmp_path: P
     proc.stop(timeout=5)
     assert not proc.alive()
     assert not runtime.is_running(child)
+
+
+def test_the_strategy_registry_refuses_an_unknown_strategy() -> None:
+    """Strategy names are checked by the strategy registry, not by RunConfig (no import circle)."""
+    from pollen.server.strategies import check_config
+
+    cfg = RunConfig.from_mapping({"strategy": "fedmagic"})
+    with pytest.raises(PollenError, match="Unknown strategy 'fedmagic'"):
+        check_config(cfg)

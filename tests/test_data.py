@@ -1,4 +1,4 @@
-"""Tests for pollen.data, on small generated fixtures (never the real CIFAR-10)."""
+"""Tests for pollen.data.load, on small generated fixtures (never the real CIFAR-10)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pollen.data as data
-from pollen.data import (
+import pollen.data.load as data
+from pollen.data.load import (
     CIFAR10_CLASSES,
     Dataset,
     default_cache_dir,

@@ -138,8 +138,8 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
         get_object_type_from_object_content,
     )
 
-    from pollen.fleet_proxy import FleetProxy
-    from pollen.runtime import free_port, port_open
+    from pollen.deploy.fleet_proxy import FleetProxy
+    from pollen.deploy.runtime import free_port, port_open
 
     server_port = free_port()
     run = tmp_path / "run"
@@ -227,7 +227,7 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
     assert all(s < 0.75 * sent[0] for s in sent[1:]), sent
     assert "sending the whole weights" not in (tmp_path / "server.log").read_text()
 
-    # Each client ran every message in its one warm app process (pollen.warm_clientapp):
+    # Each client ran every message in its one warm app process (pollen.deploy.warm_clientapp):
     # the initial-weights query (client 0 only), ROUNDS train and evaluate messages and the
     # end-of-run announcement; no per-message flwr-clientapp process was started.
     for i in range(2):
@@ -263,7 +263,7 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
     # Records travel packed (pollen.wire): the weights, or the BatchNorm statistics, as
     # one float32 vector, beside their shapes and keys.
     weights = _cnn_weights()
-    from pollen.models import batchnorm_stat_indices, build_model
+    from pollen.models.registry import batchnorm_stat_indices, build_model
 
     stats = batchnorm_stat_indices(build_model("cnn", 3))
     allowed_values = {sum(w.size for w in weights), sum(weights[i].size for i in stats)}
@@ -271,7 +271,7 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
     assert values and {n for (n,) in values} <= allowed_values, (values, allowed_values)
     assert all(len(shape) == 1 for _, shape in array_shapes), array_shapes
     # No image ever leaves a client: no 96-byte run of any training image's pixels.
-    from pollen.data import load_dataset
+    from pollen.data.load import load_dataset
 
     x = load_dataset(tiny_data, cache_dir=tmp_path / "cache").x_train
     wire = b"".join(body for _, body in recorder.requests)
@@ -280,6 +280,6 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
 
 
 def _cnn_weights():
-    from pollen.models import build_model
+    from pollen.models.registry import build_model
 
     return build_model("cnn", 3).get_weights()

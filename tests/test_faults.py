@@ -41,21 +41,21 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from pollen import wire
-from pollen.aggregation import validate_update
-from pollen.checkpoint import RunLock, load_checkpoint, read_manifest, save_checkpoint
-from pollen.client_app import FAULTS, corrupt, fault_of
+from pollen.client.app import FAULTS, corrupt, fault_of
 from pollen.config import FAULT_KINDS, RunConfig
+from pollen.deploy.runtime import descendants, is_running
 from pollen.errors import PollenError
-from pollen.history import ClientRound, History, RoundRecord
-from pollen.rounds import (
+from pollen.server.aggregation import validate_update
+from pollen.server.checkpoint import RunLock, load_checkpoint, read_manifest, save_checkpoint
+from pollen.server.history import ClientRound, History, RoundRecord
+from pollen.server.rounds import (
     _RoundClients,
     exchange,
     readable_reason,
     run_rounds,
     train_phase,
 )
-from pollen.runtime import descendants, is_running
-from pollen.strategy import STRATEGIES
+from pollen.server.strategies import STRATEGIES
 from pollen.wire import unpack_content, wire_mod
 
 # --- validate_update ---------------------------------------------------------------------------
@@ -524,7 +524,7 @@ def test_train_messages_carry_only_what_changed_since_the_clients_evaluated(
 ) -> None:
     """held_weights: the same rounds, the same weights; far fewer bytes sent.
 
-    ``warm``: the clients' apps serve every message (pollen.warm_clientapp).
+    ``warm``: the clients' apps serve every message (pollen.deploy.warm_clientapp).
     ``restarts``: node 2's app restarts between messages. ``cold``: a process per
     message (Flower's own app runner), which keeps nothing.
     """
@@ -854,7 +854,7 @@ def test_the_first_client_by_name_starts_the_run_while_the_others_prepare(
     tmp_path: Path, monkeypatch, a_node: int
 ) -> None:
     """Whichever node id it has, client "a" gives the initial weights; "b" prepares meanwhile."""
-    from pollen import server_app
+    from pollen.server import app as server_app
 
     monkeypatch.setattr(server_app.ModelFiles, "save", lambda self, run_dir, arrays: None)
     b_node = 3 - a_node
@@ -877,7 +877,7 @@ def test_the_first_client_by_name_starts_the_run_while_the_others_prepare(
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch) -> None:
     """Weights and FedAdam's optimizer state survive the checkpoint exactly."""
-    from pollen import server_app
+    from pollen.server import app as server_app
 
     monkeypatch.setattr(server_app.ModelFiles, "save", lambda self, run_dir, arrays: None)
 
@@ -917,7 +917,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch) ->
 
 
 def _saved_run(tmp_path: Path, status: str = "running") -> Path:
-    from pollen.history import write_status
+    from pollen.server.history import write_status
 
     run = tmp_path / "run"
     cfg = RunConfig(model="cnn", num_classes=3, num_rounds=4, local_epochs=2, out=str(run))
@@ -927,13 +927,13 @@ def _saved_run(tmp_path: Path, status: str = "running") -> Path:
 
 
 def _server_args(*argv: str):
-    from pollen.cli import build_parser
+    from pollen.cli.app import build_parser
 
     return build_parser().parse_args(["server", *argv])
 
 
 def test_resume_takes_the_saved_options(tmp_path: Path) -> None:
-    from pollen.cli import resume_config
+    from pollen.cli.app import resume_config
 
     run = _saved_run(tmp_path)
     cfg = resume_config(_server_args("--resume", str(run), "--model", "cnn"), "server")
@@ -947,7 +947,7 @@ def test_resume_takes_the_saved_options(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_conflicting_options(tmp_path: Path) -> None:
-    from pollen.cli import resume_config
+    from pollen.cli.app import resume_config
 
     run = _saved_run(tmp_path)
     with pytest.raises(PollenError) as err:
@@ -957,7 +957,7 @@ def test_resume_refuses_conflicting_options(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_completed_and_missing_runs(tmp_path: Path) -> None:
-    from pollen.cli import main
+    from pollen.cli.app import main
 
     run = _saved_run(tmp_path, status="completed")
     assert main(["server", "--resume", str(run), "--address", "127.0.0.1:1"]) == 2
@@ -965,7 +965,7 @@ def test_resume_refuses_completed_and_missing_runs(tmp_path: Path) -> None:
 
 
 def test_resume_messages(tmp_path: Path, capsys) -> None:
-    from pollen.cli import main
+    from pollen.cli.app import main
 
     run = _saved_run(tmp_path, status="completed")
     main(["server", "--resume", str(run), "--address", "127.0.0.1:1"])
@@ -977,7 +977,7 @@ def test_resume_messages(tmp_path: Path, capsys) -> None:
 
 
 def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path: Path, capsys) -> None:
-    from pollen.cli import main
+    from pollen.cli.app import main
 
     run = _saved_run(tmp_path, status="interrupted")
     assert main(["server", "--out", str(run), "--address", "127.0.0.1:1"]) == 2
@@ -987,7 +987,7 @@ def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path: Path, capsys) 
 
 
 def test_simulate_resume_keeps_the_number_of_clients(tmp_path: Path) -> None:
-    from pollen.cli import SIMULATION_FILE, _simulated_clients
+    from pollen.cli.app import SIMULATION_FILE, _simulated_clients
 
     run = tmp_path / "run"
     run.mkdir()

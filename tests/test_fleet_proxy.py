@@ -1,4 +1,4 @@
-"""Tests for pollen.fleet_proxy: only the Fleet API passes; everything else is refused."""
+"""Tests for pollen.deploy.fleet_proxy: only the Fleet API passes; everything else is refused."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pollen.errors import PollenError
-from pollen.fleet_proxy import (
+from pollen.deploy.fleet_proxy import (
     FLEET_ENDPOINTS,
     FLEET_PATHS,
     REFUSAL_TEXT,
@@ -36,6 +35,7 @@ from pollen.fleet_proxy import (
     create_app,
     is_allowed,
 )
+from pollen.errors import PollenError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -320,7 +320,7 @@ def test_upstream_error_status_and_body_pass_through(upstream, proxy):
 )
 def test_everything_else_is_refused_and_logged(upstream, proxy, caplog, method, path):
     fake, _ = upstream
-    with caplog.at_level(logging.WARNING, logger="pollen.fleet_proxy"):
+    with caplog.at_level(logging.WARNING, logger="pollen.deploy.fleet_proxy"):
         r = httpx.request(
             method,
             f"http://127.0.0.1:{proxy.port}{path}",
@@ -331,7 +331,7 @@ def test_everything_else_is_refused_and_logged(upstream, proxy, caplog, method, 
     assert r.text == REFUSAL_TEXT
     assert fake.calls == []
     assert not proxy.app.state.forwarded
-    [record] = [rec for rec in caplog.records if rec.name == "pollen.fleet_proxy"]
+    [record] = [rec for rec in caplog.records if rec.name == "pollen.deploy.fleet_proxy"]
     assert record.levelno == logging.WARNING
     message = record.getMessage()
     assert method in message and path.split("?")[0] in message and "127.0.0.1:" in message
@@ -454,7 +454,7 @@ def _self_signed(tmp_path: Path) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pollen-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -1,4 +1,4 @@
-"""Tests for pollen.history: history.json/csv, metrics.png, status.json, model.keras."""
+"""Tests for pollen.server.history: history.json/csv, metrics.png, status.json, model.keras."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pollen.history import (
+from pollen.files import atomic_write
+from pollen.server.history import (
     CSV_COLUMNS,
     ClientRound,
     History,
     RoundRecord,
-    atomic_write,
     plot_history,
     read_history,
     read_status,
@@ -280,7 +280,7 @@ def test_read_status_missing_or_corrupt(tmp_path: Path) -> None:
 def test_save_model_loads_and_predicts_the_same(tmp_path: Path) -> None:
     import keras
 
-    from pollen.models import build_model
+    from pollen.models.registry import build_model
 
     model = build_model("cnn", num_classes=4, seed=1)
     # Non-default BatchNorm statistics, so a save that lost them would predict differently.
@@ -305,7 +305,7 @@ def test_save_model_loads_and_predicts_the_same(tmp_path: Path) -> None:
 
 
 def test_saved_model_gets_ordinary_permissions(tmp_path: Path) -> None:
-    from pollen.models import build_model
+    from pollen.models.registry import build_model
 
     old_umask = os.umask(0o022)
     try:
@@ -316,9 +316,9 @@ def test_saved_model_gets_ordinary_permissions(tmp_path: Path) -> None:
 
 
 def test_target_accuracy_status_and_summary(capsys) -> None:
-    from pollen.cli import _print_summary
+    from pollen.cli.app import _print_summary
     from pollen.config import RunConfig
-    from pollen.server_app import _target_status
+    from pollen.server.app import _target_status
 
     history = History(config={}, elapsed_seconds=42.5)
     history.rounds = [

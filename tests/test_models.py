@@ -1,4 +1,4 @@
-"""Tests for pollen.models and pollen.training on random data (small CNN where possible)."""
+"""Tests for pollen.models.registry and pollen.training.local on random data (small CNN where possible)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ import keras
 import numpy as np
 import pytest
 
-from pollen import training
-from pollen.client_app import check_architecture
+from pollen.client.app import check_architecture
 from pollen.errors import PollenError
-from pollen.models import (
+from pollen.models.registry import (
     MODELS,
     batchnorm_stat_indices,
-    build_client_model,
     build_model,
-    compile_model,
     find_layer,
     whiten_first_conv,
     whitening_kernel,
 )
+from pollen.training import local as training
+from pollen.training.compile import build_client_model, compile_model
 
 RNG_IMAGES = np.random.default_rng(1234).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
 
@@ -254,7 +253,7 @@ def _batches(ds) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.asarray(xb), np.asarray(yb)) for xb, yb in ds]
 
 
-#: Both input paths: ``tf.data`` (CPU) and :class:`~pollen.training.DeviceBatches` (accelerators).
+#: Both input paths: ``tf.data`` (CPU) and :class:`~pollen.training.local.DeviceBatches` (accelerators).
 BOTH_PATHS = pytest.mark.parametrize("on_device", [False, True], ids=["tf.data", "device"])
 
 
@@ -390,10 +389,12 @@ NO_TENSORFLOW_CHECK = """
 import importlib.util
 assert importlib.util.find_spec("tensorflow") is None  # as on a GPU machine with torch only
 import numpy as np
-from pollen import training
-from pollen.models import build_model, compile_model, MODELS
+from pollen.training import local as training
+from pollen.models.registry import build_model, MODELS
+from pollen.training.compile import compile_model
 assert training.feeds_on_device()
-assert training.configure_threads(1, 2) == 1
+from pollen.backend import configure_threads
+assert configure_threads(1, 2) == 1
 rng = np.random.default_rng(0)
 x = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
 y = (np.arange(40) % 4).astype(np.int64)
@@ -453,10 +454,11 @@ def test_training_runs_under_torch_without_tensorflow(tmp_path) -> None:
 TORCH_CPU_CHECK = """
 import sys
 import numpy as np
-from pollen import training
-from pollen.models import build_client_model
+from pollen.training import local as training
+from pollen.training.compile import build_client_model
 assert training.feeds_on_device()
-assert training.configure_threads(1, 2) == 1
+from pollen.backend import configure_threads
+assert configure_threads(1, 2) == 1
 import torch
 assert torch.get_num_threads() == 1
 rng = np.random.default_rng(0)
@@ -552,8 +554,8 @@ def test_cnn_gn_has_no_moving_statistics() -> None:
 
 
 def test_proximal_term_keeps_local_training_near_the_global_weights() -> None:
-    from pollen.models import compile_model
-    from pollen.training import ProximalTerm, fit
+    from pollen.training.compile import compile_model
+    from pollen.training.local import ProximalTerm, fit
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8)
@@ -606,7 +608,7 @@ def test_fastnet_layouts_give_the_same_function() -> None:
 
 TORCH_LAYOUT_CHECK = """
 import numpy as np, keras
-from pollen.models import build_model
+from pollen.models.registry import build_model
 assert keras.backend.backend() == "torch"
 x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
 last = build_model("fastnet", num_classes=4, seed=1)
@@ -721,7 +723,7 @@ def test_onecycle_schedule_warms_up_then_decays_to_zero() -> None:
 
 
 def test_recipe_compiles_sgd_with_label_smoothing() -> None:
-    from pollen.models import Recipe
+    from pollen.models.registry import Recipe
 
     recipe = Recipe(optimizer="sgd", learning_rate=0.1, label_smoothing=0.2, weight_decay=5e-4)
     model = compile_model(build_model("cnn", num_classes=3, seed=0), 0.1, recipe)
@@ -739,7 +741,7 @@ def test_recipe_compiles_sgd_with_label_smoothing() -> None:
 
 
 def test_mobilenetv2_recipe_is_adam_at_the_reference_rate_with_a_faster_second_moment() -> None:
-    from pollen.models import Recipe
+    from pollen.models.registry import Recipe
 
     recipe = MODELS["mobilenetv2"].recipe
     assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size) == ("adam", 1e-3, 32)
@@ -755,7 +757,7 @@ def test_mobilenetv2_recipe_is_adam_at_the_reference_rate_with_a_faster_second_m
 def test_preferred_backend(monkeypatch) -> None:
     import importlib.util
 
-    from pollen import models
+    from pollen.models import registry as models
 
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
     assert models.preferred_backend("mobilenetv2") == "tensorflow"
@@ -776,7 +778,7 @@ def test_preferred_backend(monkeypatch) -> None:
 def test_a_prepare_query_loads_the_data_and_builds_the_model(tiny_data, flower_task) -> None:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from pollen import client_app
+    from pollen.client import app as client_app
     from pollen.config import RunConfig
 
     client_app.get_model.cache_clear()
@@ -799,7 +801,7 @@ def test_the_client_giving_initial_weights_whitens_fastnets_stem_except_under_dp
 ) -> None:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from pollen import client_app
+    from pollen.client import app as client_app
     from pollen.config import RunConfig
 
     def initial_reply(**overrides):
@@ -833,7 +835,7 @@ def test_clients_keep_fastnets_whitened_stem_frozen_and_train_it_when_not_whiten
 ) -> None:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from pollen import client_app
+    from pollen.client import app as client_app
     from pollen.config import RunConfig
 
     model = build_model("fastnet", num_classes=10, seed=0)
@@ -863,7 +865,7 @@ def test_a_whitened_layer_is_frozen_inside_a_nested_model(monkeypatch) -> None:
     """MobileNetV2's Conv1 sits in the nested keras.applications model: freezing reaches it."""
     import dataclasses
 
-    from pollen import models
+    from pollen.models import registry as models
 
     spec = dataclasses.replace(MODELS["mobilenetv2"], freeze_whitened=True)
     monkeypatch.setitem(models.MODELS, "mobilenetv2", spec)

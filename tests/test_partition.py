@@ -1,13 +1,13 @@
-"""Tests for pollen.partition (flwr-datasets partitioners over label arrays)."""
+"""Tests for pollen.data.partition (flwr-datasets partitioners over label arrays)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pollen.data import Dataset
+from pollen.data.load import Dataset
+from pollen.data.partition import label_histogram, partition_dataset, partition_indices
 from pollen.errors import PollenError
-from pollen.partition import label_histogram, partition_dataset, partition_indices
 
 LABELS = np.random.default_rng(0).integers(0, 10, 1000)
 

@@ -15,7 +15,7 @@ from flwr.app import (
 
 from pollen.config import RunConfig
 from pollen.errors import PollenError
-from pollen.privacy import (
+from pollen.server.privacy import (
     epsilon_after,
     make_private,
     noise_for_budget,
@@ -23,7 +23,7 @@ from pollen.privacy import (
     resolve_noise,
     sample_size,
 )
-from pollen.strategy import make_strategy
+from pollen.server.strategies import check_config, make_strategy
 
 DELTA = 1e-5
 
@@ -61,9 +61,9 @@ def test_resolve_noise_cases() -> None:
 
 def test_dp_refuses_strategies_the_accountant_does_not_cover() -> None:
     with pytest.raises(PollenError, match="fedavg or fedprox"):
-        RunConfig().replace(dp=True, strategy="krum")
+        check_config(RunConfig().replace(dp=True, strategy="krum"))
     with pytest.raises(PollenError, match="cannot be combined"):
-        RunConfig().replace(dp=True, secagg=True)
+        check_config(RunConfig().replace(dp=True, secagg=True))
 
 
 def test_sample_size_follows_flower_fedavg() -> None:

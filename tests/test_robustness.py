@@ -10,9 +10,9 @@ from flwr.app import (
     ConfigRecord,
 )
 
-from pollen.client_app import corrupt, fault_of
+from pollen.client.app import corrupt, fault_of
 from pollen.config import RunConfig
-from pollen.strategy import STRATEGIES, make_strategy
+from pollen.server.strategies import STRATEGIES, make_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 

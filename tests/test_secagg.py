@@ -33,20 +33,22 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp.strategy import FedAvg
 from test_e2e import check_run_folder
 
-from pollen.checkpoint import read_manifest
-from pollen.config import RunConfig
-from pollen.errors import PollenError
-from pollen.history import RoundRecord
-from pollen.rounds import _RoundClients
-from pollen.secagg import (
-    QUANTIZATION_RANGE,
-    TRAIN_EXAMPLES_REQUEST,
-    SecureAggregation,
+from pollen.client.secagg_mod import (
     is_legacy_train,
     legacy_train_input,
     legacy_train_reply,
-    resolve_protocol,
     secagg_client_mod,
+)
+from pollen.config import RunConfig
+from pollen.errors import PollenError
+from pollen.protocol import TRAIN_EXAMPLES_REQUEST
+from pollen.server.checkpoint import read_manifest
+from pollen.server.history import RoundRecord
+from pollen.server.rounds import _RoundClients
+from pollen.server.secagg import (
+    QUANTIZATION_RANGE,
+    SecureAggregation,
+    resolve_protocol,
     tolerated_dropouts,
     workflow_counts,
 )

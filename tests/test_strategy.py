@@ -1,4 +1,4 @@
-"""Client sampling: pollen.strategy.seeded_sampling around Flower's own strategies."""
+"""Client sampling: pollen.server.strategies.seeded_sampling around Flower's own strategies."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import NodesGrid
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import strategy as fl
 
-from pollen.strategy import seeded_sample, seeded_sampling
+from pollen.server.strategies import seeded_sample, seeded_sampling
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 

@@ -1,4 +1,4 @@
-"""pollen.supernode: Flower's SuperNode with its idle poll capped."""
+"""pollen.deploy.supernode: Flower's SuperNode with its idle poll capped."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pollen import supernode
+from pollen.deploy import supernode
 
 
 def _slept(capped, seconds: float) -> float:
@@ -61,7 +61,7 @@ def test_main_runs_flowers_supernode_with_the_capped_poll(monkeypatch, capsys) -
 
     monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
     monkeypatch.setenv(supernode.POLL_ENV, "0.05")
-    monkeypatch.setattr(sys, "argv", ["pollen.supernode", "--help"])
+    monkeypatch.setattr(sys, "argv", ["pollen.deploy.supernode", "--help"])
     with pytest.raises(SystemExit) as exit_:
         supernode.main()
     assert exit_.value.code == 0
@@ -74,7 +74,7 @@ def test_main_runs_flowers_supernode_with_the_capped_poll(monkeypatch, capsys) -
 
 
 def test_pollen_client_refuses_a_bad_poll_setting_before_it_starts(monkeypatch) -> None:
-    from pollen import deployment
+    from pollen.deploy import deployment
     from pollen.errors import PollenError
 
     monkeypatch.setenv(supernode.POLL_ENV, "abc")
@@ -87,7 +87,7 @@ def test_pollen_client_refuses_a_bad_poll_setting_before_it_starts(monkeypatch) 
 
 SPAWNS_A_SUPERNODE = """
 import os, subprocess, sys
-argv = [sys.executable, "-m", "pollen.supernode", "--insecure", "--superlink", sys.argv[1],
+argv = [sys.executable, "-m", "pollen.deploy.supernode", "--insecure", "--superlink", sys.argv[1],
         "--isolation", "process", "--host", "127.0.0.1", "--port", sys.argv[2]]
 node = subprocess.Popen(argv, env={**os.environ, "POLLEN_PARENT_PID": str(os.getpid())},
                         start_new_session=True, stdout=subprocess.DEVNULL,
@@ -103,7 +103,7 @@ def test_a_supernode_stops_once_the_pollen_client_that_started_it_is_killed() ->
     import signal
     import subprocess
 
-    from pollen.runtime import free_port, is_running
+    from pollen.deploy.runtime import free_port, is_running
 
     dead_server = f"127.0.0.1:{free_port()}"  # nobody listens: the SuperNode keeps retrying
     parent = subprocess.Popen(

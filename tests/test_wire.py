@@ -158,7 +158,7 @@ def _to(nodes, content: RecordDict, kind: str) -> list[Message]:
 
 @pytest.fixture
 def warm(monkeypatch) -> None:
-    """This process serves its node's later messages too (as pollen.warm_clientapp does)."""
+    """This process serves its node's later messages too (as pollen.deploy.warm_clientapp does)."""
     monkeypatch.setattr(wire, "_kept", {})
     monkeypatch.setattr(wire, "_serves_later", [True])
 

@@ -32,14 +32,20 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pollen.config import RunConfig
-from pollen.rounds import PREPARE_REQUEST
-from pollen.secagg import (
-    TRAIN_EXAMPLES_REQUEST,
+from pollen.client.secagg_mod import (
     is_legacy_train,
     legacy_train_input,
     legacy_train_reply,
     secagg_client_mod,
+)
+from pollen.config import RunConfig
+from pollen.protocol import (
+    DONE_FILE_KEY,
+    NUM_EXAMPLES_KEY,
+    PREPARE_REQUEST,
+    RUN_OVER_REQUEST,
+    TRAIN_EXAMPLES_REQUEST,
+    UNIT_WEIGHT_KEY,
 )
 from pollen.wire import wire_mod
 
@@ -131,7 +137,7 @@ def _load_whole_dataset(data_dir: str):
     A simulation worker plays many clients in turn (100 clients on 2 workers):
     each of them slices its partition out of this one copy.
     """
-    from pollen.data import load_dataset
+    from pollen.data.load import load_dataset
 
     return load_dataset(data_dir or None)
 
@@ -139,7 +145,7 @@ def _load_whole_dataset(data_dir: str):
 @functools.lru_cache(maxsize=2)
 def load_client_data(spec: ClientData):
     """Load (once per process) the client's own train/test arrays."""
-    from pollen.partition import partition_dataset
+    from pollen.data.partition import partition_dataset
 
     ds = _load_whole_dataset(spec.data_dir)
     if spec.num_partitions is not None:
@@ -163,14 +169,15 @@ def get_model(
     The model object is reused across rounds: each round overwrites its
     weights with the global ones and gives it a fresh optimizer. Keras loads
     here for the first time in a client process, on the model's preferred
-    backend (see :func:`pollen.models.select_backend`). ``whitened``: the run
+    backend (see :func:`pollen.models.registry.select_backend`). ``whitened``: the run
     started the first convolution whitened, so a model with
     ``ModelSpec.freeze_whitened`` trains with that layer frozen.
     """
-    from pollen.models import build_client_model, select_backend
+    from pollen.models.registry import select_backend
+    from pollen.training.compile import build_client_model
 
     select_backend(name)
-    from pollen.training import configure_threads
+    from pollen.backend import configure_threads
 
     configure_threads(threads, sharing)
     return build_client_model(name, num_classes, seed, whitened=whitened)
@@ -181,7 +188,7 @@ def whitens(cfg: RunConfig) -> bool:
 
     Never under DP or SecAgg+: the server must not see statistics of one client's data.
     """
-    from pollen.models import MODELS
+    from pollen.models.registry import MODELS
 
     return bool(cfg.whiten and MODELS[cfg.model].whiten and not (cfg.dp or cfg.secagg))
 
@@ -260,7 +267,7 @@ def query(msg: Message, context: Context) -> Message:
 
     ``request="initial-arrays"``: reply with freshly initialised weights and
     the class names of the local data. For a model with a ``whiten`` layer
-    (:class:`pollen.models.ModelSpec`) the first convolution starts from the
+    (:class:`pollen.models.registry.ModelSpec`) the first convolution starts from the
     whitened principal components of local image patches, except under DP
     or SecAgg+. ``request="prepare"``: load the local data and build the
     model now (both are kept for the run's messages), reply with the name.
@@ -290,8 +297,8 @@ def query(msg: Message, context: Context) -> Message:
         _setup(msg, context)
         info = ConfigRecord({"name": client_name(dict(context.node_config))})
         return Message(RecordDict({"client": info}), reply_to=msg)
-    if request == "run-over":
-        done = context.node_config.get("pollen-done-file")
+    if request == RUN_OVER_REQUEST:
+        done = context.node_config.get(DONE_FILE_KEY)
         if done:
             Path(str(done)).touch()
         return Message(RecordDict({"config": ConfigRecord({"ok": True})}), reply_to=msg)
@@ -299,7 +306,7 @@ def query(msg: Message, context: Context) -> Message:
     info = ConfigRecord(
         {"name": client_name(dict(context.node_config)), "classes": list(data.class_names)}
     )
-    from pollen.models import MODELS, whiten_first_conv
+    from pollen.models.registry import MODELS, whiten_first_conv
 
     if whitens(cfg):
         info["whitened-images"] = whiten_first_conv(
@@ -314,7 +321,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on local data; reply with the update.
 
-    Under SecAgg+ (:mod:`pollen.secagg`) the mod in front of this handler
+    Under SecAgg+ (:mod:`pollen.server.secagg`) the mod in front of this handler
     passes a legacy ``FitIns`` and masks the legacy ``FitRes`` returned: the
     same training runs, and the reply holds the update (trained minus
     global weights) instead of the weights.
@@ -331,8 +338,8 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     """Train ``content["arrays"]`` on local data; return weights, metrics, name."""
     import math
 
-    from pollen.models import MODELS
-    from pollen.training import RunSchedule, fit, reset_optimizer
+    from pollen.models.registry import MODELS
+    from pollen.training.local import RunSchedule, fit, reset_optimizer
 
     cfg, model, data = _setup(content, context)
     server_round = int(content["config"].get("server-round", 1))
@@ -340,7 +347,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     reset_optimizer(model, lr)
     mu = float(content["config"].get("proximal-mu", 0.0))
     if mu > 0:  # FedProx: penalise drifting from the global weights just loaded
-        from pollen.training import ProximalTerm
+        from pollen.training.local import ProximalTerm
 
         ProximalTerm.of(model).anchor(mu)
     steps_per_round = cfg.local_epochs * math.ceil(len(data.y_train) / cfg.batch_size)
@@ -368,8 +375,8 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
             "fit_seconds": result.seconds,
-            "num-examples": result.num_examples,
-            "unit-weight": 1,  # the aggregation weight under DP (equal per client)
+            NUM_EXAMPLES_KEY: result.num_examples,
+            UNIT_WEIGHT_KEY: 1,  # the aggregation weight under DP (equal per client)
         }
     )
     return RecordDict(
@@ -386,13 +393,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on local held-out data.
 
     Before evaluating, BatchNorm statistics are re-estimated on local training
-    images (see :func:`pollen.training.calibrate_batchnorm`) and sent back
+    images (see :func:`pollen.training.local.calibrate_batchnorm`) and sent back
     so the server can combine them into the global model.
     """
     import time
 
-    from pollen.training import calibrate_batchnorm
-    from pollen.training import evaluate as evaluate_model
+    from pollen.training.local import calibrate_batchnorm
+    from pollen.training.local import evaluate as evaluate_model
 
     cfg, model, data = _setup(msg, context)
     start = time.perf_counter()
@@ -401,7 +408,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     indices, stats, n_cal = calibrate_batchnorm(
         model, data.x_train, max_examples=n_calibrate, seed=cfg.seed
     )
-    from pollen.models import MODELS
+    from pollen.models.registry import MODELS
 
     flip_tta = cfg.tta and MODELS[cfg.model].flip_tta
     loss, accuracy = evaluate_model(model, data.x_test, data.y_test, flip_tta=flip_tta)
@@ -413,8 +420,8 @@ def evaluate(msg: Message, context: Context) -> Message:
                     "eval_accuracy": accuracy,
                     "eval_seconds": time.perf_counter() - start,
                     "calibration-examples": n_cal,
-                    "num-examples": len(data.y_test),
-                    "unit-weight": 1,
+                    NUM_EXAMPLES_KEY: len(data.y_test),
+                    UNIT_WEIGHT_KEY: 1,
                 }
             ),
             "client": ConfigRecord({"name": client_name(dict(context.node_config))}),

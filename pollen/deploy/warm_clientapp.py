@@ -9,7 +9,7 @@ configuration (MobileNetV2, 2 clients on 2 cores), about 45 s per message and
 a round 1.59-1.67 times as long as the clients' own fit + evaluate.
 
 ``pollen client`` instead runs its SuperNode with ``--isolation process`` and
-this module beside it (``python -m pollen.warm_clientapp``): Flower's own
+this module beside it (``python -m pollen.deploy.warm_clientapp``): Flower's own
 SuperExec loop (``run_superexec``: it polls the SuperNode's Runtime API for
 tasks and hands each to an executor), given :class:`WarmExecutor`, which runs
 ClientApp tasks in this process, one after the other, on one worker thread.
@@ -160,7 +160,7 @@ class WarmExecutor(SubprocessExecutor):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pollen.warm_clientapp``: Flower's SuperExec loop with :class:`WarmExecutor`.
+    """``python -m pollen.deploy.warm_clientapp``: Flower's SuperExec loop with :class:`WarmExecutor`.
 
     Takes the arguments of ``flower-superexec`` that a SuperNode passes to it:
     ``--runtime-api-address``, ``--insecure`` or ``--root-certificates``, and

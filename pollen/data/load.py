@@ -28,7 +28,6 @@ raises :class:`~pollen.errors.PollenError` with a one-paragraph explanation.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import importlib.util
@@ -37,9 +36,7 @@ import json
 import logging
 import os
 import pickle
-import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -53,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pollen.errors import PollenError
+from pollen.files import atomic_writer, file_lock
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -230,7 +228,10 @@ def load_dataset(
                 )
             _make_dir(cache)
             # Several clients may start at once: one downloads, the others wait for it.
-            with _file_lock(cache / (CIFAR10_ARCHIVE + ".lock")):
+            with file_lock(
+                cache / (CIFAR10_ARCHIVE + ".lock"),
+                waiting=f"Waiting for another process to finish downloading into {cache}",
+            ):
                 if not archive.is_file():
                     try:
                         download_cifar10(cache, url=url, sha256=sha256)
@@ -416,28 +417,6 @@ class _DownloadFailedError(PollenError):
         )
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (no-op where ``fcntl`` is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no locking; concurrent first downloads are unlikely there
-        yield
-        return
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.stderr.write(
-                f"Waiting for another process to finish downloading into {path.parent}\n"
-            )
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
@@ -582,22 +561,15 @@ def _read_cache(path: Path) -> Dataset | None:
 def _write_cache(path: Path, ds: Dataset) -> None:
     """Write ``ds`` to ``path`` atomically; remove older caches of the same source."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    x_train=ds.x_train,
-                    y_train=ds.y_train,
-                    x_test=ds.x_test,
-                    y_test=ds.y_test,
-                    class_names=np.array(ds.class_names, dtype=str),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as f:
+            np.savez(
+                f,
+                x_train=ds.x_train,
+                y_train=ds.y_train,
+                x_test=ds.x_test,
+                y_test=ds.y_test,
+                class_names=np.array(ds.class_names, dtype=str),
+            )
         prefix = path.name.rsplit("-", 1)[0] + "-"
         for old in path.parent.glob(prefix + "*.npz"):
             if old != path:

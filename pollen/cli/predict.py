@@ -11,7 +11,7 @@ from pollen.errors import PollenError
 
 def class_names_for(model_path: Path, num_classes: int) -> list[str]:
     """Class names for a model: ``classes.json`` beside it, else CIFAR-10's, else numbers."""
-    from pollen.data import CIFAR10_CLASSES
+    from pollen.data.load import CIFAR10_CLASSES
 
     names_file = model_path.parent / "classes.json"
     if names_file.is_file():
@@ -45,13 +45,13 @@ def predict(model_path: Path, images: Sequence[Path], *, top: int = 3) -> list[s
             f"No model at {model_path}: pass the model.keras file of a finished run, "
             "for example --model runs/<timestamp>/model.keras."
         )
-    from pollen.runtime import without_native_notices
+    from pollen.deploy.runtime import without_native_notices
 
     with without_native_notices():  # TensorFlow's load-time notices: see TF_LOAD_NOTICES
         import keras
     import numpy as np
 
-    from pollen.data import load_images
+    from pollen.data.load import load_images
 
     try:
         model = keras.saving.load_model(model_path, compile=False)  # predicting only
@@ -62,8 +62,8 @@ def predict(model_path: Path, images: Sequence[Path], *, top: int = 3) -> list[s
         ) from None
     _, height, width, channels = model.input_shape
     x = load_images(images, image_size=(height, width), channels=channels)
-    from pollen.models import MODELS
-    from pollen.training import predict_proba
+    from pollen.models.registry import MODELS
+    from pollen.training.local import predict_proba
 
     # Registry models are named "pollen_<registry name>"; evaluate the way the run did.
     spec = MODELS.get(model.name.removeprefix("pollen_"))

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pollen.backend import set_random_seed
+
 if TYPE_CHECKING:  # keras is imported where a model is built: listing names stays fast
     import keras
     import numpy as np
@@ -44,7 +46,7 @@ class Recipe:
         learning_rate: Peak local learning rate.
         batch_size: Local batch size.
         lr_schedule: Learning rate across the run's local steps (see
-            ``pollen.training.schedule_value``).
+            ``pollen.training.local.schedule_value``).
         label_smoothing: Label smoothing of the training loss (0 = none).
         weight_decay: Decoupled weight decay of the optimizer (0 = none).
         beta_2: Adam's decay rate of its second-moment estimates (Keras's
@@ -71,7 +73,7 @@ class ModelSpec:
             current backend.
         description: One line for ``pollen models`` and the README.
         augment: Whether local training applies per-image random flips and shifts
-            (``pollen.training.make_dataset``).
+            (``pollen.training.local.make_dataset``).
         recipe: Local-training settings (optimizer, learning rate, batch size,
             schedule, label smoothing) the model is tuned for.
         backend: Keras backend clients prefer for this model where it is
@@ -87,7 +89,7 @@ class ModelSpec:
             weight gradients). Applies only when the run whitened it.
         flip_tta: Whether evaluation and prediction average the class
             probabilities of each image and its mirror image
-            (:func:`pollen.training.predict_proba`); for models trained with
+            (:func:`pollen.training.local.predict_proba`); for models trained with
             random flips, or on classes that look the same mirrored (CIFAR-10:
             +1.7 to +2.2 points for ``mobilenetv2``, trained without flips).
     """
@@ -100,34 +102,6 @@ class ModelSpec:
     whiten: str = ""
     freeze_whitened: bool = False
     flip_tta: bool = False
-
-
-def set_random_seed(seed: int) -> None:
-    """``keras.utils.set_random_seed(seed)``, without importing TensorFlow where nothing runs it.
-
-    Keras also seeds TensorFlow whenever it is installed (for ``tf.data``
-    pipelines), and importing it costs seconds of every client's start. A
-    process whose batches do not come from ``tf.data``
-    (``pollen.training.feeds_on_device``: every torch process) never runs
-    TensorFlow, so there Keras is shown none; Python's, NumPy's, torch's and
-    Keras's own seeds are set as usual, and the initial weights are the same.
-
-    Args:
-        seed: Seed for Python, NumPy, the backend and Keras's initialisers.
-    """
-    from types import SimpleNamespace
-    from unittest import mock
-
-    import keras
-    from keras.src.utils import rng_utils  # Keras's implementation of set_random_seed
-
-    from pollen.training import feeds_on_device
-
-    if not feeds_on_device() or "tensorflow" in sys.modules:
-        keras.utils.set_random_seed(seed)
-        return
-    with mock.patch.object(rng_utils, "tf", SimpleNamespace(available=False)):
-        rng_utils.set_random_seed(seed)
 
 
 def _set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
@@ -410,25 +384,6 @@ def build_model(
     return build(num_classes, seed)
 
 
-def build_client_model(
-    name: str, num_classes: int, seed: int, *, whitened: bool = False
-) -> keras.Model:
-    """A client's compiled registry model: fastest layout, the recipe's optimizer and loss.
-
-    Args:
-        name: Registry name.
-        num_classes: Output classes.
-        seed: Seed for the weight initialisers.
-        whitened: The run starts the first convolution whitened; a model with
-            :attr:`ModelSpec.freeze_whitened` then trains with that layer frozen.
-    """
-    spec = MODELS[name]
-    model = build_model(name, num_classes, seed, fastest_layout=True)
-    if whitened and spec.whiten and spec.freeze_whitened:
-        find_layer(model, spec.whiten).trainable = False
-    return compile_model(model, spec.recipe.learning_rate, spec.recipe)
-
-
 def preferred_backend(name: str) -> str:
     """The Keras backend to run registry model ``name`` on in a new process.
 
@@ -567,78 +522,12 @@ def whiten_first_conv(
     return len(images)
 
 
-def smoothed_sparse_crossentropy(label_smoothing: float, num_classes: int) -> Callable:
-    """Sparse categorical cross-entropy with label smoothing.
-
-    Keras's ``SparseCategoricalCrossentropy`` has no label smoothing; this
-    one-hot encodes the integer labels ``(batch,)`` and applies
-    ``categorical_crossentropy(..., label_smoothing=...)`` to the
-    ``(batch, num_classes)`` probabilities.
-    """
-    import keras
-    from keras import ops
-
-    def loss(y_true, y_pred):
-        onehot = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), num_classes)
-        return keras.losses.categorical_crossentropy(
-            onehot, y_pred, label_smoothing=label_smoothing
-        )
-
-    return loss
-
-
-def compile_model(
-    model: keras.Model,
-    learning_rate: float,
-    recipe: Recipe | None = None,
-    *,
-    schedulable: bool = True,
-) -> keras.Model:
-    """Compile for local training: the recipe's optimizer and loss, accuracy metric.
-
-    Args:
-        model: Registry model.
-        learning_rate: Initial learning rate (a run-wide schedule then sets it
-            per step).
-        recipe: Optimizer, label smoothing and weight decay; None = the
-            reference recipe (Adam, plain sparse categorical cross-entropy).
-        schedulable: Give the optimizer a ``pollen.training.StepLearningRate``
-            so ``pollen.training.fit`` can follow a run-wide schedule. False
-            keeps a plain number, for models that are only evaluated or
-            saved: a ``model.keras`` then loads without Pollen installed.
-    """
-    import keras
-
-    from pollen.training import StepLearningRate
-
-    recipe = recipe or Recipe()
-    weight_decay = recipe.weight_decay or None
-    if schedulable:  # run-wide schedules, set per round
-        learning_rate = StepLearningRate(learning_rate)
-    if recipe.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(
-            learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay
-        )
-    else:
-        optimizer = keras.optimizers.Adam(
-            learning_rate, beta_2=recipe.beta_2, weight_decay=weight_decay
-        )
-    if schedulable:
-        for variable in learning_rate.state:  # see StepLearningRate.state
-            optimizer._track_variable(variable)  # noqa: SLF001 - Keras's own hook for optimizer state
-    loss: str | Callable = "sparse_categorical_crossentropy"
-    if recipe.label_smoothing > 0:
-        loss = smoothed_sparse_crossentropy(recipe.label_smoothing, model.output_shape[-1])
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-    return model
-
-
 def batchnorm_stat_indices(model: keras.Model) -> list[int]:
     """Positions in ``model.get_weights()`` of BatchNorm moving means/variances.
 
     These are the arrays that describe the data, not the function: clients
     re-estimate them for the aggregated weights (see
-    ``pollen.training.calibrate_batchnorm``).
+    ``pollen.training.local.calibrate_batchnorm``).
     """
     import keras
 

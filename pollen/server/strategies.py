@@ -20,6 +20,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fl
 
 from pollen.config import RunConfig
+from pollen.errors import PollenError
+from pollen.protocol import NUM_EXAMPLES_KEY, UNIT_WEIGHT_KEY
 
 
 def _common(cfg: RunConfig) -> dict[str, Any]:
@@ -28,10 +30,10 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
     As many clients evaluate as train (``fraction_evaluate = fraction_train``);
     ``min-clients`` is both the quorum to start a round and the minimum sample
     size. Under DP every client weighs the same (client-level DP averages
-    clients, not examples; see :mod:`pollen.privacy`).
+    clients, not examples; see :mod:`pollen.server.privacy`).
     """
     return {
-        "weighted_by_key": "unit-weight" if cfg.dp else "num-examples",
+        "weighted_by_key": UNIT_WEIGHT_KEY if cfg.dp else NUM_EXAMPLES_KEY,
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_train,
         "min_train_nodes": cfg.min_clients,
@@ -46,7 +48,7 @@ STRATEGIES: dict[str, Callable[[RunConfig], fl.Strategy]] = {
         **_common(cfg), server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum
     ),
     # FedProx aggregates like FedAvg and sends "proximal-mu" to the clients, which
-    # add mu/2 * ||w - w_global||^2 to their loss (pollen.training.ProximalTerm).
+    # add mu/2 * ||w - w_global||^2 to their loss (pollen.training.local.ProximalTerm).
     "fedprox": lambda cfg: fl.FedProx(**_common(cfg), proximal_mu=cfg.proximal_mu),
     # Flower's defaults for the adaptive strategies are eta=0.1 (0.01 for FedYogi): their
     # server step is eta * m / (sqrt(v) + tau); server-lr scales it.
@@ -63,6 +65,39 @@ STRATEGIES: dict[str, Callable[[RunConfig], fl.Strategy]] = {
     ),
     "bulyan": lambda cfg: fl.Bulyan(**_common(cfg), num_malicious_nodes=cfg.num_malicious_nodes),
 }
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse a strategy name, or a strategy combined with ``--secagg``/``--dp``, that cannot run.
+
+    :meth:`pollen.config.RunConfig.validate` checks each field alone; this checks
+    what depends on the strategy registry. The CLI calls it before anything
+    starts, the ServerApp when it reads its run config.
+
+    Raises:
+        PollenError: The first problem found, phrased for the user.
+    """
+    if cfg.strategy not in STRATEGIES:
+        raise PollenError(f"Unknown strategy {cfg.strategy!r}: use one of {', '.join(STRATEGIES)}.")
+    if cfg.secagg and cfg.strategy != "fedavg":
+        raise PollenError(
+            f"Secure aggregation works with the fedavg strategy only, not {cfg.strategy!r}: "
+            "with SecAgg+ the server sees only the sum of the updates, which is all FedAvg "
+            "needs, while robust and adaptive strategies need each update. Drop --secagg "
+            "or use --strategy fedavg."
+        )
+    if cfg.secagg and cfg.dp:
+        raise PollenError(
+            "--secagg and --dp cannot be combined yet: Pollen's DP clips each client's "
+            "update on the server, which SecAgg+ hides. Choose one of them."
+        )
+    if cfg.dp and cfg.strategy not in ("fedavg", "fedprox"):
+        raise PollenError(
+            f"Differential privacy works with fedavg or fedprox, not {cfg.strategy!r}: "
+            "Flower's privacy accountant covers plain FedAvg aggregation only. Use "
+            "--strategy fedavg with --dp."
+        )
+
 
 #: Fewest updates per round a robust strategy needs for ``f`` assumed malicious clients.
 MIN_UPDATES = {
@@ -82,8 +117,6 @@ def check_sample_size(cfg: RunConfig, sampled: int) -> None:
     Raises:
         PollenError: ``sampled`` clients are too few.
     """
-    from pollen.errors import PollenError
-
     need = MIN_UPDATES.get(cfg.strategy)
     if need is None:
         return
@@ -141,7 +174,7 @@ def seeded_sampling(grid: Grid, names: Mapping[int, str], seed: int, rnd: int) -
       the connected clients did not change between them.
 
     ``random``'s state is restored on exit. The seed carries no secret: Pollen's
-    DP accounting takes no amplification from sampling (:mod:`pollen.privacy`).
+    DP accounting takes no amplification from sampling (:mod:`pollen.server.privacy`).
 
     Args:
         grid: The run's grid; configure the strategy with the yielded one.

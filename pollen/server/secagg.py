@@ -5,11 +5,11 @@ weighted sum of the updates of the clients that finished the round. Flower
 1.42 offers SecAgg+ only on its legacy path: :class:`SecAggPlusWorkflow`
 called with a :class:`flwr.server.LegacyContext` that holds a legacy
 :class:`flwr.server.strategy.FedAvg` and a client manager. This module
-bridges that path and Pollen's round loop (:mod:`pollen.rounds`):
+bridges that path and Pollen's round loop (:mod:`pollen.server.rounds`):
 
 Server side (:class:`SecureAggregation`, :func:`secure_train_phase`):
 
-1. Pollen's own strategy (``pollen.strategy.make_strategy``, a new-style
+1. Pollen's own strategy (``pollen.server.strategies.make_strategy``, a new-style
    FedAvg) samples the round's clients, exactly as without SecAgg; that
    strategy object is also what the checkpoint pickles.
 2. Each sampled client's training-example count is learned once (query
@@ -18,21 +18,14 @@ Server side (:class:`SecureAggregation`, :func:`secure_train_phase`):
    before quantizing, so it must be >= every count and not much bigger).
 3. The workflow runs its four stages (setup, share keys, collect masked
    vectors, unmask) through a grid wrapper that gives every exchange
-   Pollen's hard deadline (:func:`pollen.rounds.exchange`) and records
+   Pollen's hard deadline (:func:`pollen.server.rounds.exchange`) and records
    failures, bytes and the per-client metrics for the history.
 4. What comes back is the weighted average of the clients' *updates*
    (trained minus global weights); the new global model is the old one plus
    that average, checked for shapes and finite values (individual updates
-   cannot be checked: :func:`pollen.rounds.validate_update` never sees them).
+   cannot be checked: :func:`pollen.server.rounds.validate_update` never sees them).
 
-Client side (:func:`secagg_client_mod`, :func:`legacy_train_input`,
-:func:`legacy_train_reply`): the ClientApp's train handler runs behind a mod
-that applies Flower's ``secaggplus_mod`` to SecAgg+ messages only. In the
-collect-masked-vectors stage that mod calls the train handler with a legacy
-``FitIns`` and expects a legacy ``FitRes``; the handler converts them with
-the two helpers here and runs its normal training in between. Under SecAgg a
-client sends its update, not its weights: weights such as BatchNorm moving
-variances exceed the ``+-clipping_range`` every value is clipped to.
+Client side: :mod:`pollen.client.secagg_mod`.
 
 What stays in plaintext: each client's ``num_examples`` and its train
 metrics (loss, accuracy, seconds); only the arrays are masked. BatchNorm
@@ -65,12 +58,7 @@ from flwr.app import (
     MessageType,
     RecordDict,
 )
-from flwr.client.mod import secaggplus_mod
 from flwr.common import (
-    Code,
-    FitRes,
-    Status,
-    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
@@ -92,8 +80,9 @@ from flwr.serverapp.strategy import Strategy
 
 from pollen.config import RunConfig
 from pollen.errors import PollenError
-from pollen.history import RoundRecord
-from pollen.rounds import (
+from pollen.protocol import NUM_EXAMPLES_KEY, TRAIN_EXAMPLES_REQUEST
+from pollen.server.history import RoundRecord
+from pollen.server.rounds import (
     _failures_text,
     _RoundClients,
     exchange,
@@ -105,13 +94,6 @@ from pollen.rounds import (
 
 #: Quantization levels of SecAgg+ (Flower's default, 2**22).
 QUANTIZATION_RANGE = 2**22
-
-#: Legacy record names of a FitIns/FitRes in a RecordDict (``flwr.compat``).
-FITINS_PARAMETERS = "fitins.parameters"
-FITINS_CONFIG = "fitins.config"
-
-#: Query request that asks a client for its number of training examples.
-TRAIN_EXAMPLES_REQUEST = "train-examples"
 
 
 # --- thresholds -------------------------------------------------------------------
@@ -202,79 +184,6 @@ def tolerated_dropouts(num_shares: float, threshold: float, clients: int) -> int
     return max(0, min(clients, shares) - thr)
 
 
-# --- client side -------------------------------------------------------------------
-
-
-def is_secagg_message(msg: Message) -> bool:
-    """Whether ``msg`` is a step of the SecAgg+ protocol (a TRAIN with its config record)."""
-    return (
-        msg.metadata.message_type == MessageType.TRAIN
-        and RECORD_KEY_CONFIGS in msg.content.config_records
-    )
-
-
-def secagg_client_mod(msg: Message, context: Context, call_next: Any) -> Message:
-    """ClientApp mod: Flower's ``secaggplus_mod`` for SecAgg+ messages, else a no-op.
-
-    ``secaggplus_mod`` handles every TRAIN message and fails on one without
-    its config record; a plain Pollen run sends such messages, so they pass
-    straight to the handler here.
-    """
-    if is_secagg_message(msg):
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
-def is_legacy_train(content: RecordDict) -> bool:
-    """Whether a train message carries a legacy ``FitIns`` (the SecAgg+ collect stage)."""
-    return FITINS_PARAMETERS in content.array_records and "arrays" not in content
-
-
-def legacy_train_input(content: RecordDict) -> RecordDict:
-    """Pollen's train input (``arrays`` keyed ``"0"``, ``"1"``, ..., ``config``) from a FitIns."""
-    fitins = compat.recorddict_to_fitins(content, keep_input=True)
-    arrays = parameters_to_ndarrays(fitins.parameters)
-    return RecordDict(
-        {
-            "arrays": ArrayRecord(array_dict={str(i): Array(a) for i, a in enumerate(arrays)}),
-            "config": ConfigRecord(dict(fitins.config)),
-        }
-    )
-
-
-def legacy_train_reply(reply: RecordDict, global_arrays: ArrayRecord) -> RecordDict:
-    """Pollen's train reply as a legacy ``FitRes`` holding the update, not the weights.
-
-    Args:
-        reply: What Pollen's train handler returns: ``arrays`` (trained
-            weights), ``metrics`` (with ``num-examples``) and ``client``.
-        global_arrays: The global weights the client trained from.
-
-    Returns:
-        ``fitres.*`` records with parameters ``trained - global`` (same
-        dtypes and shapes), ``num_examples`` and the metrics, plus the
-        ``client`` record (name for the server's history).
-    """
-    trained = reply["arrays"].to_numpy_ndarrays()
-    start = global_arrays.to_numpy_ndarrays()
-    update = [
-        np.asarray(w, dtype=np.float64) - np.asarray(g, dtype=np.float64)
-        for w, g in zip(trained, start, strict=True)
-    ]
-    update = [u.astype(g.dtype) for u, g in zip(update, start, strict=True)]
-    metrics = dict(reply["metrics"])
-    fitres = FitRes(
-        status=Status(code=Code.OK, message="Success"),
-        parameters=ndarrays_to_parameters(update),
-        num_examples=int(metrics["num-examples"]),
-        metrics=metrics,
-    )
-    content = compat.fitres_to_recorddict(fitres, keep_input=False)
-    if "client" in reply:
-        content["client"] = reply["client"]
-    return content
-
-
 # --- server side -------------------------------------------------------------------
 
 
@@ -349,7 +258,7 @@ class DeadlineGrid:
 
     ``SecAggPlusWorkflow`` talks to clients with ``grid.send_and_receive``
     only; that call can hang in Flower 1.42 when a node dies mid-push. Here
-    it is :func:`pollen.rounds.exchange` with ``timeout``; error replies and
+    it is :func:`pollen.server.rounds.exchange` with ``timeout``; error replies and
     missing replies are recorded as the client's ``train`` failure, payload
     bytes in ``record``, and the collect-stage replies (masked vectors plus
     plaintext metrics) kept in :attr:`collected`. Everything else is
@@ -441,7 +350,7 @@ def secure_train_phase(
 
     Fills ``record`` (``train`` aggregate, bytes) and ``clients`` (per-client
     train loss, accuracy, examples, seconds; failures per protocol stage) as
-    :func:`pollen.rounds.train_phase` does.
+    :func:`pollen.server.rounds.train_phase` does.
 
     Args:
         grid: The run's grid.
@@ -527,7 +436,7 @@ def _record_clients(
         c = clients.get(node)
         metrics = msg.content.config_records.get("fitres.metrics", ConfigRecord())
         count = msg.content.metric_records.get("fitres.num_examples")
-        n = int(count["num_examples"]) if count is not None else int(metrics["num-examples"])
+        n = int(count["num_examples"]) if count is not None else int(metrics[NUM_EXAMPLES_KEY])
         c.train_loss, c.train_accuracy = metrics.get("train_loss"), metrics.get("train_accuracy")
         c.train_examples, c.fit_seconds = n, metrics.get("fit_seconds")
         weights.append(n)
@@ -546,11 +455,11 @@ def _record_clients(
 
 
 class SecureAggregation:
-    """SecAgg+ for :func:`pollen.rounds.run_rounds` (``secure=``).
+    """SecAgg+ for :func:`pollen.server.rounds.run_rounds` (``secure=``).
 
     Holds the run's SecAgg+ settings and the clients' training-example counts
     (asked once per client). :meth:`train_phase` has the signature of
-    :func:`pollen.rounds.train_phase`.
+    :func:`pollen.server.rounds.train_phase`.
 
     Args:
         cfg: The run config (``secagg-*`` settings).

@@ -1,10 +1,10 @@
 """The ServerApp: coordinates rounds and writes the run folder.
 
 The server holds no model. It asks one client for initial weights, then
-runs :func:`pollen.rounds.run_rounds` with the configured strategy, which
+runs :func:`pollen.server.rounds.run_rounds` with the configured strategy, which
 aggregates ``ArrayRecord`` s without knowing the architecture. Only the
 optional central evaluation and the final ``model.keras`` build the model
-from :mod:`pollen.models`.
+from :mod:`pollen.models.registry`.
 """
 
 from __future__ import annotations
@@ -23,23 +23,34 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from pollen.checkpoint import RunLock, load_checkpoint, save_checkpoint
 from pollen.config import RunConfig
-from pollen.deployment import announce_run_over
 from pollen.errors import PollenError
-from pollen.history import (
+from pollen.files import atomic_write
+from pollen.server.checkpoint import RunLock, load_checkpoint, save_checkpoint
+from pollen.server.history import (
     History,
     RoundRecord,
-    atomic_write,
     plot_history,
     read_status,
     save_model,
     write_history,
     write_status,
 )
-from pollen.privacy import make_private, sample_size
-from pollen.rounds import learn_names, request_initial_arrays, run_rounds, wait_for_clients
-from pollen.strategy import by_name, check_sample_size, make_strategy, seeded_sample
+from pollen.server.privacy import make_private, sample_size
+from pollen.server.rounds import (
+    announce_run_over,
+    learn_names,
+    request_initial_arrays,
+    run_rounds,
+    wait_for_clients,
+)
+from pollen.server.strategies import (
+    by_name,
+    check_config,
+    check_sample_size,
+    make_strategy,
+    seeded_sample,
+)
 
 app = ServerApp()
 
@@ -68,7 +79,8 @@ class ModelFiles:
 
         ``fastnet`` under torch evaluates 1.7x faster channels-first.
         """
-        from pollen.models import build_model, compile_model
+        from pollen.models.registry import build_model
+        from pollen.training.compile import compile_model
 
         fast = build_model(self.cfg.model, self.cfg.num_classes, fastest_layout=True)
         return compile_model(fast, 1e-3, schedulable=False)
@@ -80,7 +92,8 @@ class ModelFiles:
         :attr:`eval_model` itself unless that one runs channels-first; then a
         channels-last instance (same weight shapes).
         """
-        from pollen.models import build_model, compile_model
+        from pollen.models.registry import build_model
+        from pollen.training.compile import compile_model
 
         if all(getattr(layer, "data_format", None) != "channels_first" for layer in
                self.eval_model.layers):  # fmt: skip
@@ -92,7 +105,7 @@ class ModelFiles:
     @functools.cached_property
     def test_set(self):
         """The central test split ``(x, y)`` (loaded on first use)."""
-        from pollen.data import load_dataset
+        from pollen.data.load import load_dataset
 
         ds = load_dataset(self.cfg.server_data_dir or None)
         return ds.x_test, ds.y_test
@@ -103,8 +116,8 @@ class ModelFiles:
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         """Central evaluation of the global arrays on the test split."""
-        from pollen.models import MODELS
-        from pollen.training import evaluate
+        from pollen.models.registry import MODELS
+        from pollen.training.local import evaluate
 
         self.eval_model.set_weights(arrays.to_numpy_ndarrays())
         x, y = self.test_set
@@ -121,7 +134,7 @@ class ModelFiles:
 class RunFolderWriter:
     """Writes history, plot, model and checkpoint into the run folder after every round.
 
-    The checkpoint (:mod:`pollen.checkpoint`) comes last, so it never names a
+    The checkpoint (:mod:`pollen.server.checkpoint`) comes last, so it never names a
     round whose history and model are not written yet.
     """
 
@@ -164,6 +177,7 @@ def main(grid: Grid, context: Context) -> None:
     # A reply is listed while its content is still on its way to the SuperLink.
     quick_pulls(http_grid, "pull_objects")
     cfg = RunConfig.from_mapping(context.run_config)
+    check_config(cfg)
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
@@ -250,7 +264,7 @@ def _target_status(cfg: RunConfig, history: History) -> dict:
 
 def _last_round(run_dir: Path) -> dict:
     """``{"last_completed_round": N}`` from the checkpoint, for status files."""
-    from pollen.checkpoint import read_manifest
+    from pollen.server.checkpoint import read_manifest
 
     try:
         manifest = read_manifest(run_dir)
@@ -266,7 +280,7 @@ def run_federation(
 
     ``release`` tells the clients that the run is over; it is called after the
     last round's client phases, so they need not wait for the server's last
-    central evaluation (see :func:`pollen.rounds.run_rounds`).
+    central evaluation (see :func:`pollen.server.rounds.run_rounds`).
 
     With ``cfg.resume`` the run continues from ``run_dir``'s checkpoint: the
     global weights, the strategy object (with its optimizer state) and the
@@ -347,7 +361,7 @@ def run_federation(
     writer = RunFolderWriter(run_dir, files, config, history.elapsed_seconds)
     train = None
     if cfg.secagg:
-        from pollen.secagg import SecureAggregation
+        from pollen.server.secagg import SecureAggregation
 
         train = SecureAggregation(cfg).train_phase
         log(

@@ -1,20 +1,20 @@
 """Federations across machines on Flower's deployment runtime.
 
 ``pollen server`` (:func:`serve`) runs a ``flower-superlink`` on a private
-loopback port and puts :class:`pollen.fleet_proxy.FleetProxy` on the public
+loopback port and puts :class:`pollen.deploy.fleet_proxy.FleetProxy` on the public
 address: clients reach the Fleet API through it, while run submission (the
 Control API) and the ServerApp's Runtime API stay reachable from this machine
 only. It then submits this app with ``flwr run`` and returns when the run
 is over.
 
 ``pollen client`` (:func:`join`) runs Flower's SuperNode (through
-:mod:`pollen.supernode`, which polls more often) against the server, with
-:mod:`pollen.warm_clientapp` beside it to run the client app in
+:mod:`pollen.deploy.supernode`, which polls more often) against the server, with
+:mod:`pollen.deploy.warm_clientapp` beside it to run the client app in
 one warm process for all messages, and watches both: the SuperNode never
 exits on its own, so the client app leaves a marker file when the server
 announces the end of the run, and the watchdog then stops both and returns 0.
 
-With certificates (:mod:`pollen.certs`) the proxy serves TLS with the
+With certificates (:mod:`pollen.deploy.certs`) the proxy serves TLS with the
 operator's server certificate, the SuperLink runs TLS on its loopback port
 (with a throwaway certificate) and ``--enable-supernode-auth``, and every key in
 ``authorized-clients`` is registered before the port opens; clients verify the
@@ -35,9 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pollen.config import RunConfig
-from pollen.errors import PollenError
-from pollen.history import read_status
-from pollen.runtime import (
+from pollen.deploy.runtime import (
     ManagedProcess,
     flower_env,
     free_port,
@@ -50,13 +48,14 @@ from pollen.runtime import (
     temporary_home,
     write_connection,
 )
-from pollen.supernode import PARENT_ENV
+from pollen.deploy.supernode import PARENT_ENV
+from pollen.errors import PollenError
+from pollen.protocol import DONE_FILE_KEY
+from pollen.server.history import read_status
 
 if TYPE_CHECKING:
-    from pollen.certs import ClientCerts, ServerCerts
+    from pollen.deploy.certs import ClientCerts, ServerCerts
 
-#: Node-config key naming the file a client app touches when the run is over.
-DONE_FILE_KEY = "pollen-done-file"
 
 #: Seconds a client keeps its SuperNode up after the run-over announcement.
 RUN_OVER_GRACE = 4.0
@@ -68,7 +67,7 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
     Args:
         cfg: The run config (``cfg.out`` absolute).
         address: ``HOST:PORT`` to listen on for clients.
-        tls: Checked certificates (:func:`pollen.certs.load_server_certs`): serve
+        tls: Checked certificates (:func:`pollen.deploy.certs.load_server_certs`): serve
             TLS and admit only the clients in its ``authorized-clients``. None:
             plaintext, any client may join.
 
@@ -78,7 +77,7 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
     Raises:
         PollenError: The port is taken, Flower failed to start, or the run failed.
     """
-    from pollen.fleet_proxy import FleetProxy
+    from pollen.deploy.fleet_proxy import FleetProxy
 
     host, port = split_address(address)
     run_dir = Path(cfg.out)
@@ -94,7 +93,7 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
         if tls is None:
             proxy = FleetProxy(host, port, f"http://127.0.0.1:{internal}")
         else:
-            from pollen.certs import loopback_tls
+            from pollen.deploy.certs import loopback_tls
 
             loop = loopback_tls(home / "loopback-tls")
             root_cert = str(loop.ca)
@@ -171,7 +170,7 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
 
 
 def _last_completed_round(run_dir: Path) -> int:
-    from pollen.checkpoint import read_manifest
+    from pollen.server.checkpoint import read_manifest
 
     try:
         manifest = read_manifest(run_dir)
@@ -182,8 +181,8 @@ def _last_completed_round(run_dir: Path) -> int:
 
 def _mark_interrupted(run_dir: Path) -> None:
     """After Ctrl-C: wait for the server app to let go of the run, record, tell how to resume."""
-    from pollen.checkpoint import RunLock
-    from pollen.history import write_status
+    from pollen.server.checkpoint import RunLock
+    from pollen.server.history import write_status
 
     lock = RunLock(run_dir)
     if not lock.acquire(timeout=20.0):
@@ -233,7 +232,7 @@ def join(
             ``num-partitions``, ``name``, ``threads``).
         connect_timeout: Seconds the server may be unreachable (at start or
             while running) before the client gives up.
-        tls: Checked client bundle (:func:`pollen.certs.load_client_certs`):
+        tls: Checked client bundle (:func:`pollen.deploy.certs.load_client_certs`):
             verify the server against its ``ca.crt`` and authenticate with its
             ``client.key``. None: plaintext.
 
@@ -244,8 +243,8 @@ def join(
         PollenError: The server cannot be reached, its certificate fails the
             check, it refused this client's key, or the SuperNode failed.
     """
-    from pollen.certs import probe_tls
-    from pollen.supernode import poll_seconds
+    from pollen.deploy.certs import probe_tls
+    from pollen.deploy.supernode import poll_seconds
 
     poll_seconds()  # a bad POLLEN_SUPERNODE_POLL fails here, not inside the SuperNode
     host, port = split_address(server)
@@ -262,15 +261,15 @@ def join(
         done_file = home / "run-done"
         config = {**node_config, DONE_FILE_KEY: str(done_file)}
         argv = [
-            # Flower's SuperNode with its idle poll shortened from 3 s (pollen.supernode).
-            *(sys.executable, "-m", "pollen.supernode"),
+            # Flower's SuperNode with its idle poll shortened from 3 s (pollen.deploy.supernode).
+            *(sys.executable, "-m", "pollen.deploy.supernode"),
             *transport,
             "--superlink",
             f"{host}:{port}",
             "--node-config",
             " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
             # Pollen's own app runner serves the SuperNode's tasks in one warm
-            # process (pollen.warm_clientapp), instead of a process per message.
+            # process (pollen.deploy.warm_clientapp), instead of a process per message.
             *("--isolation", "process"),
             "--host",
             "127.0.0.1",
@@ -360,7 +359,7 @@ class _NodeWatch:
         self.shown = 0
         self.started = time.monotonic()
         # The app runner asks its SuperNode for tasks every 0.1 s (Flower's default: 1 s).
-        # The SuperNode stops once this process is gone, even after a SIGKILL (pollen.supernode).
+        # The SuperNode stops once this process is gone, even after a SIGKILL (pollen.deploy.supernode).
         env = flower_env(
             self.home,
             {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", PARENT_ENV: str(os.getpid())},
@@ -369,7 +368,7 @@ class _NodeWatch:
         runtime_api = f"127.0.0.1:{argv[argv.index('--port') + 1]}"
         self.apps = ManagedProcess(
             "clientapp",
-            [sys.executable, "-m", "pollen.warm_clientapp", "--insecure",
+            [sys.executable, "-m", "pollen.deploy.warm_clientapp", "--insecure",
              "--runtime-api-address", runtime_api, "--parent-pid", str(self.node.proc.pid)],
             env,
             self.log,
@@ -467,21 +466,3 @@ def _wait_for_server(host: str, port: int, timeout: float) -> None:
                 "firewall blocks the port; --connect-timeout sets how long to keep trying."
             )
         time.sleep(0.5)
-
-
-def announce_run_over(grid, timeout: float = 15.0) -> None:
-    """Tell every connected client that the run is over (they then exit)."""
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
-    messages = [
-        Message(
-            RecordDict({"config": ConfigRecord({"request": "run-over"})}),
-            dst_node_id=node,
-            message_type=MessageType.QUERY,
-        )
-        for node in grid.get_node_ids()
-    ]
-    if messages:
-        from pollen.rounds import exchange
-
-        exchange(grid, messages, timeout)

@@ -24,18 +24,16 @@ a small in-process cache, so asking for each partition id in turn costs one spli
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
-import os
-import tempfile
 import warnings
 
 import numpy as np
 
-from pollen.data import Dataset
+from pollen.data.load import Dataset
 from pollen.errors import PollenError
+from pollen.files import atomic_writer
 
 __all__ = ["METHODS", "label_histogram", "partition_dataset", "partition_indices"]
 
@@ -109,7 +107,7 @@ def partition_dataset(
         seed: Seed of the random split. Default 42.
 
     Returns:
-        A :class:`~pollen.data.Dataset` with the selected rows of ``x_train``/``y_train``
+        A :class:`~pollen.data.load.Dataset` with the selected rows of ``x_train``/``y_train``
         and ``x_test``/``y_test`` (in their original order) and the same ``class_names``.
 
     Raises:
@@ -250,7 +248,7 @@ def _partitions(
     disk cache each round would import ``datasets`` and ``flwr_datasets`` (seconds) and redo
     the split. The cache file is keyed by a hash of the labels and every parameter.
     """
-    from pollen.data import default_cache_dir
+    from pollen.data.load import default_cache_dir
 
     key = hashlib.sha256(labels_bytes)
     key.update(repr((num_partitions, method, alpha, seed, min_partition_size)).encode())
@@ -266,17 +264,11 @@ def _partitions(
     parts = _compute_partitions(
         labels_bytes, num_partitions, method, alpha, seed, min_partition_size
     )
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_writer(path) as f:
             np.savez(f, **{f"p{i}": idx for i, idx in enumerate(parts)})
-        os.replace(tmp, path)
     except OSError:  # a read-only or full cache only costs speed
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        pass
     return parts
 
 

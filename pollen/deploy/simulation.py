@@ -13,7 +13,7 @@ single inter-op thread, so two clients on two cores each get one core
 instead of both fighting over two.
 
 Backend: the server app and client workers run Keras on the model's
-preferred backend (``pollen.models.preferred_backend``: ``KERAS_BACKEND`` if
+preferred backend (``pollen.models.registry.preferred_backend``: ``KERAS_BACKEND`` if
 set, else e.g. torch for ``fastnet`` when torch is installed).
 """
 
@@ -24,10 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pollen.config import RunConfig
-from pollen.errors import PollenError
-from pollen.history import read_status
-from pollen.models import preferred_backend
-from pollen.runtime import (
+from pollen.deploy.runtime import (
     free_port,
     sigterm_as_interrupt,
     start_superlink,
@@ -35,6 +32,9 @@ from pollen.runtime import (
     temporary_home,
     write_connection,
 )
+from pollen.errors import PollenError
+from pollen.models.registry import preferred_backend
+from pollen.server.history import read_status
 
 
 def simulate(cfg: RunConfig, num_clients: int, *, stream: bool = True) -> dict[str, Any]:

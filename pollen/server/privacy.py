@@ -43,8 +43,6 @@ from pollen.errors import PollenError
 MAX_NOISE_MULTIPLIER = 100.0
 
 #: The metric every client sends as its aggregation weight under DP (always 1):
-#: client-level DP averages clients with equal weights.
-UNIT_WEIGHT_KEY = "unit-weight"
 
 
 class PicklableRdpAccountant(RdpAccountant):

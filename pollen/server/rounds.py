@@ -12,7 +12,7 @@ deadline (:func:`exchange`), every update is checked before aggregation
 needs ``min_clients`` valid updates.
 
 The arithmetic (FedAvg's weighted mean, merging BatchNorm statistics,
-checking updates) lives in :mod:`pollen.aggregation`, free of Flower and Keras.
+checking updates) lives in :mod:`pollen.server.aggregation`, free of Flower and Keras.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from pollen.aggregation import merge_batchnorm_stats, validate_update
 from pollen.errors import PollenError
-from pollen.history import ClientRound, History, RoundRecord
-from pollen.privacy import privacy_record
-from pollen.strategy import seeded_sampling
+from pollen.protocol import NUM_EXAMPLES_KEY, PREPARE_REQUEST, RUN_OVER_REQUEST
+from pollen.server.aggregation import merge_batchnorm_stats, validate_update
+from pollen.server.history import ClientRound, History, RoundRecord
+from pollen.server.privacy import privacy_record
+from pollen.server.strategies import seeded_sampling
 from pollen.wire import NOT_HELD, HeldWeights, pack_content, unpack_content
 
 EvaluateFn = Callable[[int, ArrayRecord], "dict[str, float] | None"]
@@ -223,10 +224,6 @@ def wait_for_clients(grid: Grid, minimum: int, timeout: float) -> list[int]:
             log(INFO, "Waiting for clients: %d of %d connected", len(nodes), minimum)
             last_logged = len(nodes)
         time.sleep(0.25)
-
-
-#: Query asking a client to load its data and build its model now (it replies its name).
-PREPARE_REQUEST = "prepare"
 
 
 def request_initial_arrays(
@@ -465,7 +462,7 @@ def train_phase(
             continue
         m = msg.content["metrics"]
         c.train_loss, c.train_accuracy = m.get("train_loss"), m.get("train_accuracy")
-        c.train_examples, c.fit_seconds = int(m["num-examples"]), m.get("fit_seconds")
+        c.train_examples, c.fit_seconds = int(m[NUM_EXAMPLES_KEY]), m.get("fit_seconds")
         valid.append(msg)
     if len(valid) < min_valid:
         raise PollenError(
@@ -491,7 +488,7 @@ def train_phase(
         record.train = {
             "loss": metrics.get("train_loss"),
             "accuracy": metrics.get("train_accuracy"),
-            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in valid),
+            "examples": sum(int(m.content["metrics"][NUM_EXAMPLES_KEY]) for m in valid),
         }
     return _cast_like(new_arrays, arrays)
 
@@ -558,14 +555,14 @@ def evaluate_phase(
     for node, msg in ok:
         m, c = msg.content["metrics"], clients.get(node)
         c.eval_loss, c.eval_accuracy = m.get("eval_loss"), m.get("eval_accuracy")
-        c.eval_examples, c.eval_seconds = int(m["num-examples"]), m.get("eval_seconds")
+        c.eval_examples, c.eval_seconds = int(m[NUM_EXAMPLES_KEY]), m.get("eval_seconds")
     replies = [msg for _, msg in ok]
     metrics = strategy.aggregate_evaluate(rnd, replies) if replies else None
     if metrics is not None:
         record.evaluate = {
             "loss": metrics.get("eval_loss"),
             "accuracy": metrics.get("eval_accuracy"),
-            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in replies),
+            "examples": sum(int(m.content["metrics"][NUM_EXAMPLES_KEY]) for m in replies),
         }
     return _apply_batchnorm_stats(arrays, replies) if bn_stats else arrays
 
@@ -622,7 +619,7 @@ def run_rounds(
     Stops early once the central accuracy reaches ``target_accuracy`` (> 0).
 
     ``train`` replaces :func:`train_phase` (same arguments and result): secure
-    aggregation passes ``pollen.secagg.SecureAggregation.train_phase``, under
+    aggregation passes ``pollen.server.secagg.SecureAggregation.train_phase``, under
     which the server sees only the aggregate. ``bn_stats=False`` ignores the
     clients' BatchNorm statistics (per-client data statistics).
 
@@ -863,3 +860,22 @@ def progress_line(record: RoundRecord, num_rounds: int) -> str:
     if errors:
         parts.append(f"{errors} client(s) failed")
     return " | ".join(parts)
+
+
+def announce_run_over(grid: Grid, timeout: float = 15.0) -> None:
+    """Tell every connected client that the run is over (they then exit).
+
+    Args:
+        grid: The run's grid.
+        timeout: Seconds to wait for the clients' acknowledgements; default 15.
+    """
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"request": RUN_OVER_REQUEST})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in grid.get_node_ids()
+    ]
+    if messages:
+        exchange(grid, messages, timeout)

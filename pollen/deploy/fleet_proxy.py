@@ -179,7 +179,7 @@ def _peer(scope: Scope) -> str:
 
 def _fingerprint(header: bytes) -> str:
     """SHA-256 fingerprint of the base64 PEM public key a SuperNode sends."""
-    from pollen.certs import pem_key_fingerprint
+    from pollen.deploy.certs import pem_key_fingerprint
 
     try:
         pem = base64.b64decode(header, validate=True)

@@ -2,7 +2,7 @@
 
 Everything here works on in-memory ``uint8`` image arrays of shape
 ``(N, 32, 32, 3)`` and ``int64`` labels of shape ``(N,)``, and on a compiled
-Keras model from :mod:`pollen.models`. On a CPU, input pipelines use
+Keras model from :mod:`pollen.models.registry`. On a CPU, input pipelines use
 ``tf.data`` with prefetching so the next batch is ready while the current one
 trains; on an accelerator (and wherever TensorFlow is not installed) the
 arrays live on the device and each batch is one gather there
@@ -11,54 +11,15 @@ arrays live on the device and each batch is one gather there
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 
-from pollen.models import batchnorm_stat_indices
-
-
-def configure_threads(threads: int, sharing_clients: int = 1) -> int:
-    """Set the thread pools of a client: torch's under that backend, else TensorFlow's.
-
-    Two Keras clients on two cores, each with TensorFlow's default pools of
-    ``cores`` threads, oversubscribe the CPU and slow each other down. Each
-    client gets ``cores // sharing_clients`` intra-op threads (at least one)
-    and one inter-op thread unless ``threads`` says otherwise.
-
-    Must run before TensorFlow executes its first op in this process; later
-    calls are ignored (TensorFlow refuses to resize running pools).
-
-    Args:
-        threads: Intra-op threads; 0 = derive from the core count.
-        sharing_clients: Clients running on this machine at the same time.
-
-    Returns:
-        The intra-op thread count in force.
-    """
-    cores = os.cpu_count() or 1
-    if threads <= 0:
-        threads = max(1, cores // max(1, min(sharing_clients, cores)))
-    if keras.backend.backend() == "torch":
-        import torch
-
-        torch.set_num_threads(threads)
-    if feeds_on_device():  # no tf.data in this process: TensorFlow has nothing to run
-        return threads
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1 if sharing_clients > 1 else 2)
-    except RuntimeError:  # pools already initialised in this process
-        return tf.config.threading.get_intra_op_parallelism_threads() or cores
-    return threads
-
+from pollen.backend import feeds_on_device
+from pollen.models.registry import batchnorm_stat_indices
 
 #: Largest random translation (pixels, each way) of ``make_dataset(augment=True)``. Per-image
 #: shifts of up to 2 px beat one shift of up to 4 px per batch by 2.9 points of test accuracy
@@ -83,41 +44,6 @@ def _on_one_thread(ds):
     options.threading.private_threadpool_size = 1
     options.threading.max_intra_op_parallelism = 1
     return ds.with_options(options)
-
-
-@functools.cache
-def _has_tensorflow() -> bool:
-    import importlib.util
-    import sys
-
-    if sys.modules.get("tensorflow") is not None:
-        return True
-    try:
-        return importlib.util.find_spec("tensorflow") is not None
-    except (ImportError, ValueError):  # an import hook refuses it
-        return False
-
-
-def feeds_on_device() -> bool:
-    """Whether input batches are made on the backend's device, not by ``tf.data``.
-
-    Always under torch: on a GPU the arrays then sit in its memory and no
-    batch crosses from the host; on a CPU the gather costs no more than
-    ``tf.data`` (``fastnet``, two clients on two cores: 265-270 images/s each
-    against 235-261) and the process never imports TensorFlow (a ``fastnet``
-    client's imports, model build and first step: 4.9-5.0 s instead of
-    8.1-8.5 s). Under JAX when it computes on an accelerator or TensorFlow
-    is not installed. Otherwise (the TensorFlow backend; JAX on a CPU beside
-    TensorFlow) ``tf.data`` feeds the model.
-    """
-    backend = keras.backend.backend()
-    if backend == "torch":
-        return True
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() != "cpu" or not _has_tensorflow()
-    return False
 
 
 def _reflect(index: np.ndarray, size: int) -> np.ndarray:
@@ -324,7 +250,7 @@ class RunSchedule:
 class StepLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """:func:`schedule_value` computed inside the train step from the optimizer's step count.
 
-    :func:`compile_model <pollen.models.compile_model>` gives every optimizer
+    :func:`compile_model <pollen.models.registry.compile_model>` gives every optimizer
     one; :func:`fit` points it at a round's :class:`RunSchedule` by assigning
     its variables, so the traced train step is reused. (Setting the rate from
     a Keras callback before every batch instead cost 65 ms a step on
@@ -348,7 +274,7 @@ class StepLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     def state(self) -> list[keras.Variable]:
         """The variables that :meth:`set` assigns.
 
-        :func:`compile_model <pollen.models.compile_model>` has the optimizer
+        :func:`compile_model <pollen.models.registry.compile_model>` has the optimizer
         track them, so every backend hands them to the compiled train step as
         state: JAX's ``jit`` would otherwise bake their first values in, and
         every later round would repeat round 1's schedule.
@@ -439,13 +365,15 @@ def fit(
         augment: Per-image random flips and shifts (see :func:`make_dataset`).
         verbose: Keras progress output (0 silent, 1 bar, 2 one line per epoch).
         schedule: The learning rate for every step of this call (the
-            model must come from ``pollen.models.compile_model``); None keeps
+            model must come from ``pollen.models.registry.compile_model``); None keeps
             the current rate.
     """
     if schedule is not None:
         step_lr = _step_learning_rate(model)
         if step_lr is None:
-            raise TypeError("fit(schedule=...) needs a model from pollen.models.compile_model")
+            raise TypeError(
+                "fit(schedule=...) needs a model from pollen.models.registry.compile_model"
+            )
         step_lr.set(schedule, int(np.asarray(model.optimizer.iterations)))
     ds = make_dataset(x, y, batch_size, shuffle=True, seed=seed, augment=augment)
     start = time.perf_counter()

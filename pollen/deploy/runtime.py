@@ -167,8 +167,8 @@ def app_dir() -> Path:
     """
     import hashlib
 
-    root = Path(__file__).resolve().parent.parent
-    if (root / "pyproject.toml").is_file() and (root / "pollen" / "server_app.py").is_file():
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "pollen" / "server" / "app.py").is_file():
         text = (root / "pyproject.toml").read_text(encoding="utf-8")
     else:
         from pollen.config import RunConfig
@@ -183,8 +183,8 @@ def app_dir() -> Path:
                     "[tool.flwr.app]",
                     'publisher = "pollen"',
                     "[tool.flwr.app.components]",
-                    'serverapp = "pollen.server_app:app"',
-                    'clientapp = "pollen.client_app:app"',
+                    'serverapp = "pollen.server.app:app"',
+                    'clientapp = "pollen.client.app:app"',
                     "[tool.flwr.app.config]",
                     *config_lines,
                 ]

@@ -141,7 +141,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pollen.files import atomic_path, atomic_write
 
 CSV_COLUMNS = (
     "round",
@@ -175,30 +175,6 @@ class History:
         return rows
 
 
-def _ordinary_permissions(path: str) -> None:
-    """Give a mkstemp file (mode 0600) the mode a plain ``open`` would give it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    _ordinary_permissions(tmp)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_history(run_dir: Path, history: History) -> None:
     """Write ``history.json`` and ``history.csv`` into ``run_dir``."""
     atomic_write(run_dir / "history.json", json.dumps(history.to_dict(), indent=2) + "\n")
@@ -267,15 +243,8 @@ def plot_history(run_dir: Path, history: History) -> None:
 
 
 def save_model(run_dir: Path, model) -> Path:
-    """Save a Keras model atomically as ``run_dir/model.keras``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".model.", suffix=".keras")
-    os.close(fd)
-    _ordinary_permissions(tmp)
-    try:
+    """Save a Keras model atomically as ``run_dir/model.keras``; return that path."""
+    target = run_dir / "model.keras"
+    with atomic_path(target, suffix=".keras") as tmp:
         model.save(tmp)
-        os.replace(tmp, run_dir / "model.keras")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return run_dir / "model.keras"
+    return target

@@ -9,7 +9,7 @@ before its reply leaves: on a loopback deployment of the reference
 configuration about 3-4 s of each round's overhead. Flower has no setting for
 these waits.
 
-``pollen client`` runs ``python -m pollen.supernode`` (with
+``pollen client`` runs ``python -m pollen.deploy.supernode`` (with
 ``flower-supernode``'s own arguments) instead: the same SuperNode, in this
 process, whose module sees a ``time`` with a shorter ``sleep``
 (:func:`capped_time`): an idle poll waits at most ``POLLEN_SUPERNODE_POLL``
@@ -136,7 +136,7 @@ def poll_seconds() -> float:
 
 
 def main() -> None:
-    """``python -m pollen.supernode ARGS``: ``flower-supernode ARGS`` with capped polls."""
+    """``python -m pollen.deploy.supernode ARGS``: ``flower-supernode ARGS`` with capped polls."""
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode

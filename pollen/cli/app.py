@@ -1,9 +1,9 @@
 """The ``pollen`` command: a friendly front door to the same Flower App.
 
 ``pollen simulate`` / ``server`` / ``client`` turn options into the app's run
-config and start Flower's runtime (see :mod:`pollen.simulation` and
-:mod:`pollen.deployment`); ``pollen certs`` makes the certificates and keys for a
-real deployment (:mod:`pollen.certs`); ``pollen predict`` uses a saved model.
+config and start Flower's runtime (see :mod:`pollen.deploy.simulation` and
+:mod:`pollen.deploy.deployment`); ``pollen certs`` makes the certificates and keys for a
+real deployment (:mod:`pollen.deploy.certs`); ``pollen predict`` uses a saved model.
 
 Transport: ``server`` and ``client`` use TLS and client authentication with
 ``--certs``; without it they refuse any address other than loopback unless
@@ -26,6 +26,7 @@ from typing import Any
 
 from pollen.config import ATTACK_KINDS, FAULT_KINDS, LR_SCHEDULES, PARTITION_METHODS, RunConfig
 from pollen.errors import PollenError
+from pollen.server.strategies import check_config
 
 DEFAULTS = RunConfig()
 #: Field defaults as declared (0 / "auto" where the model's recipe decides).
@@ -136,8 +137,8 @@ def _option_fields() -> dict[str, str]:
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     """Options that define the federation's training (server and simulation)."""
-    from pollen.models import MODELS
-    from pollen.strategy import STRATEGIES
+    from pollen.models.registry import MODELS
+    from pollen.server.strategies import STRATEGIES
 
     g = p.add_argument_group("training")
     g.add_argument(
@@ -574,8 +575,9 @@ def run_config_from_args(args: argparse.Namespace, **extra: Any) -> RunConfig:
         **extra,
     }
     cfg = DEFAULTS.replace(**values)
+    check_config(cfg)
     if cfg.dp:  # refuse an impossible privacy budget before anything starts
-        from pollen.privacy import resolve_noise
+        from pollen.server.privacy import resolve_noise
 
         resolve_noise(cfg)
     return cfg
@@ -595,7 +597,7 @@ def _existing_dir_or_file(path: Path | None, option: str) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``pollen simulate``."""
-    from pollen.simulation import simulate
+    from pollen.deploy.simulation import simulate
 
     data_dir = _existing_dir_or_file(args.data_dir, "--data-dir")
     if args.resume is not None:
@@ -623,8 +625,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             malicious=args.malicious,
             attack=args.attack,
         )
-        from pollen.privacy import sample_size
-        from pollen.strategy import check_sample_size
+        from pollen.server.privacy import sample_size
+        from pollen.server.strategies import check_sample_size
 
         check_sample_size(cfg, sample_size(cfg, clients))
         if args.malicious > args.clients:
@@ -635,7 +637,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _refuse_unfinished_run(Path(cfg.out))
     _prepare_data(data_dir)
     if args.resume is None:
-        from pollen.history import atomic_write
+        from pollen.files import atomic_write
 
         atomic_write(Path(cfg.out) / SIMULATION_FILE, json.dumps({"clients": clients}) + "\n")
     print(
@@ -675,15 +677,15 @@ def _prepare_data(data_dir: str) -> None:
     Otherwise every simulated client would race to download CIFAR-10, and a
     missing dataset would surface as a failed round instead of a clear error.
     """
-    from pollen.data import describe, load_dataset
+    from pollen.data.load import describe, load_dataset
 
     print(f"pollen: data: {describe(load_dataset(data_dir or None))}", flush=True)
 
 
 def _transport(args: argparse.Namespace, address: str, role: str) -> Any:
     """Checked certificates for ``--certs``, or None for plaintext (see module doc)."""
-    from pollen.certs import is_loopback, load_client_certs, load_server_certs
-    from pollen.runtime import split_address
+    from pollen.deploy.certs import is_loopback, load_client_certs, load_server_certs
+    from pollen.deploy.runtime import split_address
 
     host, _ = split_address(address)
     if args.certs is not None and args.insecure:
@@ -733,7 +735,7 @@ def _transport(args: argparse.Namespace, address: str, role: str) -> Any:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """``pollen certs``."""
-    from pollen.certs import create_certs
+    from pollen.deploy.certs import create_certs
 
     summary = create_certs(args.out, args.server_name, args.clients, force=args.force)
     out = summary.out
@@ -749,7 +751,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """``pollen server``."""
-    from pollen.deployment import serve
+    from pollen.deploy.deployment import serve
 
     test_data = _existing_dir_or_file(args.test_data, "--test-data")
     tls = _transport(args, args.address, "server")
@@ -807,8 +809,8 @@ def resume_config(args: argparse.Namespace, command: str) -> RunConfig:
         PollenError: No resumable run there, it has completed, or an option
             contradicts the run's.
     """
-    from pollen.checkpoint import read_manifest
-    from pollen.history import read_status
+    from pollen.server.checkpoint import read_manifest
+    from pollen.server.history import read_status
 
     run_dir = args.resume.expanduser().resolve()
     manifest = read_manifest(run_dir)
@@ -860,8 +862,8 @@ def resume_config(args: argparse.Namespace, command: str) -> RunConfig:
 
 def _refuse_unfinished_run(run_dir: Path) -> None:
     """A new run must not overwrite the checkpoint of one that can still be resumed."""
-    from pollen.checkpoint import read_manifest
-    from pollen.history import read_status
+    from pollen.server.checkpoint import read_manifest
+    from pollen.server.history import read_status
 
     manifest = read_manifest(run_dir)
     status = (read_status(run_dir) or {}).get("status")
@@ -875,7 +877,7 @@ def _refuse_unfinished_run(run_dir: Path) -> None:
 
 def cmd_client(args: argparse.Namespace) -> int:
     """``pollen client``."""
-    from pollen.deployment import join
+    from pollen.deploy.deployment import join
 
     if (args.partition_id is None) != (args.num_partitions is None):
         raise PollenError(
@@ -913,7 +915,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``pollen predict``."""
-    from pollen.predict import predict
+    from pollen.cli.predict import predict
 
     for line in predict(args.model, args.images, top=args.top):
         print(line)

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from pollen.errors import PollenError
-from pollen.history import History, atomic_write
+from pollen.files import atomic_write
+from pollen.server.history import History
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"

@@ -1,0 +1,7 @@
+"""``python -m pollen``: the same as the ``pollen`` command."""
+
+import sys
+
+from pollen.cli.app import main
+
+sys.exit(main())
