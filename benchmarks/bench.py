@@ -23,7 +23,7 @@ accuracy threshold reached. Everything is also written as JSON (``--json``).
 - ``noniid``: 10 clients, Dirichlet alpha 0.5, ``fastnet``, ``--noniid-rounds``
   rounds, ``--noniid-fraction`` of the clients a round, each strategy of
   ``--noniid-strategies``. The runs share the seed, so every strategy trains the
-  same clients in every round (``pollen.server.strategies.seeded_sampling``): a paired
+  same clients in every round (``pollen.server.sampling.seeded_sampling``): a paired
   comparison.
 - ``deployment``: the reference configuration on Flower's deployment runtime
   over loopback: ``pollen server`` and two ``pollen client`` processes on this
@@ -222,7 +222,7 @@ def deployed(name: str, options: list[str], out: Path, data: str | None, clients
     output goes to ``out/name/client-I.log``. Prints and returns the figures
     of the server's ``history.json`` (wall time: the server process).
     """
-    from pollen.deploy.runtime import free_port
+    from pollen.deploy.processes import free_port
 
     run, port = out / name, free_port()
     run.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,11 @@ def main() -> int:
     print(f"backend {select_backend(args.model)}: batch {args.batch_size}, lr {args.lr}, "
           f"schedule {args.lr_schedule}")  # fmt: skip
     from pollen.data.load import load_dataset
-    from pollen.models.registry import build_model, find_layer, whiten_first_conv
+    from pollen.models.registry import build_model, find_layer
+    from pollen.models.whitening import whiten_first_conv
     from pollen.training.compile import compile_model
-    from pollen.training.local import RunSchedule, evaluate, fit
+    from pollen.training.evaluate import evaluate
+    from pollen.training.local import RunSchedule, fit
 
     ds = load_dataset(resolve_data(args.data_dir))
     spec = MODELS[args.model]

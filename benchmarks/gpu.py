@@ -1,7 +1,7 @@
 """Benchmark for a GPU machine: time to 90% and to 94% test accuracy of a 2-client federation.
 
 Runs where Keras has torch and/or JAX on an accelerator; TensorFlow and Flower
-are not needed there (batches come from :class:`pollen.training.local.DeviceBatches`).
+are not needed there (batches come from :class:`pollen.training.pipeline.DeviceBatches`).
 Two stages, each variant in its own process (Keras fixes its backend and dtype
 policy per process):
 
@@ -126,16 +126,12 @@ def run(args: argparse.Namespace, emit) -> dict:
 
     from pollen.config import RunConfig
     from pollen.data.partition import partition_dataset
-    from pollen.models.registry import MODELS, build_model, whiten_first_conv
+    from pollen.models.registry import MODELS, build_model
+    from pollen.models.whitening import whiten_first_conv
     from pollen.server.aggregation import merge_batchnorm_stats, weighted_mean
     from pollen.training.compile import build_client_model, compile_model
-    from pollen.training.local import (
-        RunSchedule,
-        calibrate_batchnorm,
-        evaluate,
-        fit,
-        reset_optimizer,
-    )
+    from pollen.training.evaluate import calibrate_batchnorm, evaluate
+    from pollen.training.local import RunSchedule, fit, reset_optimizer
 
     cfg = RunConfig(model=args.model, num_rounds=args.rounds)
     spec = MODELS[args.model]

@@ -58,7 +58,7 @@ def resolve_data(path: str | None) -> str | None:
         path = str(SHARED_COPY)
     p = Path(path).expanduser().resolve()
     if p.is_file() and p.name.endswith(".tar.gz") and p.name != "cifar-10-python.tar.gz":
-        from pollen.data.load import default_cache_dir
+        from pollen.data.cache import default_cache_dir
 
         target = default_cache_dir() / "unpacked" / p.name.removesuffix(".tar.gz")
         if not target.exists():

@@ -19,7 +19,7 @@ its own arrays, the timed epochs start together (after every process's
 warm-up), and the figure is the sum of their images per second. There the
 naive processes keep the framework's default pools (each as many threads as
 cores) and oversubscribe the CPU; Pollen's get ``cores / N`` threads each
-(``pollen.training.local.configure_threads``).
+(``pollen.backend.configure_threads``).
 
 Prints images per second and the ratios the accuracy-per-minute issue asks for
 (pollen ≥ 1.0× plain fit, ≥ 1.5× naive).

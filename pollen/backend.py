@@ -12,6 +12,8 @@ import importlib.util
 import os
 import sys
 
+from pollen.compat.keras import seed_keras_without_tensorflow
+
 
 def configure_threads(threads: int, sharing_clients: int = 1) -> int:
     """Set the thread pools of a client: torch's under that backend, else TensorFlow's.
@@ -92,21 +94,16 @@ def set_random_seed(seed: int) -> None:
     Keras also seeds TensorFlow whenever it is installed (for ``tf.data``
     pipelines), and importing it costs seconds of every client's start. A
     process whose batches do not come from ``tf.data``
-    (``pollen.training.local.feeds_on_device``: every torch process) never runs
+    (``pollen.backend.feeds_on_device``: every torch process) never runs
     TensorFlow, so there Keras is shown none; Python's, NumPy's, torch's and
     Keras's own seeds are set as usual, and the initial weights are the same.
 
     Args:
         seed: Seed for Python, NumPy, the backend and Keras's initialisers.
     """
-    from types import SimpleNamespace
-    from unittest import mock
-
     import keras
-    from keras.src.utils import rng_utils  # Keras's implementation of set_random_seed
 
     if not feeds_on_device() or "tensorflow" in sys.modules:
         keras.utils.set_random_seed(seed)
         return
-    with mock.patch.object(rng_utils, "tf", SimpleNamespace(available=False)):
-        rng_utils.set_random_seed(seed)
+    seed_keras_without_tensorflow(seed)

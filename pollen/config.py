@@ -54,7 +54,7 @@ class RunConfig:
         alpha: Concentration of the Dirichlet label skew (smaller = more
             skewed). Used only with ``partition="dirichlet"``. Default 0.5.
         seed: Seed for partitioning, shuffling, model initialisation and the
-            clients each round samples (:func:`pollen.server.strategies.seeded_sampling`).
+            clients each round samples (:func:`pollen.server.sampling.seeded_sampling`).
         data_dir: Dataset location for clients ("" = CIFAR-10 from the cache,
             downloaded once). A client's own ``data-dir`` node config wins.
         out: Absolute path of the run folder the server writes. "" = the
@@ -70,7 +70,8 @@ class RunConfig:
         server_eval: Evaluate the global model on a central test set after
             every round (the server then builds the model). Default True.
         server_data_dir: Dataset whose test split the server evaluates on
-            ("" = CIFAR-10 from the cache).
+            ("" = ``data-dir``'s, as a plain ``flwr run .`` expects; both "" =
+            CIFAR-10 from the cache).
         whiten: The client that provides the initial weights starts the
             model's first convolution from whitened patches of its images
             (models with a ``whiten`` layer: ``fastnet``, ``mobilenetv2``;

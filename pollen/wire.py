@@ -9,7 +9,7 @@ a minute of every round. Packed into one ``float32`` vector (which Flower cuts
 into 5 MB chunks), the same weights are a handful of objects.
 
 Both ends opt in, so messages of other senders pass untouched: the server
-packs what it sends in :func:`pollen.server.rounds.exchange` and marks the message;
+packs what it sends in :func:`pollen.server.exchange.exchange` and marks the message;
 :func:`wire_mod`, a client mod, unpacks a marked message before the handler
 sees it and packs the reply; the server unpacks the reply. Handlers,
 strategies and checkpoints only ever see ordinary records. An
@@ -35,10 +35,8 @@ SuperNode keeps none between messages.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Callable, Iterable
-from types import ModuleType
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -53,7 +51,6 @@ __all__ = [
     "held_weights",
     "pack_content",
     "pack_record",
-    "quick_pulls",
     "serve_later_messages",
     "unpack_content",
     "unpack_record",
@@ -291,48 +288,3 @@ def _with(content: RecordDict, key: str, record) -> RecordDict:
     out = RecordDict(dict(content.items()))
     out[key] = record
     return out
-
-
-#: Seconds before a pull asks again for an object that has not arrived yet (Flower: 1 s).
-PULL_FIRST_RETRY = 0.05
-#: Longest wait between such retries, seconds (Flower: 10 s).
-PULL_RETRY_CAP = 0.25
-
-
-def quick_pulls(module: ModuleType, name: str) -> None:
-    """Make ``module.<name>``, one of Flower's object pulls, retry sooner.
-
-    A receiver in Flower 1.42 learns of a message before its content has
-    arrived: the SuperNode hands a task to the client app while it is still
-    downloading the message, and a reply is listed to the ServerApp while the
-    SuperNode is still uploading it. ``pull_objects`` then waits 1 s, 2 s,
-    4 s... (up to 10 s) between tries; measured on loopback with MobileNetV2,
-    nearly every 9-MB message paid the first whole second at each of those
-    hops. Here the first retry comes after :data:`PULL_FIRST_RETRY` seconds,
-    doubling up to :data:`PULL_RETRY_CAP`; the tries allowed are raised to
-    keep Flower's patience (7,200 s in all).
-
-    Args:
-        module: The module that imported the pull function (its global is
-            replaced): ``flwr.supernode.start_client_internal`` (SuperNode),
-            ``flwr.supernode.runtime.run_clientapp`` (client app) or
-            ``flwr.superlink.grid.http_grid`` (ServerApp).
-        name: ``"pull_objects"`` or ``"pull_and_inflate_object_from_tree"``;
-            both take the ``initial_backoff``, ``backoff_cap`` and
-            ``max_tries_per_object`` keywords.
-    """
-    from flwr.supercore.constant import PULL_MAX_TIME
-
-    pull = getattr(module, name)
-    if isinstance(pull, functools.partial):  # already done in this process
-        return
-    setattr(
-        module,
-        name,
-        functools.partial(
-            pull,
-            initial_backoff=PULL_FIRST_RETRY,
-            backoff_cap=PULL_RETRY_CAP,
-            max_tries_per_object=int(PULL_MAX_TIME / PULL_RETRY_CAP),
-        ),
-    )

@@ -112,7 +112,7 @@ def test_quick_pulls_retry_an_object_that_has_not_arrived_soon() -> None:
 
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
 
-    from pollen.wire import PULL_FIRST_RETRY, quick_pulls
+    from pollen.compat.flower import PULL_FIRST_RETRY, quick_pulls
 
     module = types.ModuleType("receiver")
     module.pull_objects = pull_objects

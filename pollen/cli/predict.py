@@ -1,18 +1,47 @@
-"""Prediction with a saved global model: ``pollen predict``."""
+"""``pollen predict``: classify image files with a saved global model."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from pollen.cli.options import PREDICT, add_options
+from pollen.data.cifar10 import CIFAR10_CLASSES
+from pollen.data.decode import load_images
+from pollen.deploy.processes import without_native_notices
 from pollen.errors import PollenError
+from pollen.models.registry import MODELS
+
+
+def add_parser(commands: Any) -> None:
+    """Add ``predict`` to the subparsers ``commands`` of the ``pollen`` parser."""
+    parser = commands.add_parser(
+        PREDICT,
+        help="classify images with a saved model",
+        description="Print the top classes of image files.",
+    )
+    add_options(parser, PREDICT)
+    parser.set_defaults(run=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``pollen predict``: print one line per image; returns 0.
+
+    Raises:
+        PollenError: The model or an image cannot be read.
+    """
+    for line in predict(args.model, args.images, top=args.top):
+        print(line)
+    return 0
 
 
 def class_names_for(model_path: Path, num_classes: int) -> list[str]:
     """Class names for a model: ``classes.json`` beside it, else CIFAR-10's, else numbers."""
-    from pollen.data.load import CIFAR10_CLASSES
-
     names_file = model_path.parent / "classes.json"
     if names_file.is_file():
         try:
@@ -45,13 +74,10 @@ def predict(model_path: Path, images: Sequence[Path], *, top: int = 3) -> list[s
             f"No model at {model_path}: pass the model.keras file of a finished run, "
             "for example --model runs/<timestamp>/model.keras."
         )
-    from pollen.deploy.runtime import without_native_notices
-
+    # Keras (and pollen.training, which imports it) load only here: `pollen --help`
+    # and the other commands stay free of TensorFlow's start-up time.
     with without_native_notices():  # TensorFlow's load-time notices: see TF_LOAD_NOTICES
         import keras
-    import numpy as np
-
-    from pollen.data.load import load_images
 
     try:
         model = keras.saving.load_model(model_path, compile=False)  # predicting only
@@ -62,8 +88,7 @@ def predict(model_path: Path, images: Sequence[Path], *, top: int = 3) -> list[s
         ) from None
     _, height, width, channels = model.input_shape
     x = load_images(images, image_size=(height, width), channels=channels)
-    from pollen.models.registry import MODELS
-    from pollen.training.local import predict_proba
+    from pollen.training.evaluate import predict_proba  # imports Keras: see above
 
     # Registry models are named "pollen_<registry name>"; evaluate the way the run did.
     spec = MODELS.get(model.name.removeprefix("pollen_"))

@@ -26,12 +26,17 @@ simulations), misbehaves on purpose; see :data:`FAULTS`.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
+import socket
+import time
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from pollen.backend import configure_threads
+from pollen.client.faults import corrupt, fault_of
+from pollen.client.local_data import client_data_spec, load_client_data
 from pollen.client.secagg_mod import (
     is_legacy_train,
     legacy_train_input,
@@ -39,6 +44,9 @@ from pollen.client.secagg_mod import (
     secagg_client_mod,
 )
 from pollen.config import RunConfig
+from pollen.errors import PollenError
+from pollen.models.registry import MODELS, select_backend
+from pollen.models.whitening import whiten_first_conv
 from pollen.protocol import (
     DONE_FILE_KEY,
     NUM_EXAMPLES_KEY,
@@ -51,113 +59,6 @@ from pollen.wire import wire_mod
 
 # wire_mod: records travel packed (pollen.wire), a few objects instead of one per array.
 app = ClientApp(mods=[wire_mod])
-
-#: Deliberate misbehaviour, for tests and robustness experiments only.
-FAULTS = {
-    "nan": "send NaN weights",
-    "scale": "send the update (trained minus global weights) scaled by 1000",
-    "signflip": "send the update with its sign flipped",
-    "noise": "send Gaussian noise (standard deviation 1) added to the trained weights",
-    "arch": "build the model with one class more than the federation's (the federation's "
-    "weights then do not fit)",
-}
-
-
-def fault_of(node_config: dict[str, Any], run_fault: str) -> str:
-    """The fault this client injects: its node config's ``fault``, else the run config's.
-
-    ``run_fault`` is ``"KIND@IDS"``, several separated by spaces: clients whose
-    ``partition-id`` is in the comma-separated ``IDS`` inject ``KIND``
-    (``"nan@1"``, ``"scale@0,2 arch@3"``). Returns ``""`` for an honest client.
-    """
-    own = str(node_config.get("fault") or "")
-    if own:
-        return own
-    if not run_fault or "partition-id" not in node_config:
-        return ""
-    for spec in run_fault.split():
-        kind, _, ids = spec.partition("@")
-        if int(node_config["partition-id"]) in {int(i) for i in ids.split(",") if i.strip()}:
-            return kind
-    return ""
-
-
-def corrupt(kind: str, global_weights: list, weights: list, seed: int = 0) -> list:
-    """Apply fault ``kind`` (see :data:`FAULTS`) to trained ``weights``."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for g, w in zip(global_weights, weights, strict=True):
-        if not np.issubdtype(w.dtype, np.floating):
-            out.append(w)
-            continue
-        if kind == "nan":
-            w = np.full_like(w, np.nan)
-        elif kind == "scale":
-            w = g + 1000.0 * (w - g)
-        elif kind == "signflip":
-            w = g - (w - g)
-        elif kind == "noise":
-            w = w + rng.normal(0.0, 1.0, w.shape)
-        out.append(np.asarray(w, dtype=g.dtype))
-    return out
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """Which slice of which dataset this client trains on."""
-
-    data_dir: str
-    partition_id: int | None
-    num_partitions: int | None
-    method: str
-    alpha: float
-    seed: int
-
-
-def client_data_spec(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
-    """Resolve the client's data from its node config and the run config."""
-    num_partitions = node_config.get("num-partitions")
-    partition_id = node_config.get("partition-id")
-    return ClientData(
-        data_dir=str(node_config.get("data-dir") or cfg.data_dir or ""),
-        partition_id=None if num_partitions is None else int(partition_id or 0),
-        num_partitions=None if num_partitions is None else int(num_partitions),
-        method=cfg.partition,
-        alpha=cfg.alpha,
-        seed=cfg.seed,
-    )
-
-
-@functools.lru_cache(maxsize=1)
-def _load_whole_dataset(data_dir: str):
-    """The whole dataset at ``data_dir``, loaded once per process.
-
-    A simulation worker plays many clients in turn (100 clients on 2 workers):
-    each of them slices its partition out of this one copy.
-    """
-    from pollen.data.load import load_dataset
-
-    return load_dataset(data_dir or None)
-
-
-@functools.lru_cache(maxsize=2)
-def load_client_data(spec: ClientData):
-    """Load (once per process) the client's own train/test arrays."""
-    from pollen.data.partition import partition_dataset
-
-    ds = _load_whole_dataset(spec.data_dir)
-    if spec.num_partitions is not None:
-        ds = partition_dataset(
-            ds,
-            spec.num_partitions,
-            spec.partition_id or 0,
-            method=spec.method,
-            alpha=spec.alpha,
-            seed=spec.seed,
-        )
-    return ds
 
 
 @functools.lru_cache(maxsize=2)
@@ -173,11 +74,10 @@ def get_model(
     started the first convolution whitened, so a model with
     ``ModelSpec.freeze_whitened`` trains with that layer frozen.
     """
-    from pollen.models.registry import select_backend
-    from pollen.training.compile import build_client_model
-
     select_backend(name)
-    from pollen.backend import configure_threads
+    # Keras is imported here for the first time in a client process, after
+    # select_backend chose its backend (KERAS_BACKEND is read once, at import).
+    from pollen.training.compile import build_client_model
 
     configure_threads(threads, sharing)
     return build_client_model(name, num_classes, seed, whitened=whitened)
@@ -188,8 +88,6 @@ def whitens(cfg: RunConfig) -> bool:
 
     Never under DP or SecAgg+: the server must not see statistics of one client's data.
     """
-    from pollen.models.registry import MODELS
-
     return bool(cfg.whiten and MODELS[cfg.model].whiten and not (cfg.dp or cfg.secagg))
 
 
@@ -217,8 +115,6 @@ def _setup(msg: Message | RecordDict, context: Context):
     model = get_model(cfg.model, num_classes, cfg.seed, threads, sharing, whitens(cfg))
     data = load_client_data(client_data_spec(cfg, node_config))
     if data.y_train.size and int(data.y_train.max()) >= cfg.num_classes:
-        from pollen.errors import PollenError
-
         raise PollenError(
             f"This client's data has {len(data.class_names)} classes but the federation's "
             f"model predicts {cfg.num_classes}: use data with the federation's classes."
@@ -232,8 +128,6 @@ def _setup(msg: Message | RecordDict, context: Context):
 
 def client_name(node_config: dict[str, Any]) -> str:
     """A readable name for this client in the server's history."""
-    import socket
-
     if node_config.get("name"):
         return str(node_config["name"])
     if "partition-id" in node_config and "num-partitions" in node_config:
@@ -243,8 +137,6 @@ def client_name(node_config: dict[str, Any]) -> str:
 
 def check_architecture(model, weights: list) -> None:
     """Raise a PollenError if ``weights`` do not fit ``model``."""
-    from pollen.errors import PollenError
-
     own = [tuple(w.shape) for w in model.get_weights()]
     got = [tuple(w.shape) for w in weights]
     if own == got:
@@ -306,8 +198,6 @@ def query(msg: Message, context: Context) -> Message:
     info = ConfigRecord(
         {"name": client_name(dict(context.node_config)), "classes": list(data.class_names)}
     )
-    from pollen.models.registry import MODELS, whiten_first_conv
-
     if whitens(cfg):
         info["whitened-images"] = whiten_first_conv(
             model, MODELS[cfg.model].whiten, data.x_train, seed=cfg.seed
@@ -336,19 +226,15 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train(content: RecordDict, context: Context) -> RecordDict:
     """Train ``content["arrays"]`` on local data; return weights, metrics, name."""
-    import math
-
-    from pollen.models.registry import MODELS
-    from pollen.training.local import RunSchedule, fit, reset_optimizer
-
     cfg, model, data = _setup(content, context)
+    # Keras loads with the model (see get_model): pollen.training only after _setup.
+    from pollen.training.local import ProximalTerm, RunSchedule, fit, reset_optimizer
+
     server_round = int(content["config"].get("server-round", 1))
     lr = float(content["config"].get("learning-rate", cfg.learning_rate))
     reset_optimizer(model, lr)
     mu = float(content["config"].get("proximal-mu", 0.0))
     if mu > 0:  # FedProx: penalise drifting from the global weights just loaded
-        from pollen.training.local import ProximalTerm
-
         ProximalTerm.of(model).anchor(mu)
     steps_per_round = cfg.local_epochs * math.ceil(len(data.y_train) / cfg.batch_size)
     schedule = RunSchedule(
@@ -393,23 +279,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on local held-out data.
 
     Before evaluating, BatchNorm statistics are re-estimated on local training
-    images (see :func:`pollen.training.local.calibrate_batchnorm`) and sent back
+    images (see :func:`pollen.training.evaluate.calibrate_batchnorm`) and sent back
     so the server can combine them into the global model.
     """
-    import time
-
-    from pollen.training.local import calibrate_batchnorm
-    from pollen.training.local import evaluate as evaluate_model
-
     cfg, model, data = _setup(msg, context)
+    # Keras loads with the model (see get_model): pollen.training only after _setup.
+    from pollen.training.evaluate import calibrate_batchnorm
+    from pollen.training.evaluate import evaluate as evaluate_model
+
     start = time.perf_counter()
     # Under DP or SecAgg+ the server must not see per-client statistics of the data.
     n_calibrate = 0 if cfg.dp or cfg.secagg else cfg.bn_calibration_examples
     indices, stats, n_cal = calibrate_batchnorm(
         model, data.x_train, max_examples=n_calibrate, seed=cfg.seed
     )
-    from pollen.models.registry import MODELS
-
     flip_tta = cfg.tta and MODELS[cfg.model].flip_tta
     loss, accuracy = evaluate_model(model, data.x_test, data.y_test, flip_tta=flip_tta)
     content = RecordDict(
@@ -434,6 +317,4 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _indexed_record(indices: list[int], arrays: list) -> ArrayRecord:
     """ArrayRecord keyed like the global model's record (``"0"``, ``"1"``, ...)."""
-    from flwr.app import Array
-
     return ArrayRecord(array_dict={str(i): Array(a) for i, a in zip(indices, arrays, strict=True)})

@@ -60,6 +60,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pollen.deploy.certs import pem_key_fingerprint
 from pollen.errors import PollenError
 
 __all__ = [
@@ -179,8 +180,6 @@ def _peer(scope: Scope) -> str:
 
 def _fingerprint(header: bytes) -> str:
     """SHA-256 fingerprint of the base64 PEM public key a SuperNode sends."""
-    from pollen.deploy.certs import pem_key_fingerprint
-
     try:
         pem = base64.b64decode(header, validate=True)
     except (ValueError, binascii.Error):
@@ -248,38 +247,15 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
-class _FleetGate:
-    """Pure ASGI middleware: forwards Fleet API calls, refuses everything else.
+class _RefusalLog:
+    """Counts and logs refused requests and clients Flower refused, in bounded memory."""
 
-    It answers every HTTP request itself and never calls the wrapped app,
-    except for the lifespan protocol, which Starlette's router handles.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        upstream: _Upstream,
-        state: Any,
-        max_body_bytes: int,
-        log: logging.Logger,
-    ) -> None:
-        self.app = app
-        self.upstream = upstream
+    def __init__(self, state: Any, log: logging.Logger) -> None:
         self.state = state
-        self.max_body_bytes = max_body_bytes
         self.log = log
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "websocket":
-            self._refused(scope, "WEBSOCKET", scope.get("path", ""))
-            await send({"type": "websocket.close", "code": 1008})
-        else:
-            await self.app(scope, receive, send)
-
-    def _refused(self, scope: Scope, method: str, path: str) -> None:
+    def request(self, scope: Scope, method: str, path: str) -> None:
+        """Count and log a request the gate refused (not a Fleet API call)."""
         refused = self.state.refused
         key = (method[:_LOG_PATH_MAX], path[:_LOG_PATH_MAX])
         if key not in refused and len(refused) >= _REFUSED_KEYS_MAX:
@@ -292,7 +268,7 @@ class _FleetGate:
             _peer(scope),
         )
 
-    def _client_refused(self, scope: Scope, path: str, status: int) -> None:
+    def client(self, scope: Scope, path: str, status: int) -> None:
         """Log that Flower refused a client (unknown key, bad signature, no key)."""
         fingerprint = "no key"
         for name, value in scope["headers"]:
@@ -317,6 +293,82 @@ class _FleetGate:
             status,
         )
 
+
+async def _read_body(
+    headers: list[tuple[bytes, bytes]], receive: Receive, send: Send, max_body_bytes: int
+) -> bytes | None:
+    """Read the whole request body; answer 413/400 and return None on trouble."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                await _send_text(send, 400, BAD_REQUEST_TEXT, close=True)
+                return None
+            if declared > max_body_bytes:
+                await _send_text(send, 413, TOO_LARGE_TEXT, close=True)
+                return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_body_bytes:
+            await _send_text(send, 413, TOO_LARGE_TEXT, close=True)
+            return None
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _upstream_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The request's headers for the SuperLink: end-to-end ones, plus the real peer address."""
+    raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+    dropped = _REQUEST_DROP | _connection_tokens(raw_headers)
+    headers = [(n, v) for n, v in raw_headers if n.lower() not in dropped]
+    client = scope.get("client")
+    if client:
+        headers.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))
+    headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode("latin-1")))
+    return headers
+
+
+class _FleetGate:
+    """Pure ASGI middleware: forwards Fleet API calls, refuses everything else.
+
+    It answers every HTTP request itself and never calls the wrapped app,
+    except for the lifespan protocol, which Starlette's router handles.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        upstream: _Upstream,
+        state: Any,
+        max_body_bytes: int,
+        log: logging.Logger,
+    ) -> None:
+        self.app = app
+        self.upstream = upstream
+        self.state = state
+        self.max_body_bytes = max_body_bytes
+        self.log = log
+        self.refusals = _RefusalLog(state, log)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            self.refusals.request(scope, "WEBSOCKET", scope.get("path", ""))
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await self.app(scope, receive, send)
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         path: str = scope["path"]
@@ -325,65 +377,43 @@ class _FleetGate:
         query = scope.get("query_string", b"")
         if query or not (is_allowed(method, raw_path) and is_allowed(method, path)):
             shown = raw_path + ("?" + query.decode("latin-1") if query else "")
-            self._refused(scope, method, shown)
+            self.refusals.request(scope, method, shown)
             await _send_text(send, 403, REFUSAL_TEXT)
             return
         await self._forward(scope, receive, send, path)
 
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        """Read the whole request body; answer 413/400 and return None on trouble."""
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        for name, value in headers:
-            if name.lower() == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await _send_text(send, 400, BAD_REQUEST_TEXT, close=True)
-                    return None
-                if declared > self.max_body_bytes:
-                    await _send_text(send, 413, TOO_LARGE_TEXT, close=True)
-                    return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await _send_text(send, 413, TOO_LARGE_TEXT, close=True)
-                return None
-            if chunk:
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
     async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        body = await self._read_body(scope, receive, send)
+        body = await _read_body(scope["headers"], receive, send, self.max_body_bytes)
         if body is None:
             return
-
-        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
-        dropped = _REQUEST_DROP | _connection_tokens(raw_headers)
-        headers = [(n, v) for n, v in raw_headers if n.lower() not in dropped]
-        client = scope.get("client")
-        if client:
-            headers.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))
-        headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode("latin-1")))
-
         # `path` equals an allow-list entry, so the upstream URL is one of twelve fixed ones.
         request = httpx.Request(
-            "POST", self.upstream.base_url + path, headers=headers, content=body
+            "POST", self.upstream.base_url + path, headers=_upstream_headers(scope), content=body
         )
+        response = await self._send_upstream(request, send, path)
+        if response is None:
+            return
         try:
-            response = await self.upstream.client().send(request, stream=True)
+            self.state.forwarded[(path, response.status_code)] += 1
+            if response.status_code == 401 or (
+                path in _JOIN_PATHS and 400 <= response.status_code < 500
+            ):
+                self.refusals.client(scope, path, response.status_code)
+            await _relay(response, send)
+        finally:
+            await response.aclose()
+
+    async def _send_upstream(
+        self, request: httpx.Request, send: Send, path: str
+    ) -> httpx.Response | None:
+        """Send ``request`` upstream; on a transport error answer 502/504 and return None."""
+        try:
+            return await self.upstream.client().send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self.log.warning(
                 "pollen: cannot reach the federation server at %s: %s", self.upstream.base_url, exc
             )
             await _send_text(send, 502, UNREACHABLE_TEXT)
-            return
         except httpx.TimeoutException as exc:
             self.log.warning(
                 "pollen: the federation server at %s timed out on %s: %r",
@@ -392,7 +422,6 @@ class _FleetGate:
                 exc,
             )
             await _send_text(send, 504, TIMEOUT_TEXT)
-            return
         except httpx.TransportError as exc:
             self.log.warning(
                 "pollen: error talking to the federation server at %s: %r",
@@ -400,30 +429,25 @@ class _FleetGate:
                 exc,
             )
             await _send_text(send, 502, UNREACHABLE_TEXT)
-            return
+        return None
 
-        try:
-            self.state.forwarded[(path, response.status_code)] += 1
-            if response.status_code == 401 or (
-                path in _JOIN_PATHS and 400 <= response.status_code < 500
-            ):
-                self._client_refused(scope, path, response.status_code)
-            up_headers = response.headers.raw
-            drop = _HOP_BY_HOP | _connection_tokens(up_headers)
-            out_headers = [(n.lower(), v) for n, v in up_headers if n.lower() not in drop]
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": out_headers,
-                }
-            )
-            async for chunk in response.aiter_raw():
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
+
+async def _relay(response: httpx.Response, send: Send) -> None:
+    """Stream the SuperLink's answer back, without its hop-by-hop headers."""
+    up_headers = response.headers.raw
+    drop = _HOP_BY_HOP | _connection_tokens(up_headers)
+    out_headers = [(n.lower(), v) for n, v in up_headers if n.lower() not in drop]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": out_headers,
+        }
+    )
+    async for chunk in response.aiter_raw():
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def create_app(
@@ -526,6 +550,37 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _uvicorn_config(app: Starlette, certfile: str | None, keyfile: str | None) -> uvicorn.Config:
+    """Uvicorn's settings for the proxy, loaded (so TLS file errors surface here).
+
+    Raises:
+        PollenError: The TLS certificate or key cannot be loaded.
+    """
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # leave the process's logging setup alone
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,  # the peer address is the real client: trust no header
+        server_header=False,  # upstream's server/date headers pass through
+        date_header=False,
+        ws="none",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+    )
+    try:
+        config.load()
+    except (OSError, ssl.SSLError) as exc:
+        raise PollenError(
+            f"cannot load the TLS certificate {certfile!r} / key {keyfile!r}: "
+            f"{exc}; check that both files exist, are readable PEM files and belong "
+            "together"
+        ) from exc
+    return config
+
+
 class FleetProxy:
     """Runs the Fleet-only proxy (:func:`create_app`) with uvicorn in a background thread.
 
@@ -591,30 +646,12 @@ class FleetProxy:
             raise RuntimeError("FleetProxy already started")
         sock = _bind(self.listen_host, self.listen_port)
         self._port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,  # leave the process's logging setup alone
-            log_level="warning",
-            access_log=False,
-            proxy_headers=False,  # the peer address is the real client: trust no header
-            server_header=False,  # upstream's server/date headers pass through
-            date_header=False,
-            ws="none",
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-            ssl_certfile=self.certfile,
-            ssl_keyfile=self.keyfile,
-        )
         try:
-            config.load()
-        except (OSError, ssl.SSLError) as exc:
+            config = _uvicorn_config(self.app, self.certfile, self.keyfile)
+        except PollenError:
             sock.close()
             self._port = None
-            raise PollenError(
-                f"cannot load the TLS certificate {self.certfile!r} / key {self.keyfile!r}: "
-                f"{exc}; check that both files exist, are readable PEM files and belong "
-                "together"
-            ) from exc
+            raise
         server = uvicorn.Server(config)
         self._sock, self._server, self._error = sock, server, None
         thread = threading.Thread(
@@ -625,7 +662,12 @@ class FleetProxy:
         )
         self._thread = thread
         thread.start()
+        self._wait_started(server, thread, timeout)
 
+    def _wait_started(
+        self, server: uvicorn.Server, thread: threading.Thread, timeout: float
+    ) -> None:
+        """Wait until ``server`` accepts connections; clean up and raise if it does not."""
         deadline = time.monotonic() + timeout
         while not server.started:
             if not thread.is_alive():

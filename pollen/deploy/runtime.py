@@ -1,26 +1,27 @@
-"""Plumbing for Flower's runtime: processes, ports, connections, run submission.
+"""Flower's runtime: the SuperLink, the ``flwr`` CLI's connection and run submission.
 
 ``pollen simulate`` and ``pollen server`` both start a ``flower-superlink``,
 point a private ``flwr`` CLI configuration at it and submit this app with
 ``flwr run``; this module holds what they share. Every Flower process gets
 the environment of :func:`flower_env` (offline, quiet, its own ``FLWR_HOME``).
+The processes themselves are :class:`pollen.deploy.processes.ManagedProcess`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pollen.config import RunConfig
+from pollen.deploy.processes import ManagedProcess, port_open, wait_interruptibly
 from pollen.errors import PollenError
 
 #: Variables that keep Flower and Ray offline and quiet.
@@ -35,45 +36,6 @@ QUIET_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "PYTHONUNBUFFERED": "1",
 }
-
-#: Lines TensorFlow's native libraries write to standard error while they load, before
-#: its logging is set up, so ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them (TensorFlow 2.21
-#: on CPUs where it enables oneDNN; only ``TF_ENABLE_ONEDNN_OPTS=0`` would, at a cost in
-#: speed).
-TF_LOAD_NOTICES = (
-    "WARNING: All log messages before absl::InitializeLog() is called",
-    "oneDNN custom operations are on",
-)
-
-
-@contextlib.contextmanager
-def without_native_notices(notices: Sequence[str] = TF_LOAD_NOTICES) -> Iterator[None]:
-    """Hold back lines containing ``notices`` that native code writes to standard error.
-
-    File descriptor 2 goes to a temporary file for the block; afterwards every
-    captured line that contains none of ``notices`` is written to standard error,
-    in order, so warnings and errors still show. For a command whose output must
-    be exactly its result or a one-paragraph error (``pollen predict``). A
-    ``contextlib.redirect_stderr`` would not do: native libraries write to the
-    descriptor, not to ``sys.stderr``.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            kept = [line for line in lines if not any(n in line for n in notices)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
-
 
 #: Name of the connection in the private ``config.toml``.
 CONNECTION = "pollen"
@@ -94,20 +56,6 @@ def flower_bin(name: str) -> str:
     """Path of a Flower console script installed beside this Python."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Whether something accepts TCP connections on ``host:port``."""
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-        return True
-    return False
 
 
 def split_address(address: str, default_port: int = 8080) -> tuple[str, int]:
@@ -160,19 +108,14 @@ def app_dir() -> Path:
     same components and run config. The components are imported from the
     environment Pollen runs in, so the app bundle needs no code.
 
-    Why not hand over the checkout itself: Flower 1.42 builds the bundle by
-    walking every file under the folder before it applies ``.gitignore``;
-    with a virtual environment inside the checkout (60,000 files) that walk
-    alone took 9.6 s of every run's start-up here, against 2.0 s for this folder.
+    Not the checkout itself: Flower 1.42 walks every file under the folder
+    (a virtual environment included) before it applies ``.gitignore``
+    (see docs/performance.md#app-folder).
     """
-    import hashlib
-
     root = Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file() and (root / "pollen" / "server" / "app.py").is_file():
         text = (root / "pyproject.toml").read_text(encoding="utf-8")
     else:
-        from pollen.config import RunConfig
-
         config_lines = [f"{k} = {toml_value(v)}" for k, v in RunConfig.declared_defaults().items()]
         text = (
             "\n".join(
@@ -222,107 +165,6 @@ def write_run_config(path: Path, values: Mapping[str, Any]) -> Path:
     return path
 
 
-class ManagedProcess:
-    """A child process in its own process group, stopped with everything it spawned."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log: Path | None):
-        self.name = name
-        self.log_path = log
-        self._log = open(log, "ab") if log else None  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            list(argv),
-            env=dict(env),
-            stdout=self._log or None,
-            stderr=subprocess.STDOUT if self._log else None,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def alive(self) -> bool:
-        """Whether the process is still running."""
-        return self.proc.poll() is None
-
-    def tail(self, lines: int = 15) -> str:
-        """The last lines of the process's log, for error messages."""
-        if not self.log_path or not self.log_path.exists():
-            return ""
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def stop(self, timeout: float = 10.0, *, term: bool = True) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left.
-
-        Processes below it that started their own sessions (the SuperLink's
-        SuperExec and the simulation's server app and Ray workers under it)
-        are outside the group: they get the same SIGTERM, then SIGKILL.
-
-        Args:
-            timeout: Seconds to wait after SIGTERM.
-            term: ``False`` skips SIGTERM: for a process already stopping on
-                another signal, where a SIGTERM on top only races with its
-                handlers.
-        """
-        tree = descendants(self.proc.pid)[1:] if self.alive() else []
-        if self.alive() and term:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            _signal_all(tree, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while any(is_running(p) for p in tree) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        _signal_all(tree, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        if self._log:
-            self._log.close()
-            self._log = None
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every live process below it, parents first (read from ``/proc``).
-
-    Returns ``[pid]`` where ``/proc`` is not available.
-    """
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def is_running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _signal_all(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
 def start_superlink(
     flwr_home: Path,
     host: str,
@@ -365,13 +207,6 @@ def start_superlink(
             )
         time.sleep(0.2)
     return proc
-
-
-@contextlib.contextmanager
-def temporary_home(prefix: str) -> Iterator[Path]:
-    """A throwaway ``FLWR_HOME`` folder."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        yield Path(tmp)
 
 
 def register_supernodes(
@@ -450,45 +285,3 @@ def submit_run(
     return wait_interruptibly(
         subprocess.Popen(argv, env=flower_env(flwr_home), stdin=subprocess.DEVNULL)
     )
-
-
-def wait_interruptibly(proc: subprocess.Popen) -> int:
-    """Wait for ``proc`` so that Ctrl-C and SIGTERM reach this process promptly.
-
-    The kernel may hand a process-directed signal to any thread (the fleet
-    relay runs in one); Python then runs the handler in the main thread only
-    once that thread executes bytecode again, which a plain ``wait()``, blocked
-    in ``waitpid``, never does until the child exits. Waiting in short slices
-    lets the ``KeyboardInterrupt`` through; the child is then killed.
-
-    Returns:
-        The child's exit code.
-    """
-    try:
-        while True:
-            try:
-                return proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                continue
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while the run lasts, so both stop cleanly."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -24,14 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pollen.config import RunConfig
-from pollen.deploy.runtime import (
-    free_port,
-    sigterm_as_interrupt,
-    start_superlink,
-    submit_run,
-    temporary_home,
-    write_connection,
-)
+from pollen.deploy.processes import free_port, sigterm_as_interrupt, temporary_home
+from pollen.deploy.runtime import start_superlink, submit_run, write_connection
 from pollen.errors import PollenError
 from pollen.models.registry import preferred_backend
 from pollen.server.history import read_status

@@ -5,9 +5,8 @@ is none, sleeps a fixed 3 s before asking again
 (``flwr.supernode.start_client_internal``); it then waits for the app's reply
 in 0.5-s steps. Every train and every evaluate request of a round therefore
 waits 1.5 s on average before the client sees it, plus 0.25 s on average
-before its reply leaves: on a loopback deployment of the reference
-configuration about 3-4 s of each round's overhead. Flower has no setting for
-these waits.
+before its reply leaves (see docs/performance.md#supernode-poll). Flower has no
+setting for these waits.
 
 ``pollen client`` runs ``python -m pollen.deploy.supernode`` (with
 ``flower-supernode``'s own arguments) instead: the same SuperNode, in this
@@ -21,7 +20,7 @@ reply within a second or two), and a wait for the node's own app at most
 server, so the default keeps an idle client at 2 requests a second (10 in a
 busy window); raise it for very large fleets. The SuperNode's downloads of a
 message's content also retry sooner
-(:func:`pollen.wire.quick_pulls`). With ``POLLEN_PARENT_PID`` set (``pollen
+(:func:`pollen.compat.flower.quick_pulls`). With ``POLLEN_PARENT_PID`` set (``pollen
 client`` sets its own pid) the SuperNode stops, as on Ctrl-C, once that
 process is gone: a ``pollen client`` killed with SIGKILL leaves no SuperNode
 behind (its app runner follows its SuperNode the same way).
@@ -33,6 +32,13 @@ import os
 import sys
 import time
 from types import ModuleType
+
+from pollen.compat.flower import (
+    cap_supernode_sleeps,
+    quick_supernode_pulls,
+    start_parent_process_monitor,
+)
+from pollen.errors import PollenError
 
 __all__ = [
     "BUSY_POLL_SHARE",
@@ -118,8 +124,6 @@ def poll_seconds() -> float:
     Raises:
         PollenError: The variable is set to something other than a positive number.
     """
-    from pollen.errors import PollenError
-
     raw = os.environ.get(POLL_ENV, "").strip()
     if not raw:
         return DEFAULT_POLL_SECONDS
@@ -137,16 +141,12 @@ def poll_seconds() -> float:
 
 def main() -> None:
     """``python -m pollen.deploy.supernode ARGS``: ``flower-supernode ARGS`` with capped polls."""
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
-
-    from pollen.wire import quick_pulls
 
     if os.environ.get(PARENT_ENV, "").isdigit():  # SIGINT once it is gone: Flower exits cleanly
         start_parent_process_monitor(int(os.environ[PARENT_ENV]))
-    start_client_internal.time = capped_time(poll_seconds())
-    quick_pulls(start_client_internal, "pull_objects")  # a message's content from the server
+    cap_supernode_sleeps(capped_time(poll_seconds()))
+    quick_supernode_pulls()  # a message's content from the server
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())
 

@@ -4,9 +4,7 @@ Flower 1.42's SuperNode, in its default ``subprocess`` isolation, starts a
 SuperExec that launches a fresh ``flwr-clientapp`` process for every message
 (each train and each evaluate request). Every message then pays Python's and
 Keras's imports, the client's data loading, the model build and the first
-traced train step again: measured on a loopback deployment of the reference
-configuration (MobileNetV2, 2 clients on 2 cores), about 45 s per message and
-a round 1.59-1.67 times as long as the clients' own fit + evaluate.
+traced train step again (see docs/performance.md#warm-clientapp).
 
 ``pollen client`` instead runs its SuperNode with ``--isolation process`` and
 this module beside it (``python -m pollen.deploy.warm_clientapp``): Flower's own
@@ -30,8 +28,32 @@ import threading
 from logging import ERROR, INFO
 from typing import Any
 
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import LoadClientAppError
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.supercore import log
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
+
+from pollen.compat.flower import quick_clientapp_pulls, run_superexec_with
 
 __all__ = ["WarmExecutor", "main", "run_task"]
 
@@ -50,28 +72,6 @@ def run_task(spec: ExecutionSpec) -> str:
     Returns:
         The task's final sub-status (``"completed"`` or ``"failed"``).
     """
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.cli.install import install_from_fab
-    from flwr.clientapp.client_app import LoadClientAppError
-    from flwr.clientapp.utils import get_load_client_app_fn
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore import log
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import (
-        RuntimeTokenHttpInterceptor,
-        RuntimeVersionHttpInterceptor,
-    )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime.run_clientapp import (
-        pull_task_input,
-        push_message,
-        push_task_output,
-    )
-
     retry_invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=spec.runtime_api_address,
@@ -138,8 +138,6 @@ class WarmExecutor(SubprocessExecutor):
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         """Queue a ClientApp task for the worker thread; launch anything else as Flower does."""
-        from flwr.supercore.constant import TaskType
-
         if spec.task_type != TaskType.CLIENT_APP:
             return super().launch(spec)
         self._tasks.put(spec)
@@ -150,8 +148,6 @@ class WarmExecutor(SubprocessExecutor):
         self._tasks.put(None)
 
     def _work(self) -> None:
-        from flwr.supercore import log
-
         while (spec := self._tasks.get()) is not None:
             try:
                 log(INFO, "[pollen] task %s: %s", spec.task_id, run_task(spec))
@@ -165,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     Takes the arguments of ``flower-superexec`` that a SuperNode passes to it:
     ``--runtime-api-address``, ``--insecure`` or ``--root-certificates``, and
     ``--parent-pid`` (exit when that process does).
-    """
+    """  # noqa: E501 - the first line is also the --help description
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--insecure", action="store_true")
@@ -173,20 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
 
-    import importlib
-
-    from flwr.supernode.runtime import run_clientapp
-
-    from pollen.wire import quick_pulls, serve_later_messages
+    from pollen.wire import serve_later_messages
 
     # A task arrives while the SuperNode is still downloading its message.
-    quick_pulls(run_clientapp, "pull_and_inflate_object_from_tree")
+    quick_clientapp_pulls()
     serve_later_messages()  # weights kept for the next message are still here then
-    superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
     # Flower 1.42 picks its executor by name (subprocess or kubernetes) inside
-    # run_superexec; this is the one place to hand it ours.
-    superexec.get_executor = lambda *_, **__: WarmExecutor()
-    superexec.run_superexec(
+    # run_superexec; compat hands it ours.
+    run_superexec_with(
+        WarmExecutor,
         runtime_api_address=args.runtime_api_address,
         insecure=args.insecure,
         root_certificates_path=args.root_certificates,

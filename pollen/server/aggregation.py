@@ -1,7 +1,7 @@
 """Pure aggregation helpers: FedAvg's weighted mean, BatchNorm statistics, update checks.
 
 Numpy in, numpy out: nothing here knows about Flower or Keras, so the server's
-round loop (:mod:`pollen.server.rounds`), the benchmarks and the tests use the same
+round phases (:mod:`pollen.server.phases`), the benchmarks and the tests use the same
 arithmetic, and it imports on a machine without Flower installed (the GPU
 benchmark's).
 """

@@ -9,12 +9,12 @@ from :mod:`pollen.models.registry`.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from logging import ERROR, INFO
 from pathlib import Path
@@ -22,42 +22,41 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
+from pollen.compat.flower import is_simulation_grid, quick_serverapp_pulls
 from pollen.config import RunConfig
 from pollen.errors import PollenError
 from pollen.files import atomic_write
-from pollen.server.checkpoint import RunLock, load_checkpoint, save_checkpoint
+from pollen.server.checkpoint import RunLock, load_checkpoint, read_manifest, save_checkpoint
+from pollen.server.exchange import (
+    announce_run_over,
+    learn_names,
+    request_initial_arrays,
+    wait_for_clients,
+)
 from pollen.server.history import (
     History,
     RoundRecord,
     plot_history,
     read_status,
-    save_model,
     write_history,
     write_status,
 )
+from pollen.server.model_files import ModelFiles
+from pollen.server.phases import TrainPhase
 from pollen.server.privacy import make_private, sample_size
-from pollen.server.rounds import (
-    announce_run_over,
-    learn_names,
-    request_initial_arrays,
-    run_rounds,
-    wait_for_clients,
-)
-from pollen.server.strategies import (
-    by_name,
-    check_config,
-    check_sample_size,
-    make_strategy,
-    seeded_sample,
-)
+from pollen.server.rounds import RoundSettings, run_rounds
+from pollen.server.sampling import by_name, seeded_sample
+from pollen.server.secagg import SecureAggregation
+from pollen.server.strategies import check_config, check_sample_size, make_strategy
 
 app = ServerApp()
 
 #: Seconds to wait for ``min-clients`` to connect before giving up.
 CONNECT_TIMEOUT = 600.0
 #: Seconds the clients get to tell their names before round 1 (simulated clients
-#: first start their workers: 20-30 s here). Nameless ones are ordered by node id.
+#: first start their workers). Nameless ones are ordered by node id.
 START_NAMES_TIMEOUT = 120.0
 
 
@@ -65,70 +64,6 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
     """The run folder: ``cfg.out`` or ``./runs/<timestamp>``, made absolute."""
     out = cfg.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
     return Path(out).expanduser().resolve()
-
-
-class ModelFiles:
-    """Builds the model lazily, only for central evaluation and model files."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-
-    @functools.cached_property
-    def eval_model(self):
-        """The compiled registry model for central evaluation, in the fastest layout.
-
-        ``fastnet`` under torch evaluates 1.7x faster channels-first.
-        """
-        from pollen.models.registry import build_model
-        from pollen.training.compile import compile_model
-
-        fast = build_model(self.cfg.model, self.cfg.num_classes, fastest_layout=True)
-        return compile_model(fast, 1e-3, schedulable=False)
-
-    @functools.cached_property
-    def model(self):
-        """The compiled model for ``model.keras``, laid out so any Keras backend loads it.
-
-        :attr:`eval_model` itself unless that one runs channels-first; then a
-        channels-last instance (same weight shapes).
-        """
-        from pollen.models.registry import build_model
-        from pollen.training.compile import compile_model
-
-        if all(getattr(layer, "data_format", None) != "channels_first" for layer in
-               self.eval_model.layers):  # fmt: skip
-            return self.eval_model
-        return compile_model(
-            build_model(self.cfg.model, self.cfg.num_classes), 1e-3, schedulable=False
-        )
-
-    @functools.cached_property
-    def test_set(self):
-        """The central test split ``(x, y)`` (loaded on first use)."""
-        from pollen.data.load import load_dataset
-
-        ds = load_dataset(self.cfg.server_data_dir or None)
-        return ds.x_test, ds.y_test
-
-    def prepare(self) -> None:
-        """Build the evaluation model and load the test split (otherwise done on first use)."""
-        _ = self.eval_model, self.test_set
-
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        """Central evaluation of the global arrays on the test split."""
-        from pollen.models.registry import MODELS
-        from pollen.training.local import evaluate
-
-        self.eval_model.set_weights(arrays.to_numpy_ndarrays())
-        x, y = self.test_set
-        flip_tta = self.cfg.tta and MODELS[self.cfg.model].flip_tta
-        loss, accuracy = evaluate(self.eval_model, x, y, flip_tta=flip_tta)
-        return {"loss": loss, "accuracy": accuracy, "examples": len(y)}
-
-    def save(self, run_dir: Path, arrays: ArrayRecord) -> Path:
-        """Write ``model.keras`` holding ``arrays``."""
-        self.model.set_weights(arrays.to_numpy_ndarrays())
-        return save_model(run_dir, self.model)
 
 
 class RunFolderWriter:
@@ -170,12 +105,8 @@ class RunFolderWriter:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run a whole federation as configured by ``context.run_config``."""
-    from flwr.superlink.grid import http_grid
-
-    from pollen.wire import quick_pulls
-
     # A reply is listed while its content is still on its way to the SuperLink.
-    quick_pulls(http_grid, "pull_objects")
+    quick_serverapp_pulls()
     cfg = RunConfig.from_mapping(context.run_config)
     check_config(cfg)
     run_dir = resolve_run_dir(cfg)
@@ -264,13 +195,21 @@ def _target_status(cfg: RunConfig, history: History) -> dict:
 
 def _last_round(run_dir: Path) -> dict:
     """``{"last_completed_round": N}`` from the checkpoint, for status files."""
-    from pollen.server.checkpoint import read_manifest
-
     try:
         manifest = read_manifest(run_dir)
     except PollenError:
         manifest = None
     return {"last_completed_round": manifest["round"] if manifest else 0}
+
+
+@dataclass
+class _Start:
+    """Where the rounds start: a fresh run's or a checkpoint's state."""
+
+    strategy: Strategy
+    history: History
+    arrays: ArrayRecord
+    first_round: int
 
 
 def run_federation(
@@ -295,110 +234,146 @@ def run_federation(
     names: dict[int, str] = {}  # node id to client name, learned on the way
     config = cfg.replace(out=str(run_dir), resume=False).to_mapping()
     if cfg.resume:
-        ckpt = load_checkpoint(run_dir)
-        if ckpt.round >= cfg.num_rounds:
-            raise PollenError(
-                f"The run in {run_dir} has already completed all {cfg.num_rounds} rounds; "
-                "there is nothing to resume. Start a new run with another --out."
-            )
-        history, strategy = ckpt.history, ckpt.strategy
-        history.rounds = [r for r in history.rounds if r.round <= ckpt.round]
-        arrays = ArrayRecord(array_dict={k: Array(v) for k, v in ckpt.arrays.items()})
-        first_round = ckpt.round + 1
-        log(INFO, "Resuming after round %d of %d from %s", ckpt.round, cfg.num_rounds, run_dir)
-        # A crash between writing these and the checkpoint may have left a later round.
-        write_history(run_dir, history)
-        files.save(run_dir, arrays)
-        wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
+        start = _resume(grid, cfg, run_dir, files)
     else:
-        strategy = make_strategy(cfg)
-        history = History(config=config)
-        first_round = 1
-        nodes = wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
-        check_sample_size(cfg, sample_size(cfg, len(nodes)))
-        if cfg.dp:
-            strategy = make_private(strategy, cfg, len(nodes))
-            log(
-                INFO,
-                "Differential privacy: clipping norm %g, noise multiplier %g, %d clients "
-                "per round, delta %g",
-                strategy.clipping_norm,
-                strategy.noise_multiplier,
-                strategy.num_sampled_clients,
-                cfg.dp_delta,
-            )
-        prepared = None
-        if evaluate_fn is not None:
-            # Load the test split and build the evaluation model while the client builds
-            # its own: a broken test set still fails before round 1, and the server's
-            # start-up overlaps the client's. The freshly initialised model itself is
-            # not evaluated (chance level, and ~15 s of a fastnet run's wall time).
-            pool = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
-            prepared = pool.submit(files.prepare)
-            pool.shutdown(wait=False)  # the thread ends with prepare()
-        # The first client by name gives the initial weights (fastnet's first layer is
-        # whitened on its images): the same client for the same fleet, so a run can be
-        # repeated. The clients round 1 will sample (all, unless fraction-train < 1)
-        # meanwhile load their data and build their model.
-        learn_names(grid, nodes, names, min(cfg.round_timeout, START_NAMES_TIMEOUT))
-        first = by_name(nodes, names)[0]
-        round_one = seeded_sample(grid, names, cfg.seed, 1, sample_size(cfg, len(nodes)))
-        arrays, client_info = request_initial_arrays(
-            grid, first, cfg.round_timeout, prepare=round_one
-        )
-        if client_info.get("whitened-images"):
-            log(
-                INFO,
-                "Initial weights from client %s: first convolution whitened on %d of its images",
-                client_info.get("name", first),
-                client_info["whitened-images"],
-            )
-        if "classes" in client_info:
-            classes = json.dumps(list(client_info["classes"])) + "\n"
-            atomic_write(run_dir / "classes.json", classes)
-        if prepared is not None:
-            prepared.result()  # raises here what went wrong (e.g. a broken test set)
-    writer = RunFolderWriter(run_dir, files, config, history.elapsed_seconds)
-    train = None
-    if cfg.secagg:
-        from pollen.server.secagg import SecureAggregation
-
-        train = SecureAggregation(cfg).train_phase
-        log(
-            INFO,
-            "Secure aggregation (SecAgg+): num-shares %g, reconstruction-threshold %g, "
-            "clipping range %g; BatchNorm re-estimation is off (bn-calibration-examples "
-            "treated as 0: per-client statistics would reveal the clients' data)",
-            cfg.secagg_num_shares,
-            cfg.secagg_reconstruction_threshold,
-            cfg.secagg_clipping_range,
-        )
-    run_rounds(
-        grid,
-        strategy,
-        arrays,
+        start = _start(grid, cfg, run_dir, files, names, History(config=config))
+    writer = RunFolderWriter(run_dir, files, config, start.history.elapsed_seconds)
+    settings = RoundSettings(
         num_rounds=cfg.num_rounds,
-        history=history,
+        history=start.history,
         timeout=cfg.round_timeout,
         train_config={"learning-rate": cfg.learning_rate},
         evaluate_fn=evaluate_fn,
         observer=writer,
         target_accuracy=cfg.target_accuracy,
-        first_round=first_round,
+        first_round=start.first_round,
         min_clients=cfg.min_clients,
         max_update_norm=cfg.max_update_norm,
         names=names,
-        train=train,
+        train=_secure_train_phase(cfg),
         bn_stats=not cfg.secagg,
         release=release,
         held_weights=not _simulated(grid),
         sampling_seed=cfg.seed,
     )
-    return history
+    run_rounds(grid, start.strategy, start.arrays, settings)
+    return start.history
+
+
+def _resume(grid: Grid, cfg: RunConfig, run_dir: Path, files: ModelFiles) -> _Start:
+    """The state of ``run_dir``'s checkpoint, its history and model rewritten to match it.
+
+    Raises:
+        PollenError: The checkpoint already holds every round, or too few
+            clients connected.
+    """
+    ckpt = load_checkpoint(run_dir)
+    if ckpt.round >= cfg.num_rounds:
+        raise PollenError(
+            f"The run in {run_dir} has already completed all {cfg.num_rounds} rounds; "
+            "there is nothing to resume. Start a new run with another --out."
+        )
+    history, strategy = ckpt.history, ckpt.strategy
+    history.rounds = [r for r in history.rounds if r.round <= ckpt.round]
+    arrays = ArrayRecord(array_dict={k: Array(v) for k, v in ckpt.arrays.items()})
+    log(INFO, "Resuming after round %d of %d from %s", ckpt.round, cfg.num_rounds, run_dir)
+    # A crash between writing these and the checkpoint may have left a later round.
+    write_history(run_dir, history)
+    files.save(run_dir, arrays)
+    wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
+    return _Start(strategy, history, arrays, ckpt.round + 1)
+
+
+def _start(
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    files: ModelFiles,
+    names: dict[int, str],
+    history: History,
+) -> _Start:
+    """A fresh run's state: its strategy, and initial weights from the first client by name.
+
+    Writes ``classes.json`` when that client names its classes, and learns
+    the connected clients' ``names``.
+
+    Raises:
+        PollenError: Too few clients, a sample too small for the strategy, no
+            initial weights, or a broken test set (with ``server-eval``).
+    """
+    strategy = make_strategy(cfg)
+    nodes = wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
+    check_sample_size(cfg, sample_size(cfg, len(nodes)))
+    if cfg.dp:
+        strategy = make_private(strategy, cfg, len(nodes))
+        log(
+            INFO,
+            "Differential privacy: clipping norm %g, noise multiplier %g, %d clients "
+            "per round, delta %g",
+            strategy.clipping_norm,
+            strategy.noise_multiplier,
+            strategy.num_sampled_clients,
+            cfg.dp_delta,
+        )
+    prepared = None
+    if cfg.server_eval:
+        # Load the test split and build the evaluation model while the client builds
+        # its own: a broken test set still fails before round 1, and the server's
+        # start-up overlaps the client's. The freshly initialised model itself is
+        # not evaluated (chance level).
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
+        prepared = pool.submit(files.prepare)
+        pool.shutdown(wait=False)  # the thread ends with prepare()
+    arrays = _initial_arrays(grid, cfg, run_dir, nodes, names)
+    if prepared is not None:
+        prepared.result()  # raises here what went wrong (e.g. a broken test set)
+    return _Start(strategy, history, arrays, 1)
+
+
+def _initial_arrays(
+    grid: Grid, cfg: RunConfig, run_dir: Path, nodes: list[int], names: dict[int, str]
+) -> ArrayRecord:
+    """Initial weights from the first client by name, while round 1's clients prepare.
+
+    The first client by name gives the initial weights (fastnet's first layer
+    is whitened on its images): the same client for the same fleet, so a run
+    can be repeated. The clients round 1 will sample (all, unless
+    fraction-train < 1) meanwhile load their data and build their model.
+    """
+    learn_names(grid, nodes, names, min(cfg.round_timeout, START_NAMES_TIMEOUT))
+    first = by_name(nodes, names)[0]
+    round_one = seeded_sample(grid, names, cfg.seed, 1, sample_size(cfg, len(nodes)))
+    arrays, client_info = request_initial_arrays(grid, first, cfg.round_timeout, prepare=round_one)
+    if client_info.get("whitened-images"):
+        log(
+            INFO,
+            "Initial weights from client %s: first convolution whitened on %d of its images",
+            client_info.get("name", first),
+            client_info["whitened-images"],
+        )
+    if "classes" in client_info:
+        classes = json.dumps(list(client_info["classes"])) + "\n"
+        atomic_write(run_dir / "classes.json", classes)
+    return arrays
+
+
+def _secure_train_phase(cfg: RunConfig) -> TrainPhase | None:
+    """SecAgg+'s train phase with ``--secagg`` (logged), else None (the plain one)."""
+    if not cfg.secagg:
+        return None
+    train = SecureAggregation(cfg).train_phase
+    log(
+        INFO,
+        "Secure aggregation (SecAgg+): num-shares %g, reconstruction-threshold %g, "
+        "clipping range %g; BatchNorm re-estimation is off (bn-calibration-examples "
+        "treated as 0: per-client statistics would reveal the clients' data)",
+        cfg.secagg_num_shares,
+        cfg.secagg_reconstruction_threshold,
+        cfg.secagg_clipping_range,
+    )
+    return train
 
 
 def _simulated(grid: Grid) -> bool:
     """Whether the clients are Flower's simulation engine's (their messages stay in memory)."""
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    return isinstance(grid, InMemoryGrid)
+    return is_simulation_grid(grid)

@@ -31,10 +31,10 @@ from flwr.serverapp import (
     NeighboringRelation,
     PrivacyConfig,
     PrivacySpent,
+    RdpAccountant,
     SamplingMethod,
 )
 from flwr.serverapp import strategy as fl
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from pollen.config import RunConfig
 from pollen.errors import PollenError

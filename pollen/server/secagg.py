@@ -18,12 +18,12 @@ Server side (:class:`SecureAggregation`, :func:`secure_train_phase`):
    before quantizing, so it must be >= every count and not much bigger).
 3. The workflow runs its four stages (setup, share keys, collect masked
    vectors, unmask) through a grid wrapper that gives every exchange
-   Pollen's hard deadline (:func:`pollen.server.rounds.exchange`) and records
+   Pollen's hard deadline (:func:`pollen.server.exchange.exchange`) and records
    failures, bytes and the per-client metrics for the history.
 4. What comes back is the weighted average of the clients' *updates*
    (trained minus global weights); the new global model is the old one plus
    that average, checked for shapes and finite values (individual updates
-   cannot be checked: :func:`pollen.server.rounds.validate_update` never sees them).
+   cannot be checked: :func:`pollen.server.aggregation.validate_update` never sees them).
 
 Client side: :mod:`pollen.client.secagg_mod`.
 
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -76,21 +77,14 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from pollen.config import RunConfig
 from pollen.errors import PollenError
 from pollen.protocol import NUM_EXAMPLES_KEY, TRAIN_EXAMPLES_REQUEST
+from pollen.server.aggregation import validate_update
+from pollen.server.exchange import exchange, learn_names, readable_reason, record_bytes
 from pollen.server.history import RoundRecord
-from pollen.server.rounds import (
-    _failures_text,
-    _RoundClients,
-    exchange,
-    learn_names,
-    readable_reason,
-    record_bytes,
-    validate_update,
-)
+from pollen.server.phases import RoundClients, RoundContext
 
 #: Quantization levels of SecAgg+ (Flower's default, 2**22).
 QUANTIZATION_RANGE = 2**22
@@ -258,26 +252,19 @@ class DeadlineGrid:
 
     ``SecAggPlusWorkflow`` talks to clients with ``grid.send_and_receive``
     only; that call can hang in Flower 1.42 when a node dies mid-push. Here
-    it is :func:`pollen.server.rounds.exchange` with ``timeout``; error replies and
-    missing replies are recorded as the client's ``train`` failure, payload
-    bytes in ``record``, and the collect-stage replies (masked vectors plus
-    plaintext metrics) kept in :attr:`collected`. Everything else is
-    delegated to the wrapped grid.
+    it is :func:`pollen.server.exchange.exchange` with ``ctx.timeout``; error
+    replies and missing replies are recorded as the client's ``train``
+    failure, payload bytes in ``ctx.record``, and the collect-stage replies
+    (masked vectors plus plaintext metrics) kept in :attr:`collected`.
+    Everything else is delegated to ``ctx.grid``.
     """
 
-    def __init__(
-        self,
-        grid: Grid,
-        timeout: float,
-        rnd: int,
-        record: RoundRecord,
-        clients: _RoundClients,
-    ) -> None:
-        self.grid = grid
-        self.timeout = timeout
-        self.rnd = rnd
-        self.record = record
-        self.clients = clients
+    def __init__(self, ctx: RoundContext) -> None:
+        self.grid = ctx.grid
+        self.timeout = ctx.timeout
+        self.rnd = ctx.rnd
+        self.record = ctx.record
+        self.clients = ctx.clients
         #: Node id -> its reply in the collect-masked-vectors stage.
         self.collected: dict[int, Message] = {}
 
@@ -330,40 +317,51 @@ def learn_train_examples(
             counts[node] = int(info[TRAIN_EXAMPLES_REQUEST])
 
 
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The SecAgg+ protocol's settings.
+
+    Attributes:
+        num_shares: ``secagg-num-shares`` (see :func:`workflow_counts`); default 1.0.
+        reconstruction_threshold: ``secagg-reconstruction-threshold``; default 0.67.
+        clipping_range: Every scaled update value is clipped to +- this; default 8.0.
+    """
+
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.67
+    clipping_range: float = 8.0
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> SecAggSettings:
+        """The ``secagg-*`` settings of ``cfg``."""
+        return cls(
+            cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold, cfg.secagg_clipping_range
+        )
+
+
 def secure_train_phase(
-    grid: Grid,
+    ctx: RoundContext,
     nodes: Sequence[int],
-    rnd: int,
     arrays: ArrayRecord,
     config: dict,
-    timeout: float,
-    record: RoundRecord,
-    clients: _RoundClients,
+    protocol: SecAggSettings,
     *,
-    num_shares: float = 1.0,
-    reconstruction_threshold: float = 0.67,
-    clipping_range: float = 8.0,
     max_weight: float = 1000.0,
     min_valid: int = 1,
 ) -> tuple[ArrayRecord, DeadlineGrid]:
     """One round of training under SecAgg+ over the sampled ``nodes``.
 
-    Fills ``record`` (``train`` aggregate, bytes) and ``clients`` (per-client
-    train loss, accuracy, examples, seconds; failures per protocol stage) as
-    :func:`pollen.server.rounds.train_phase` does.
+    Fills ``ctx.record`` (``train`` aggregate, bytes) and ``ctx.clients``
+    (per-client train loss, accuracy, examples, seconds; failures per
+    protocol stage) as :func:`pollen.server.phases.train_phase` does.
 
     Args:
-        grid: The run's grid.
+        ctx: The round (``ctx.timeout``: deadline of each of the protocol's
+            four exchanges, seconds).
         nodes: Sampled node ids (at least 2).
-        rnd: Round number, from 1.
         arrays: Global weights, keys ``"0"``, ``"1"``, ...
         config: Train config sent to clients (``learning-rate``).
-        timeout: Deadline of each of the protocol's four exchanges, seconds.
-        record: The round's record.
-        clients: The round's per-client records.
-        num_shares: ``secagg-num-shares`` (see :func:`workflow_counts`).
-        reconstruction_threshold: ``secagg-reconstruction-threshold``.
-        clipping_range: Every scaled update value is clipped to +- this.
+        protocol: Shares, reconstruction threshold and clipping range.
         max_weight: >= every client's ``num_examples``.
         min_valid: Updates the aggregate must hold.
 
@@ -376,42 +374,53 @@ def secure_train_phase(
             dropouts), fewer than ``min_valid`` updates, or the aggregate is
             not finite or has the wrong shapes.
     """
+    rnd, clients = ctx.rnd, ctx.clients
+    num_shares, threshold = protocol.num_shares, protocol.reconstruction_threshold
     if len(nodes) < 2:
         raise PollenError(
             f"Round {rnd}: SecAgg+ needs at least 2 clients in a round, {len(nodes)} were "
             "sampled. Raise --min-clients or --fraction-train, or drop --secagg."
         )
-    shares, thr = workflow_counts(num_shares, reconstruction_threshold)
+    shares, thr = workflow_counts(num_shares, threshold)
     workflow = SecAggPlusWorkflow(
         shares,
         thr,
         max_weight=float(max_weight),
-        clipping_range=float(clipping_range),
+        clipping_range=float(protocol.clipping_range),
         quantization_range=QUANTIZATION_RANGE,
-        timeout=timeout,
+        timeout=ctx.timeout,
     )
-    context = make_legacy_context(grid, nodes, rnd, arrays, config)
+    context = make_legacy_context(ctx.grid, nodes, rnd, arrays, config)
     before = context.state.array_records[MAIN_PARAMS_RECORD]
-    wrapped = DeadlineGrid(grid, timeout, rnd, record, clients)
+    wrapped = DeadlineGrid(ctx)
     workflow(wrapped, context)  # type: ignore[arg-type]
     after = context.state.array_records[MAIN_PARAMS_RECORD]
     if after is before:
         raise PollenError(
             f"Round {rnd}: secure aggregation halted: too few clients stayed to the end "
             f"({len(wrapped.collected)} of {len(nodes)} sent masked updates; SecAgg+ "
-            f"tolerates {tolerated_dropouts(num_shares, reconstruction_threshold, len(nodes))} "
-            f"dropout(s) here); failed: {_failures_text(clients)}. The last completed round "
+            f"tolerates {tolerated_dropouts(num_shares, threshold, len(nodes))} "
+            f"dropout(s) here); failed: {clients.failures()}. The last completed round "
             "is checkpointed: continue with --resume RUN_DIR, or lower "
             "--secagg-reconstruction-threshold."
         )
-    used = _record_clients(wrapped.collected, clients, record)
+    used = _record_clients(wrapped.collected, clients, ctx.record)
     if used < min_valid:
         raise PollenError(
             f"Round {rnd} has {used} update(s) in its secure aggregate, fewer than the "
-            f"{min_valid} --min-clients needs; failed: {_failures_text(clients)}."
+            f"{min_valid} --min-clients needs; failed: {clients.failures()}."
         )
+    return _add_mean_update(arrays, _from_legacy_record(after), rnd), wrapped
+
+
+def _add_mean_update(arrays: ArrayRecord, mean_update: list[np.ndarray], rnd: int) -> ArrayRecord:
+    """``arrays`` plus the secure aggregate's mean update, in ``arrays``' dtypes.
+
+    Raises:
+        PollenError: The result has the wrong array count, shapes or dtypes,
+            or values that are not finite.
+    """
     start = arrays.to_numpy_ndarrays()
-    mean_update = _from_legacy_record(after)
     new = []
     for g, u in zip(start, mean_update, strict=False):
         if np.issubdtype(g.dtype, np.floating):
@@ -423,12 +432,11 @@ def secure_train_phase(
     reason = validate_update(start, new, 0.0) if len(new) == len(start) else "wrong array count"
     if reason is not None:
         raise PollenError(f"Round {rnd}: the secure aggregate is unusable: {reason}.")
-    out = ArrayRecord(array_dict={k: Array(a) for k, a in zip(arrays, new, strict=True)})
-    return out, wrapped
+    return ArrayRecord(array_dict={k: Array(a) for k, a in zip(arrays, new, strict=True)})
 
 
 def _record_clients(
-    collected: dict[int, Message], clients: _RoundClients, record: RoundRecord
+    collected: dict[int, Message], clients: RoundClients, record: RoundRecord
 ) -> int:
     """Per-client and aggregated train metrics from the plaintext part of the masked replies."""
     weights, losses, accuracies = [], [], []
@@ -455,11 +463,11 @@ def _record_clients(
 
 
 class SecureAggregation:
-    """SecAgg+ for :func:`pollen.server.rounds.run_rounds` (``secure=``).
+    """SecAgg+ for :func:`pollen.server.rounds.run_rounds` (``RoundSettings.train``).
 
     Holds the run's SecAgg+ settings and the clients' training-example counts
-    (asked once per client). :meth:`train_phase` has the signature of
-    :func:`pollen.server.rounds.train_phase`.
+    (asked once per client). :meth:`train_phase` is a
+    :class:`pollen.server.phases.TrainPhase`.
 
     Args:
         cfg: The run config (``secagg-*`` settings).
@@ -467,26 +475,25 @@ class SecureAggregation:
 
     def __init__(self, cfg: RunConfig) -> None:
         workflow_counts(cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)  # check
-        self.cfg = cfg
+        self.protocol = SecAggSettings.of(cfg)
         #: Node id -> training examples (learned before the node's first round).
         self.train_examples: dict[int, int] = {}
         self._warned_norm = False
 
     def train_phase(
         self,
-        grid: Grid,
-        strategy: Strategy,
-        rnd: int,
+        ctx: RoundContext,
         arrays: ArrayRecord,
         config: dict,
-        timeout: float,
-        record: RoundRecord,
-        clients: _RoundClients,
         *,
         max_update_norm: float = 0.0,
         min_valid: int = 1,
     ) -> ArrayRecord:
-        """Sample with ``strategy``, train under SecAgg+, return the new global arrays."""
+        """Sample with ``ctx.strategy``, train under SecAgg+, return the new global arrays.
+
+        ``max_update_norm`` is not checked (single updates are masked; it is logged once).
+        """
+        grid, rnd, timeout, clients = ctx.grid, ctx.rnd, ctx.timeout, ctx.clients
         if max_update_norm > 0 and not self._warned_norm:
             log(
                 INFO,
@@ -496,7 +503,8 @@ class SecureAggregation:
             )
             self._warned_norm = True
         with clients.sampling(grid, rnd, timeout) as view:
-            sampled = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), view))
+            train_config = ConfigRecord(dict(config))
+            sampled = list(ctx.strategy.configure_train(rnd, arrays, train_config, view))
         nodes = [m.metadata.dst_node_id for m in sampled]
         # The strategy's own train config (server-round, learning-rate, anything it adds).
         config = dict(sampled[0].content["config"]) if sampled else dict(config)
@@ -504,9 +512,8 @@ class SecureAggregation:
         learn_train_examples(grid, nodes, self.train_examples, timeout)
         known = [self.train_examples[n] for n in nodes if n in self.train_examples]
         max_weight = float(max(known)) if known else 1000.0
-        shares, thr = resolve_protocol(
-            self.cfg.secagg_num_shares, self.cfg.secagg_reconstruction_threshold, len(nodes)
-        )
+        p = self.protocol
+        shares, thr = resolve_protocol(p.num_shares, p.reconstruction_threshold, len(nodes))
         log(
             INFO,
             "Round %d: SecAgg+ over %d clients, %d shares, threshold %d, max weight %g",
@@ -518,19 +525,7 @@ class SecureAggregation:
         )
         start = time.perf_counter()
         new, _ = secure_train_phase(
-            grid,
-            nodes,
-            rnd,
-            arrays,
-            config,
-            timeout,
-            record,
-            clients,
-            num_shares=self.cfg.secagg_num_shares,
-            reconstruction_threshold=self.cfg.secagg_reconstruction_threshold,
-            clipping_range=self.cfg.secagg_clipping_range,
-            max_weight=max_weight,
-            min_valid=min_valid,
+            ctx, nodes, arrays, config, p, max_weight=max_weight, min_valid=min_valid
         )
         log(INFO, "Round %d: secure aggregation took %.1f s", rnd, time.perf_counter() - start)
         return new

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pollen.compat.keras import track_optimizer_variable
 from pollen.models.registry import MODELS, Recipe, build_model, find_layer
 from pollen.training.local import StepLearningRate
 
@@ -87,7 +88,7 @@ def compile_model(
         )
     if schedulable:
         for variable in learning_rate.state:  # see StepLearningRate.state
-            optimizer._track_variable(variable)  # noqa: SLF001 - Keras's own hook for optimizer state
+            track_optimizer_variable(optimizer, variable)
     loss: str | Callable = "sparse_categorical_crossentropy"
     if recipe.label_smoothing > 0:
         loss = smoothed_sparse_crossentropy(recipe.label_smoothing, model.output_shape[-1])

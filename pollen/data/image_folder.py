@@ -1,0 +1,123 @@
+"""Image folders: ``train/<class>/*`` and ``test/<class>/*``.
+
+Class names are the sorted subfolder names of ``train/`` (label ``i`` is the ``i``-th);
+``test/`` may have fewer classes but no others. Every file with an extension Pillow can open
+is used; hidden files and folders and other files are ignored. Images are decoded by
+:func:`pollen.data.decode.decode_files` and cached as ``.npz`` (see
+:mod:`pollen.data.cache`), keyed by every file's name, size and modification time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pollen.data.cache import cache_file, cached, file_signature
+from pollen.data.dataset import Dataset, LayoutError, LoadOptions, Source
+from pollen.data.decode import decode_files, image_extensions
+from pollen.errors import PollenError
+
+__all__ = ["SOURCE"]
+
+
+def _list_split(root: Path, split: str, extensions: frozenset[str]) -> dict[str, list[Path]]:
+    """Return ``{class name: sorted image files}`` of ``root/split``, classes sorted."""
+    folder = root / split
+    if not folder.is_dir():
+        other = "test" if split == "train" else "train"
+        raise LayoutError(
+            f"The image folder {root} has a {other}/ folder but no {split}/ folder. An image "
+            f"folder needs both train/<class>/<images> and test/<class>/<images>."
+        )
+    classes: dict[str, list[Path]] = {}
+    try:
+        for sub in sorted(folder.iterdir(), key=lambda p: p.name):
+            if sub.is_dir() and not sub.name.startswith("."):
+                classes[sub.name] = sorted(
+                    (
+                        f
+                        for f in sub.iterdir()
+                        if f.is_file()
+                        and not f.name.startswith(".")
+                        and f.suffix.lower() in extensions
+                    ),
+                    key=lambda p: p.name,
+                )
+    except OSError as exc:
+        raise PollenError(f"Could not list the folder {folder}: {exc.strerror or exc}.") from None
+    return classes
+
+
+def _check_splits(root: Path, train: dict[str, list[Path]], test: dict[str, list[Path]]) -> None:
+    """Raise a PollenError unless every class has training images and test is usable."""
+    n_train = sum(len(v) for v in train.values())
+    if not train or n_train == 0:
+        raise PollenError(
+            f"The training folder {root / 'train'} has no images: it should contain one "
+            "subfolder per class (for example train/cat/, train/dog/) holding image files "
+            "(.png, .jpg, ...). Add images or point --data-dir elsewhere."
+        )
+    empty = [name for name, files in train.items() if not files]
+    if empty:
+        raise PollenError(
+            f"The class folder(s) {', '.join(empty)} in {root / 'train'} contain no image files. "
+            "Every class needs training images; add some or remove the empty folders."
+        )
+    unknown = sorted(set(test) - set(train))
+    if unknown:
+        raise PollenError(
+            f"The test folder {root / 'test'} has class folder(s) {', '.join(unknown)} that "
+            f"{root / 'train'} does not have. The test classes must be among the training "
+            f"classes ({', '.join(train)}); rename or remove those folders."
+        )
+    if sum(len(v) for v in test.values()) == 0:
+        raise PollenError(
+            f"The test folder {root / 'test'} has no images: it should contain the same class "
+            "subfolders as train/ with held-out images. Add some and run again."
+        )
+
+
+def _load(root: Path, options: LoadOptions) -> Dataset:
+    size, channels = options.image_size, options.channels
+    extensions = image_extensions()
+    train = _list_split(root, "train", extensions)
+    test = _list_split(root, "test", extensions)
+    _check_splits(root, train, test)
+    class_names = tuple(train)  # already sorted
+    label_of = {name: i for i, name in enumerate(class_names)}
+
+    def flatten(split: dict[str, list[Path]]) -> tuple[list[Path], np.ndarray]:
+        files = [f for name in split for f in split[name]]
+        labels = np.array([label_of[name] for name in split for _ in split[name]], np.int64)
+        return files, labels
+
+    train_files, y_train = flatten(train)
+    test_files, y_test = flatten(test)
+    key = {
+        "size": size,
+        "channels": channels,
+        "files": [[str(f.relative_to(root)), *file_signature(f)] for f in train_files + test_files],
+    }
+
+    def build() -> Dataset:
+        x_train = decode_files(train_files, size, channels, "Decoding training images")
+        x_test = decode_files(test_files, size, channels, "Decoding test images")
+        return Dataset(x_train, y_train, x_test, y_test, class_names)
+
+    return cached(cache_file(options.cache_dir, "images", root, size, channels, key), build)
+
+
+def _recognise(path: Path) -> Path | None:
+    return path if (path / "train").is_dir() or (path / "test").is_dir() else None
+
+
+SOURCE = Source(
+    layout=(
+        "an image folder with train/<class>/<images> and test/<class>/<images>, where each "
+        "subfolder name is a class name"
+    ),
+    load=_load,
+    recognise=_recognise,
+)
+"""An image folder with ``train/<class>/*`` and ``test/<class>/*``."""

@@ -1,0 +1,319 @@
+"""``pollen client``: take part in a federation run by a ``pollen server``.
+
+:func:`join` runs Flower's SuperNode (through :mod:`pollen.deploy.supernode`,
+which polls more often) against the server, with
+:mod:`pollen.deploy.warm_clientapp` beside it to run the client app in one warm
+process for all messages, and watches both (:class:`_NodeWatch`): the
+SuperNode never exits on its own, so the client app leaves a marker file when
+the server announces the end of the run, and the watchdog then stops both and
+returns 0. A SuperNode that stops, or a server that restarts, makes the client
+join again.
+
+With a client bundle (:mod:`pollen.deploy.tls`) the client verifies the server
+against its ``ca.crt`` and signs its requests with ``client.key``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pollen.deploy.processes import (
+    ManagedProcess,
+    free_port,
+    port_open,
+    sigterm_as_interrupt,
+    temporary_home,
+)
+from pollen.deploy.runtime import flower_env, split_address
+from pollen.deploy.supernode import PARENT_ENV, poll_seconds
+from pollen.deploy.tls import ClientCerts, probe_tls
+from pollen.errors import PollenError
+from pollen.protocol import DONE_FILE_KEY
+
+#: Seconds a client keeps its SuperNode up after the run-over announcement.
+RUN_OVER_GRACE = 4.0
+
+#: Seconds the server's port must have been closed for the client to take it
+#: for a server restart (and join the new SuperLink afresh).
+SERVER_RESTART_SECONDS = 2.0
+
+#: A SuperNode that exits sooner than this after its start counts as a quick failure.
+QUICK_FAILURE_SECONDS = 20.0
+
+#: Quick failures in a row after which ``pollen client`` gives up.
+MAX_QUICK_FAILURES = 3
+
+
+def join(
+    server: str,
+    node_config: dict[str, Any],
+    *,
+    connect_timeout: float = 120.0,
+    tls: ClientCerts | None = None,
+) -> int:
+    """Take part in the federation at ``server`` until its run is over.
+
+    Args:
+        server: ``HOST:PORT`` of a ``pollen server``.
+        node_config: This client's node config (``data-dir``, ``partition-id``,
+            ``num-partitions``, ``name``, ``threads``).
+        connect_timeout: Seconds the server may be unreachable (at start or
+            while running) before the client gives up.
+        tls: Checked client bundle (:func:`pollen.deploy.tls.load_client_certs`):
+            verify the server against its ``ca.crt`` and authenticate with its
+            ``client.key``. None: plaintext.
+
+    Returns:
+        0 once the server's run is over.
+
+    Raises:
+        PollenError: The server cannot be reached, its certificate fails the
+            check, it refused this client's key, or the SuperNode failed.
+    """
+    poll_seconds()  # a bad POLLEN_SUPERNODE_POLL fails here, not inside the SuperNode
+    host, port = split_address(server)
+    _wait_for_server(host, port, connect_timeout)
+    probe_tls(host, port, tls.ca if tls else None)
+    with temporary_home("pollen-client-") as home:
+        done_file = home / "run-done"
+        config = {**node_config, DONE_FILE_KEY: str(done_file)}
+        argv = _supernode_argv(host, port, config, tls)
+        # The SuperNode's output goes to a file that the watchdog copies to stdout,
+        # so that a refusal can be told apart from other failures.
+        # SIGTERM stops the client like Ctrl-C: through `finally`, which stops the
+        # SuperNode (the default SIGTERM would leave it running, orphaned).
+        sigterm = sigterm_as_interrupt()
+        sigterm.__enter__()
+        watch = _NodeWatch(argv, home)
+        print(f"pollen: client joined {host}:{port}; waiting for rounds", flush=True)
+        try:
+            _watch_until_done(watch, done_file, host, port, connect_timeout, tls)
+            # Let the SuperNode push its reply to the announcement before it stops:
+            # the server would otherwise wait for that reply's content.
+            time.sleep(RUN_OVER_GRACE)
+        finally:
+            watch.stop()
+            sigterm.__exit__(None, None, None)
+    print("pollen: the server's run is over; client exiting.", flush=True)
+    return 0
+
+
+def _supernode_argv(
+    host: str, port: int, config: dict[str, Any], tls: ClientCerts | None
+) -> list[str]:
+    """The SuperNode's command line for the server at ``host:port`` with node ``config``."""
+    if tls is None:
+        transport = ["--insecure"]
+    else:
+        transport = [
+            *("--root-certificates", str(tls.ca)),
+            *("--auth-supernode-private-key", str(tls.key)),
+        ]
+    return [
+        # Flower's SuperNode with its idle poll shortened from 3 s (pollen.deploy.supernode).
+        *(sys.executable, "-m", "pollen.deploy.supernode"),
+        *transport,
+        "--superlink",
+        f"{host}:{port}",
+        "--node-config",
+        " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
+        # Pollen's own app runner serves the SuperNode's tasks in one warm
+        # process (pollen.deploy.warm_clientapp), instead of a process per message.
+        *("--isolation", "process"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
+
+
+def _watch_until_done(
+    watch: _NodeWatch,
+    done_file: Path,
+    host: str,
+    port: int,
+    connect_timeout: float,
+    tls: ClientCerts | None,
+) -> None:
+    """Echo the SuperNode's output each second until ``done_file`` appears.
+
+    Joins again when the SuperNode stops (not refused) or the server restarts.
+
+    Raises:
+        PollenError: The SuperNode failed for good, or the server stayed
+            unreachable for more than ``connect_timeout`` seconds.
+    """
+    unreachable_since: float | None = None
+    while not done_file.exists():
+        watch.echo()
+        if not watch.node.alive() or not watch.apps.alive():
+            watch.echo()
+            failure = _supernode_failure(watch.node, f"{host}:{port}", tls)
+            if not _restartable(failure) or not watch.may_restart():
+                raise failure
+            # Flower's SuperNode exits when a restarted SuperLink does not know
+            # it (HTTP 401): join again once the server is back.
+            _wait_for_server(host, port, connect_timeout)
+            watch.restart("its SuperNode stopped")
+            unreachable_since = None
+        elif port_open(host, port):
+            down = time.monotonic() - unreachable_since if unreachable_since else 0.0
+            if down >= SERVER_RESTART_SECONDS:
+                # The server went away and is back: a new SuperLink that does
+                # not know this node. Join it afresh instead of waiting for
+                # the old SuperNode to notice.
+                watch.restart("the server restarted")
+            unreachable_since = None
+        elif unreachable_since is None:
+            unreachable_since = time.monotonic()
+            print(
+                f"pollen: lost the server at {host}:{port}; waiting up to "
+                f"{connect_timeout:.0f} s for it to come back",
+                flush=True,
+            )
+        elif time.monotonic() - unreachable_since > connect_timeout:
+            raise PollenError(
+                f"Lost the server at {host}:{port} for more than {connect_timeout:.0f} s "
+                "before its run was over. Check that the server is running, then start "
+                "this client again."
+            )
+        time.sleep(1.0)
+
+
+class _NodeWatch:
+    """The client's SuperNode and its warm app runner, restartable, with their output echoed."""
+
+    def __init__(self, argv: list[str], home: Path) -> None:
+        self.argv = argv
+        self.home = home
+        self.starts = 0
+        self.quick_failures = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.starts += 1
+        argv = list(self.argv)
+        argv[argv.index("--port") + 1] = str(free_port())
+        self.log = self.home / f"supernode-{self.starts}.log"
+        self.shown = 0
+        self.started = time.monotonic()
+        # The app runner asks its SuperNode for tasks every 0.1 s (Flower's default: 1 s).
+        # The SuperNode stops once this process is gone, even after a SIGKILL
+        # (pollen.deploy.supernode).
+        env = flower_env(
+            self.home,
+            {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", PARENT_ENV: str(os.getpid())},
+        )
+        self.node = ManagedProcess("supernode", argv, env, self.log)
+        runtime_api = f"127.0.0.1:{argv[argv.index('--port') + 1]}"
+        self.apps = ManagedProcess(
+            "clientapp",
+            [sys.executable, "-m", "pollen.deploy.warm_clientapp", "--insecure",
+             "--runtime-api-address", runtime_api, "--parent-pid", str(self.node.proc.pid)],
+            env,
+            self.log,
+        )  # fmt: skip
+
+    def echo(self) -> None:
+        """Copy the SuperNode's new output to stdout."""
+        self.shown = _echo(self.log, self.shown)
+
+    def may_restart(self) -> bool:
+        """Whether another restart is allowed (not too many quick failures in a row)."""
+        quick = time.monotonic() - self.started < QUICK_FAILURE_SECONDS
+        self.quick_failures = self.quick_failures + 1 if quick else 0
+        return self.quick_failures < MAX_QUICK_FAILURES
+
+    def restart(self, why: str) -> None:
+        """Stop the SuperNode (if running) and start a fresh one."""
+        self.stop()
+        print(f"pollen: {why}; joining the server again", flush=True)
+        self._start()
+
+    def stop(self) -> None:
+        """Stop the app runner and the SuperNode; show the rest of their output."""
+        node_gone = not self.node.alive()
+        if node_gone:
+            # The app runner ends by itself once its SuperNode is gone: Flower's parent
+            # monitor raises SIGINT in it within 0.2 s. A SIGTERM landing on top of that
+            # SIGINT makes CPython print "Signal 15 ignored due to race condition" with a
+            # traceback (Flower's handler puts the default handlers back while it exits).
+            # So it gets 5 s, then SIGKILL only; it holds no state.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.apps.proc.wait(timeout=5)
+        self.apps.stop(term=not node_gone)
+        self.node.stop()
+        self.echo()
+
+
+def _restartable(failure: PollenError) -> bool:
+    """Whether a SuperNode failure may be cured by joining again (not a refusal)."""
+    return str(failure).startswith("Flower's SuperNode stopped unexpectedly")
+
+
+def _echo(log: Path, offset: int) -> int:
+    """Copy what ``log`` gained since ``offset`` (bytes) to stdout; return the new offset."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset
+    if data:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    return offset + len(data)
+
+
+def _supernode_failure(node: ManagedProcess, server: str, tls: ClientCerts | None) -> PollenError:
+    """The PollenError for a SuperNode that exited: refusal, TLS failure or other."""
+    text = node.log_path.read_text(errors="replace") if node.log_path else ""
+    if "Failed to activate SuperNode" in text:
+        fingerprint = f" (fingerprint {tls.fingerprint})" if tls else ""
+        return PollenError(
+            f"The server at {server} refused this client: its public key{fingerprint} is not "
+            "among the server's authorized clients. Ask the server's operator to copy this "
+            "bundle's client.pub into the server's authorized-clients folder and restart the "
+            "server, or use the bundle made for you (DIR/clients/client-i)."
+        )
+    if "must be registered via the CLI" in text:
+        return PollenError(
+            f"The server at {server} admits only authorized clients, and this client has no "
+            "key. Start it with --certs DIR/clients/client-i, the bundle the server's "
+            "operator made with `pollen certs`."
+        )
+    if "SSL/TLS handshake error" in text or "CERTIFICATE_VERIFY_FAILED" in text:
+        return PollenError(
+            f"The TLS connection to {server} failed: the server's certificate did not verify "
+            "against this bundle's ca.crt (another CA, or a name the certificate does not "
+            "cover). Use the bundle made with the server's certificates and dial one of the "
+            "names in it; Flower's message is above."
+        )
+    return PollenError(
+        f"Flower's SuperNode stopped unexpectedly (exit code {node.proc.returncode}); its "
+        "output is above."
+    )
+
+
+def _wait_for_server(host: str, port: int, timeout: float) -> None:
+    """Wait until ``host:port`` accepts connections, at most ``timeout`` seconds.
+
+    Raises:
+        PollenError: It did not in time.
+    """
+    deadline = time.monotonic() + timeout
+    while not port_open(host, port):
+        if time.monotonic() > deadline:
+            raise PollenError(
+                f"Cannot reach a pollen server at {host}:{port} (tried for {timeout:.0f} s). "
+                "Check the address, that `pollen server` is running there, and that no "
+                "firewall blocks the port; --connect-timeout sets how long to keep trying."
+            )
+        time.sleep(0.5)

@@ -1,0 +1,96 @@
+"""``mobilenetv2``: the reference model, ``keras.applications.MobileNetV2`` for 32x32x3."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pollen.backend import set_random_seed
+from pollen.compat.keras import flatten_layers
+from pollen.models.registry import INPUT_SHAPE, ModelSpec, Recipe, register
+
+if TYPE_CHECKING:  # keras is imported where a model is built: listing names stays fast
+    import keras
+
+
+def _set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
+    """Set the moving-statistics momentum of every BatchNormalization layer.
+
+    Keras's default of 0.99 (0.999 inside ``keras.applications.MobileNetV2``)
+    makes the moving statistics lag far behind the weights during the few
+    hundred steps of one federated round, so the model in inference mode
+    scores at chance level. 0.9 lets them follow the training.
+    """
+    import keras
+
+    for layer in flatten_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
+def _zero_residual_branches(model: keras.Model) -> None:
+    """Start every residual block of a ``keras.applications.MobileNetV2`` as the identity.
+
+    Sets the scale (gamma) of the BatchNorm that ends each residual branch
+    (``block_<i>_project_BN`` where ``block_<i>_add`` exists) to 0, so at
+    the start each block passes its input through unchanged and the network
+    behaves like a shallow one; the gammas are trained like any other weight
+    (the "zero-init residual" of Goyal et al., 2017). Only the initial
+    values change, not the architecture (see docs/performance.md#zero-init-residual).
+    MobileNetV2 has 10 such blocks.
+    """
+    import numpy as np
+
+    layers = {layer.name: layer for layer in flatten_layers(model)}
+    for name in layers:
+        if name.startswith("block_") and name.endswith("_add"):
+            bn = layers[name.removesuffix("_add") + "_project_BN"]
+            bn.gamma.assign(np.zeros(bn.gamma.shape, bn.gamma.dtype))
+
+
+def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
+    """The reference model: ``keras.applications.MobileNetV2`` for 32x32x3.
+
+    Exactly ``MobileNetV2(input_shape=(32, 32, 3), classes=num_classes,
+    weights=None)`` (2.27M parameters for 10 classes), preceded by a weightless
+    rescaling of pixels from [0, 255] to [-1, 1] (the range MobileNetV2 expects),
+    with BatchNorm momentum 0.9 and every residual branch starting at zero
+    (:func:`_zero_residual_branches`).
+
+    Args:
+        num_classes: Output classes.
+        seed: Seed for the weight initialisers.
+
+    Returns:
+        An uncompiled model mapping ``(batch, 32, 32, 3)`` pixels to
+        ``(batch, num_classes)`` softmax probabilities.
+    """
+    import keras
+
+    set_random_seed(seed)
+    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
+    base = keras.applications.MobileNetV2(
+        input_shape=INPUT_SHAPE, classes=num_classes, weights=None
+    )
+    _set_batchnorm_momentum(base, 0.9)
+    _zero_residual_branches(base)
+    return keras.Model(inputs, base(x), name="pollen_mobilenetv2")
+
+
+#: Local training of ``mobilenetv2``: the reference's Adam at 0.001, batch 32, with a
+#: second-moment decay of 0.99. Every round starts a fresh Adam (its moments described
+#: the previous global weights), and at 0.999 its second-moment estimates average over
+#: more steps than the 782 of a round on half of CIFAR-10; at 0.99 they follow within
+#: about 100 (see docs/performance.md#mobilenetv2-recipe).
+MOBILENETV2_RECIPE = Recipe(beta_2=0.99)
+
+register(
+    "mobilenetv2",
+    ModelSpec(
+        build_mobilenetv2,
+        "reference: keras.applications.MobileNetV2(32x32x3, weights=None), 2.27M params",
+        recipe=MOBILENETV2_RECIPE,
+        whiten="Conv1",
+        flip_tta=True,
+    ),
+)

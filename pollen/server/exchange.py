@@ -1,0 +1,291 @@
+"""Talking to clients with hard deadlines: exchanges, quorum waits and small queries.
+
+Every exchange with clients returns by its deadline (:func:`exchange`),
+whatever the SuperLink does; a client that does not reply in time is
+reported missing, never waited for.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from pollen.errors import PollenError
+from pollen.protocol import PREPARE_REQUEST, RUN_OVER_REQUEST
+from pollen.wire import pack_content, unpack_content
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload size of an ArrayRecord's arrays in bytes."""
+    return int(sum(len(a.data) for a in record.values()))
+
+
+def arrays_bytes(content: RecordDict) -> int:
+    """Payload bytes of the ArrayRecords of a message's content."""
+    return sum(record_bytes(r) for r in content.array_records.values())
+
+
+_FLOWER_REASON = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def readable_reason(reason: str) -> str:
+    """Turn Flower's ``"<class 'pkg.Error'>:<'message'>"`` into ``"Error: message"``.
+
+    A :class:`PollenError` raised in a client app becomes just its message,
+    which already says what is wrong and what to do.
+    """
+    text = reason.strip()
+    match = _FLOWER_REASON.match(text)
+    if match is None:
+        return text
+    cls, message = match.group(1), match.group(2).strip()
+    # The simulation engine wraps the client's exception in a ClientAppException
+    # (inside Ray's RayTaskError, with a traceback) whose message is the original
+    # exception's; its class is lost.
+    marker = "occurred. Message: "
+    if "ClientAppException" in cls and marker in message:
+        return message.rsplit(marker, 1)[1].strip()
+    if cls.endswith("PollenError"):
+        return message
+    return f"{cls.rsplit('.', 1)[-1]}: {message}"
+
+
+# --- one batch of messages within a deadline ------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """What came back from one batch of messages within its deadline.
+
+    Attributes:
+        replies: Reply per destination node id (possibly error replies).
+        missing: Node ids that did not reply before the deadline.
+    """
+
+    replies: dict[int, Message] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+
+
+def exchange(
+    grid: Grid,
+    messages: Sequence[Message],
+    timeout: float,
+    poll_interval: float = 0.25,
+    *,
+    pack: bool = True,
+) -> Exchange:
+    """Send ``messages`` and collect their replies, returning after ``timeout`` at most.
+
+    With ``pack`` (the default) the messages' records travel packed
+    (:mod:`pollen.wire`) and the replies come back unpacked. Flower's SecAgg+
+    workflow exchanges its messages as they are (``pack=False``).
+
+    Flower's ``Grid.send_and_receive`` can block far beyond its timeout (a
+    reply whose content never reaches the SuperLink is retried for hours).
+    Here every message is pulled by its own daemon thread, and the caller
+    waits for those threads until the deadline only; a thread still stuck
+    then is abandoned (its late result is dropped) and its node is reported
+    missing.
+
+    Args:
+        grid: The run's grid.
+        messages: One message per destination node.
+        timeout: Seconds until the exchange returns at the latest.
+        poll_interval: Seconds between two requests for one outstanding reply.
+        pack: Pack the messages' content and unpack the replies'.
+    """
+    messages = list(messages)
+    if not messages:
+        return Exchange()
+    for m in messages if pack else ():  # a few objects on the wire, not one per array
+        m.content = pack_content(m.content)
+    destinations = [m.metadata.dst_node_id for m in messages]
+    deadline = time.monotonic() + timeout
+    message_ids = list(grid.push_messages(messages))
+    if len(message_ids) != len(messages):  # Flower refused the batch (e.g. too large)
+        log(WARNING, "Flower accepted %d of %d messages", len(message_ids), len(messages))
+        return Exchange(missing=destinations)
+    pulls = _Pulls(grid, deadline, poll_interval)
+    return pulls.collect(zip(message_ids, destinations, strict=True), destinations)
+
+
+class _Pulls:
+    """One daemon thread per outstanding reply, each pulling it until the deadline."""
+
+    def __init__(self, grid: Grid, deadline: float, poll_interval: float) -> None:
+        self.grid = grid
+        self.deadline = deadline
+        self.poll_interval = poll_interval
+        self.result = Exchange()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.done = threading.Event()  # every pull thread has ended
+        self.running = 0
+
+    def collect(self, pushed: Iterable[tuple[str, int]], destinations: list[int]) -> Exchange:
+        """Pull the replies of ``pushed`` ``(message id, node)``; return by the deadline."""
+        pushed = [(mid, node) for mid, node in pushed if mid]  # "": Flower could not push it
+        self.running = len(pushed)
+        for message_id, node in pushed:
+            threading.Thread(target=self._run, args=(message_id, node), daemon=True).start()
+        # Wait in short slices: a signal raised by another thread (Flower's parent-process
+        # monitor stops the app that way) is only handled when this thread runs again.
+        # The last reply ends the wait at once.
+        while pushed and not self.done.is_set() and time.monotonic() < self.deadline:
+            self.done.wait(min(0.2, max(0.0, self.deadline - time.monotonic())))
+        with self.lock:
+            self.stop.set()
+            self.result.missing = [n for n in destinations if n not in self.result.replies]
+        return self.result
+
+    def _run(self, message_id: str, node: int) -> None:
+        try:
+            self._pull(message_id, node)
+        finally:
+            with self.lock:
+                self.running -= 1
+                if self.running == 0:
+                    self.done.set()
+
+    def _pull(self, message_id: str, node: int) -> None:
+        while not self.stop.is_set() and time.monotonic() < self.deadline:
+            try:
+                replies = list(self.grid.pull_messages([message_id]))
+            except Exception as err:  # noqa: BLE001 - reported as that node's failure
+                log(WARNING, "Pulling the reply of node %s failed: %s", node, err)
+                replies = []
+            if replies:
+                reply = replies[0]
+                if reply.has_content():
+                    reply.content = unpack_content(reply.content)
+                with self.lock:
+                    if not self.stop.is_set():
+                        self.result.replies[node] = reply
+                return
+            self.stop.wait(self.poll_interval)
+
+
+# --- waiting for clients and small queries --------------------------------------------
+
+
+def wait_for_clients(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Block until ``minimum`` clients are connected; return their node ids.
+
+    Raises:
+        PollenError: Fewer than ``minimum`` connected within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last_logged = -1
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise PollenError(
+                f"Only {len(nodes)} of the {minimum} clients needed connected within "
+                f"{timeout:.0f} s. Start more clients (pollen client --server HOST:PORT) "
+                "or lower --min-clients."
+            )
+        if len(nodes) != last_logged:
+            log(INFO, "Waiting for clients: %d of %d connected", len(nodes), minimum)
+            last_logged = len(nodes)
+        time.sleep(0.25)
+
+
+def wait_for_quorum(grid: Grid, min_clients: int, timeout: float, rnd: int) -> None:
+    """:func:`wait_for_clients` before round ``rnd``, failing with how to resume the run."""
+    try:
+        wait_for_clients(grid, min_clients, timeout)
+    except PollenError as err:
+        raise PollenError(
+            f"Round {rnd} cannot go on: {err} The last completed round is checkpointed; "
+            "continue later with `--resume RUN_DIR`."
+        ) from None
+
+
+def _query(node: int, request: str) -> Message:
+    """A QUERY message to ``node`` asking ``request``."""
+    return Message(
+        RecordDict({"config": ConfigRecord({"request": request})}),
+        dst_node_id=node,
+        message_type=MessageType.QUERY,
+    )
+
+
+def request_initial_arrays(
+    grid: Grid, node_id: int, timeout: float, *, prepare: Iterable[int] = ()
+) -> tuple[ArrayRecord, ConfigRecord]:
+    """Ask one client for freshly initialised weights (the server has no model).
+
+    The clients in ``prepare`` are asked at the same time to load their data
+    and build their model (:data:`PREPARE_REQUEST`), so that round 1 does not
+    wait for their start-up. A client that fails to prepare is only logged
+    here; round 1 records what becomes of it.
+
+    Returns:
+        The weights, and what the client says about itself (``name``, ``classes``).
+
+    Raises:
+        PollenError: ``node_id`` did not provide the weights within ``timeout``.
+    """
+    messages = [
+        _query(node, request)
+        for node, request in [
+            (node_id, "initial-arrays"),
+            *((n, PREPARE_REQUEST) for n in dict.fromkeys(prepare) if n != node_id),
+        ]
+    ]
+    replies = exchange(grid, messages, timeout).replies
+    for node, other in replies.items():
+        if node != node_id and other.has_error():
+            reason = readable_reason(other.error.reason)
+            log(WARNING, "Client %s could not prepare for round 1: %s", node, reason)
+    reply = replies.get(node_id)
+    if reply is None or reply.has_error():
+        reason = readable_reason(reply.error.reason) if reply is not None else "no reply"
+        raise PollenError(
+            f"Client {node_id} could not provide the initial model weights ({reason}). "
+            "Check that client's console for the error."
+        )
+    content = reply.content
+    return content["arrays"], content.config_records.get("client", ConfigRecord())
+
+
+def learn_names(grid: Grid, node_ids: Iterable[int], names: dict[int, str], timeout: float) -> None:
+    """Ask clients not in ``names`` for their names (a light query, no model).
+
+    Knowing every sampled client's name before it trains means a client that
+    then dies without replying is still named in the history.
+    """
+    messages = [_query(node, "hello") for node in node_ids if node not in names]
+    for node, reply in exchange(grid, messages, timeout).replies.items():
+        if reply.has_content():
+            names[node] = client_name(reply, node)
+
+
+def client_name(msg: Message, node: int | None = None) -> str:
+    """The name a client's reply gives, or ``node-<id>`` when it gives none."""
+    info = msg.content.config_records.get("client") if msg.has_content() else None
+    if info is not None and "name" in info:
+        return str(info["name"])
+    return f"node-{msg.metadata.src_node_id if node is None else node}"
+
+
+def announce_run_over(grid: Grid, timeout: float = 15.0) -> None:
+    """Tell every connected client that the run is over (they then exit).
+
+    Args:
+        grid: The run's grid.
+        timeout: Seconds to wait for the clients' acknowledgements; default 15.
+    """
+    messages = [_query(node, RUN_OVER_REQUEST) for node in grid.get_node_ids()]
+    if messages:
+        exchange(grid, messages, timeout)

@@ -1,0 +1,87 @@
+"""Seeded client sampling: a round's sample depends on the run's seed and the clients' names.
+
+Flower's strategies sample with the global ``random`` module over node ids
+that change from run to run; :func:`seeded_sampling` makes that draw
+repeatable without replacing Flower's sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from flwr.serverapp import Grid
+
+
+def by_name(nodes: Iterable[int], names: Mapping[int, str]) -> list[int]:
+    """``nodes`` in the order of their clients' names; those not in ``names`` last, by id."""
+    return sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
+
+
+class _NameOrderedGrid:
+    """A view of ``grid`` that lists the connected nodes :func:`by_name`.
+
+    Everything else goes to ``grid``.
+    """
+
+    def __init__(self, grid: Grid, names: Mapping[int, str]) -> None:
+        self.grid = grid
+        self.names = names
+
+    def get_node_ids(self) -> list[int]:
+        return by_name(self.grid.get_node_ids(), self.names)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+
+@contextlib.contextmanager
+def seeded_sampling(grid: Grid, names: Mapping[int, str], seed: int, rnd: int) -> Iterator[Grid]:
+    """Make a strategy's client sample in round ``rnd`` depend on ``seed`` and names only.
+
+    Flower's strategies sample with the global ``random`` module
+    (``flwr.serverapp.strategy.strategy_utils.sample_nodes``:
+    ``random.sample(list(grid.get_node_ids()), k)``), unseeded, over node ids that
+    are drawn at random for every run; Flower takes no sampler to pass in. Inside
+    this context ``random`` is seeded from ``(seed, rnd)`` and the yielded grid
+    lists the connected nodes by client name, so that:
+
+    - the same clients (by name) are sampled in a round, run after run, whatever
+      their node ids: runs with ``fraction-train < 1`` repeat, and two strategies
+      compared with the same seed see the same clients every round;
+    - a round's train and evaluate phases sample the same clients, as long as
+      the connected clients did not change between them.
+
+    ``random``'s state is restored on exit. The seed carries no secret: Pollen's
+    DP accounting takes no amplification from sampling (:mod:`pollen.server.privacy`).
+
+    Args:
+        grid: The run's grid; configure the strategy with the yielded one.
+        names: Client names by node id (connected nodes missing from it come
+            last, by node id).
+        seed: The run's seed.
+        rnd: The round (1-based).
+
+    Yields:
+        ``grid``, listing its nodes by client name.
+    """
+    state = random.getstate()
+    random.seed(f"pollen-sampling:{seed}:{rnd}")  # a str seed hashes the same in every process
+    try:
+        yield _NameOrderedGrid(grid, names)  # type: ignore[misc]
+    finally:
+        random.setstate(state)
+
+
+def seeded_sample(grid: Grid, names: Mapping[int, str], seed: int, rnd: int, k: int) -> list[int]:
+    """The ``k`` nodes a strategy samples in round ``rnd`` under :func:`seeded_sampling`.
+
+    The same draw as Flower's ``sample_nodes`` makes there, for knowing a
+    round's clients before the strategy is asked (round 1's prepare while the
+    initial weights are built).
+    """
+    with seeded_sampling(grid, names, seed, rnd) as view:
+        nodes = list(view.get_node_ids())
+        return random.sample(nodes, min(k, len(nodes)))

@@ -1,0 +1,94 @@
+"""Talking to clients: readable reasons, and exchanges that keep their deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from server_fakes import FakeGrid, _trainer
+from server_fakes import task_identity as task_identity  # noqa: F401 - an autouse fixture
+
+from pollen.server.exchange import exchange, readable_reason
+
+
+def test_readable_reason() -> None:
+    flower = "<class 'pollen.errors.PollenError'>:<'The federation's model does not match.'>"
+    assert readable_reason(flower) == "The federation's model does not match."
+    assert readable_reason("<class 'ZeroDivisionError'>:<'division by zero'>") == (
+        "ZeroDivisionError: division by zero"
+    )
+    sim = (
+        "<class 'flwr.simulation.ray_transport.ray_actor.ClientAppException'>:<'\n"
+        "Exception ClientAppException occurred. Message: Model mismatch: fix it.'>"
+    )
+    assert readable_reason(sim) == "Model mismatch: fix it."
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() "
+        '(pid=1, repr=<flwr.ClientAppActor object at 0x7f>)\n  File "x.py", line 65, in run\n'
+        "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException "
+        "occurred. Message: The model does not match: fix it.'>"
+    )
+    assert readable_reason(ray) == "The model does not match: fix it."
+    assert readable_reason("plain words") == "plain words"
+
+
+# --- exchange: replies, silence and hangs within the deadline ---------------------------------
+
+
+def test_exchange_returns_replies_and_missing_nodes_within_the_deadline() -> None:
+    grid = FakeGrid({1: _trainer("a"), 2: "silent", 3: "hang", 4: "error"})
+    msgs = [
+        Message(RecordDict({"config": ConfigRecord({"request": "hello"})}), n, MessageType.QUERY)
+        for n in (1, 2, 3, 4)
+    ]
+    start = time.monotonic()
+    result = exchange(grid, msgs, timeout=2.0, poll_interval=0.1)
+    took = time.monotonic() - start
+    grid.release.set()
+    assert took < 4.0, f"exchange blocked for {took:.1f} s on a hanging pull"
+    assert set(result.replies) == {1, 4}
+    assert result.replies[4].has_error()
+    assert sorted(result.missing) == [2, 3]
+
+
+def test_exchange_returns_as_soon_as_the_last_reply_is_in() -> None:
+    """No wait for the next 0.2-s slice of the deadline's loop once every reply is in."""
+
+    class LateGrid(FakeGrid):  # each reply is there from the second pull on
+        def pull_messages(self, message_ids):
+            first = [m for m in message_ids if m not in self.asked]
+            self.asked.update(first)
+            return super().pull_messages([m for m in message_ids if m not in first])
+
+    grid = LateGrid({1: _trainer("a"), 2: _trainer("b")})
+    grid.asked = set()
+    start = time.monotonic()
+    for _ in range(5):
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord({"request": "hello"})}), n, "query")
+            for n in (1, 2)
+        ]
+        result = exchange(grid, msgs, timeout=5.0, poll_interval=0.01)
+        assert set(result.replies) == {1, 2}
+    took = time.monotonic() - start
+    assert took < 0.6, f"5 exchanges took {took:.2f} s"
+
+
+def test_flower_send_and_receive_would_hang_here() -> None:
+    """The reason exchange exists: the same hanging node blocks send_and_receive."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    grid = FakeGrid({1: "hang"})
+    msg = Message(RecordDict({"config": ConfigRecord({})}), 1, MessageType.QUERY)
+    done = threading.Event()
+
+    def call():
+        HttpGrid.send_and_receive(grid, [msg], timeout=1.0)  # Flower's loop, fake transport
+        done.set()
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    assert not done.wait(3.0)
+    grid.release.set()
+    assert done.wait(5.0)
