@@ -55,8 +55,9 @@ class RunConfig:
             skewed). Used only with ``partition="dirichlet"``. Default 0.5.
         seed: Seed for partitioning, shuffling, model initialisation and the
             clients each round samples (:func:`pollen.server.sampling.seeded_sampling`).
-        data_dir: Dataset location for clients ("" = CIFAR-10 from the cache,
-            downloaded once). A client's own ``data-dir`` node config wins.
+        data_dir: Dataset location for simulated clients ("" = CIFAR-10 from the
+            cache, downloaded once). A client's own ``data-dir`` node config wins;
+            a deployed client never reads this one (docs/security.md).
         out: Absolute path of the run folder the server writes. "" = the
             server app picks ``./runs/<timestamp>``.
         min_clients: Clients that must be connected before a round starts,

@@ -35,11 +35,14 @@ SuperNode keeps none between messages.
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from pollen.errors import PollenError
 
@@ -48,12 +51,15 @@ __all__ = [
     "MARK",
     "NOT_HELD",
     "HeldWeights",
+    "WireFormatError",
     "held_weights",
     "pack_content",
     "pack_record",
     "serve_later_messages",
     "unpack_content",
     "unpack_record",
+    "unpack_reply",
+    "wire_array",
     "wire_mod",
 ]
 
@@ -63,19 +69,117 @@ MARK = "pollen-wire"
 _VALUES, _SHAPES, _KEYS = "packed-values", "packed-shapes", "packed-keys"
 
 
+class WireFormatError(PollenError, ValueError):
+    """A record that arrived is malformed; the only error decoding raises.
+
+    Whatever the bytes of a message (a hostile peer's, a corrupted one's),
+    :func:`unpack_record`, :func:`unpack_content` and :func:`unpack_reply`
+    raise this and nothing else, before allocating more than a small multiple
+    of what arrived. It is a :class:`~pollen.errors.PollenError` (a one-paragraph
+    message, shown without a traceback) and a :class:`ValueError` (the input is
+    a bad value, as :func:`numpy.load` would say), so callers that already catch
+    either keep working.
+    """
+
+
+#: The dtypes an array on the wire may have (numpy's ``dtype.str`` without its byte
+#: order): booleans, integers and floats. Never objects (pickles), strings, structures.
+WIRE_DTYPES = frozenset(("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"))
+#: Most dimensions an array on the wire may have (Keras weights have at most 5).
+MAX_NDIM = 32
+#: Most arrays a packed record may hold (MobileNetV2 has 262, ResNet-152 about 900). Each
+#: costs some 700 bytes once unpacked whatever its size, so this bounds what a record of
+#: many empty arrays makes of a few bytes each.
+MAX_ARRAYS = 1 << 16
+#: Longest ``.npy`` header accepted, in bytes (numpy writes under 200 for MAX_NDIM dims).
+_MAX_NPY_HEADER = 4096
+_NPY_MAGIC = b"\x93NUMPY"
+_DIM = rb"\d{1,19}"
+#: The ``.npy`` header :func:`numpy.save` writes (a Python dict literal, keys sorted, padded
+#: with spaces and a newline), matched exactly rather than evaluated.
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<>|])([a-z]\d{1,2})', 'fortran_order': (False|True), 'shape': "
+    rb"(\(\)|\(" + _DIM + rb",\)|\(" + _DIM + rb"(?:, " + _DIM + rb")+\)), \} *\n"
+)
+#: Largest element count numpy may be asked to reshape to (ignoring zero dims).
+_MAX_ELEMENTS = 1 << 56
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 60 characters: what a peer sent may be long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _malformed(what: str, problem: str) -> WireFormatError:
+    return WireFormatError(
+        f"A record that arrived is malformed: {what} {problem}. It was refused: the "
+        "sender runs another version of Pollen, or sent corrupt or hostile data."
+    )
+
+
+def _shape_ok(shape: tuple[int, ...], size: int) -> bool:
+    """Whether numpy can make an array of ``shape`` holding ``size`` elements."""
+    nonzero = math.prod(d for d in shape if d)
+    return len(shape) <= MAX_NDIM and math.prod(shape) == size and nonzero <= _MAX_ELEMENTS
+
+
+def wire_array(array: Array, what: str = "an array") -> np.ndarray:
+    """The numpy array ``array`` carries, read-only, refusing anything malformed.
+
+    Reads what :func:`numpy.save` writes (Flower's ``Array`` serialisation) without
+    :func:`numpy.load`, which allocates whatever its header claims before reading the
+    data: the header must be numpy's own, with a dtype of :data:`WIRE_DTYPES`, a
+    shape of non-negative dims whose size is exactly the bytes that follow, and the
+    same dtype and shape as the ``Array``'s own fields. No copy is made.
+
+    Raises:
+        WireFormatError: Anything else.
+    """
+    data = array.data
+    if array.stype != "numpy.ndarray" or not isinstance(data, bytes):
+        raise _malformed(what, f"is not a serialised numpy array (stype {_short(array.stype)})")
+    if data[:6] != _NPY_MAGIC or data[6:8] not in (b"\x01\x00", b"\x02\x00"):
+        raise _malformed(what, "does not start as a .npy array of version 1 or 2")
+    start = 10 if data[6] == 1 else 12
+    header_len = int.from_bytes(data[8:start], "little")
+    if len(data) < start or header_len > min(_MAX_NPY_HEADER, len(data) - start):
+        raise _malformed(what, f"claims a header of {header_len} bytes")
+    match = _NPY_HEADER.fullmatch(data, start, start + header_len)
+    if match is None or match[2].decode() not in WIRE_DTYPES:
+        raise _malformed(what, "has no numpy header of a numeric dtype")
+    dtype = np.dtype((match[1] + match[2]).decode())
+    shape = tuple(int(d) for d in re.findall(rb"\d+", match[4]))
+    offset = start + header_len
+    size, rest = divmod(len(data) - offset, dtype.itemsize)
+    if rest or not _shape_ok(shape, size):
+        raise _malformed(what, f"of shape {shape} does not hold {len(data) - offset} bytes")
+    if array.dtype != str(dtype) or tuple(array.shape) != shape:
+        raise _malformed(what, f"says it is {_short((array.dtype, array.shape))}, not {shape}")
+    flat = np.frombuffer(data, dtype=dtype, count=size, offset=offset)
+    return flat.reshape(shape[::-1]).T if match[3] == b"True" else flat.reshape(shape)
+
+
 def pack_record(record: ArrayRecord) -> ArrayRecord:
     """One record of three arrays holding all of ``record``'s ``float32`` arrays.
 
     ``packed-values``: every array flattened, in key order, concatenated;
     ``packed-shapes``: ``int64``, for each array its rank and then its dims;
     ``packed-keys``: the keys, UTF-8, newline-separated. A record that is
-    empty or holds any other dtype is returned unchanged.
+    empty, holds any other dtype or has a key that is not UTF-8 without newlines
+    is returned unchanged.
     """
     arrays = [record[key].numpy() for key in record]
     if not arrays or any(a.dtype != np.float32 for a in arrays):
         return record
+    try:
+        joined = "\n".join(record).encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return record
+    if joined.count(b"\n") != len(arrays) - 1:  # a key with a newline
+        return record
     shapes = np.array([d for a in arrays for d in (a.ndim, *a.shape)], dtype=np.int64)
-    keys = np.frombuffer("\n".join(record).encode(), dtype=np.uint8).copy()
+    keys = np.frombuffer(joined, dtype=np.uint8).copy()
     values = np.concatenate([a.ravel() for a in arrays])
     return ArrayRecord(
         array_dict={_VALUES: Array(values), _SHAPES: Array(shapes), _KEYS: Array(keys)}
@@ -83,24 +187,61 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
 
 
 def unpack_record(record: ArrayRecord) -> ArrayRecord:
-    """Inverse of :func:`pack_record`; a record that is not packed is returned unchanged."""
-    if _VALUES not in record:
+    """Inverse of :func:`pack_record`; a record that is not packed is returned unchanged.
+
+    Every array is checked (:func:`wire_array`), packed or not, so that a later
+    :meth:`Array.numpy` reads no more than the bytes that arrived.
+
+    Raises:
+        WireFormatError: The record is malformed: an array is (see :func:`wire_array`),
+            or a packed record's keys, ranks, dims and values do not add up exactly
+            (negative, missing or extra dims, values or bytes; a duplicate key; a key
+            that is not UTF-8).
+    """
+    if not {_VALUES, _SHAPES, _KEYS} & set(record):
+        for key, array in record.items():
+            wire_array(array, f"the array {_short(key)}")
         return record
-    values = record[_VALUES].numpy()
-    dims = record[_SHAPES].numpy().tolist()
-    keys = record[_KEYS].numpy().tobytes().decode().split("\n")
+    if set(record) != {_VALUES, _SHAPES, _KEYS}:
+        raise _malformed("a packed record", f"has {len(record)} arrays, not its three")
+    values = wire_array(record[_VALUES], _VALUES)
+    dims = wire_array(record[_SHAPES], _SHAPES)
+    raw = wire_array(record[_KEYS], _KEYS)
+    expected = ((values, "<f4"), (dims, "<i8"), (raw, "|u1"))
+    if any(a.ndim != 1 or a.dtype.str != s for a, s in expected):
+        raise _malformed("a packed record", "has arrays of the wrong dtype or rank")
+    joined = raw.tobytes()
+    if joined.count(b"\n") >= MAX_ARRAYS:
+        raise _malformed(_KEYS, f"name more than {MAX_ARRAYS} arrays")
+    try:
+        keys = joined.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise _malformed(_KEYS, "are not UTF-8") from None
+    if len(set(keys)) != len(keys):
+        raise _malformed(_KEYS, "name an array twice")
+    return ArrayRecord(array_dict=_split(values, dims.tolist(), keys))
+
+
+def _split(values: np.ndarray, dims: list[int], keys: list[str]) -> dict[str, Array]:
+    """``keys`` -> their arrays, cut from ``values`` by ``dims`` (ranks, then dims)."""
     arrays: dict[str, Array] = {}
     start = i = 0
     for key in keys:
+        if i >= len(dims):
+            raise _malformed(_SHAPES, f"end before the dims of {_short(key)}")
         ndim = dims[i]
-        shape = tuple(dims[i + 1 : i + 1 + ndim])
-        i += 1 + ndim
-        size = int(np.prod(shape, dtype=np.int64))
+        shape = tuple(dims[i + 1 : i + 1 + ndim]) if 0 <= ndim <= MAX_NDIM else ()
+        size = math.prod(shape)
+        if len(shape) != ndim or min(shape, default=0) < 0 or start + size > values.size:
+            raise _malformed(_SHAPES, f"give {_short(key)} the rank {ndim}, dims {_short(shape)}")
+        if not _shape_ok(shape, size):
+            raise _malformed(_SHAPES, f"give {_short(key)} the dims {_short(shape)}")
         arrays[key] = Array(values[start : start + size].reshape(shape))
         start += size
+        i += 1 + ndim
     if start != values.size or i != len(dims):
-        raise ValueError("a packed record's shapes do not match its values")
-    return ArrayRecord(array_dict=arrays)
+        raise _malformed("a packed record", "has values or dims left over")
+    return arrays
 
 
 def pack_content(content: RecordDict) -> RecordDict:
@@ -113,7 +254,11 @@ def pack_content(content: RecordDict) -> RecordDict:
 
 
 def unpack_content(content: RecordDict) -> RecordDict:
-    """``content`` with every packed ArrayRecord unpacked and the mark removed."""
+    """``content`` with every packed ArrayRecord unpacked and the mark removed.
+
+    Raises:
+        WireFormatError: An ArrayRecord is malformed (see :func:`unpack_record`).
+    """
     return RecordDict(
         {
             k: unpack_record(v) if isinstance(v, ArrayRecord) else v
@@ -121,6 +266,22 @@ def unpack_content(content: RecordDict) -> RecordDict:
             if k != MARK
         }
     )
+
+
+def unpack_reply(reply: Message) -> Message:
+    """``reply`` with its content unpacked; a malformed one becomes an error reply.
+
+    The error reply keeps the reply's metadata and says ``rejected: <why>``, so that
+    the server counts it as that client's failure, like any other error reply.
+    """
+    if not reply.has_content():
+        return reply
+    try:
+        reply.content = unpack_content(reply.content)
+    except WireFormatError as err:
+        error = Error(code=ErrorCode.UNKNOWN, reason=f"rejected: {err}")
+        return Message(metadata=reply.metadata, error=error)
+    return reply
 
 
 def wire_mod(msg: Message, context: Context, call_next: Callable) -> Message:
@@ -135,7 +296,13 @@ def wire_mod(msg: Message, context: Context, call_next: Callable) -> Message:
         return call_next(msg, context)
     node = context.node_id
     note = msg.content.config_records.get(HELD, ConfigRecord())
-    msg.content = held_weights(unpack_content(msg.content), node)
+    try:
+        content = unpack_content(msg.content)
+    except WireFormatError as err:  # answered as an error, without a traceback
+        return Message(
+            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg
+        )
+    msg.content = held_weights(content, node)
     reply = call_next(msg, context)
     if reply.has_content():
         if "keep" in note and _kept.get(node, ("",))[0] == note["keep"]:

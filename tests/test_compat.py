@@ -273,7 +273,13 @@ def test_run_superexec_with() -> None:
     run = _attr(module, "run_superexec", compat.FLOWER)
     _has_params(
         run,
-        ["runtime_api_address", "insecure", "root_certificates_path", "parent_pid"],
+        [
+            "runtime_api_address",
+            "insecure",
+            "root_certificates_path",
+            "superexec_auth_secret",
+            "parent_pid",
+        ],
         internal,
         compat.FLOWER,
     )

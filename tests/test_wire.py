@@ -263,3 +263,300 @@ def test_weights_that_changed_mostly_or_in_shape_are_sent_whole(warm) -> None:
     assert fresh.shorten(messages, weights) == {}
     messages = _to([1], RecordDict({"arrays": _record({"a": (2,)})}), MessageType.TRAIN)
     assert held.shorten(messages, weights) == {}
+
+
+# --- malformed records: one error type, bounded memory ------------------------------------
+
+WireFormatError = wire.WireFormatError
+
+
+def _npy(a: np.ndarray) -> bytes:
+    return Array(a).data
+
+
+def _raw(data: bytes, dtype: str = "float32", shape=(0,)) -> Array:
+    """An Array of any bytes, as Flower rebuilds one from what arrived."""
+    return Array(dtype=dtype, shape=tuple(shape), stype="numpy.ndarray", data=data)
+
+
+def _packed(values: np.ndarray, dims, keys: bytes) -> ArrayRecord:
+    """A packed record of chosen parts (what a hostile peer can send)."""
+    return ArrayRecord(
+        array_dict={
+            "packed-values": Array(np.asarray(values, np.float32)),
+            "packed-shapes": Array(np.asarray(dims, np.int64)),
+            "packed-keys": Array(np.frombuffer(keys, np.uint8).copy()),
+        }
+    )
+
+
+def _header(shape: str, descr: str = "<f4") -> bytes:
+    """A .npy v1 header claiming ``shape`` (written as Python would)."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+
+
+MALFORMED = {
+    "negative dim": _packed(np.zeros(4), [2, -2, -2], b"a"),
+    "negative rank": _packed(np.zeros(4), [-1, 4], b"a"),
+    "duplicate key": _packed(np.zeros(4), [1, 2, 1, 2], b"a\na"),
+    "keys not UTF-8": _packed(np.zeros(2), [1, 2], b"\xff\xfe"),
+    "shapes run out": _packed(np.zeros(8), [1, 4], b"a\nb"),
+    "rank beyond the shapes": _packed(np.zeros(8), [3, 2], b"a"),
+    "values run out": _packed(np.zeros(3), [1, 4], b"a"),
+    "values left over": _packed(np.zeros(5), [1, 4], b"a"),
+    "dims left over": _packed(np.zeros(4), [1, 4, 7], b"a"),
+    "huge rank": _packed(np.zeros(1), [10**6, 1], b"a"),
+    "dims that overflow": _packed(np.zeros(0), [3, 0, 2**62, 2**62], b"a"),
+    "values not float32": ArrayRecord(
+        array_dict={
+            "packed-values": Array(np.zeros(4, np.float64)),
+            "packed-shapes": Array(np.array([1, 4], np.int64)),
+            "packed-keys": Array(np.frombuffer(b"a", np.uint8).copy()),
+        }
+    ),
+    "a part missing": ArrayRecord(array_dict={"packed-values": Array(np.zeros(4, np.float32))}),
+    "an extra array": ArrayRecord(
+        array_dict={**_packed(np.zeros(4), [1, 4], b"a"), "x": Array(np.zeros(1, np.float32))}
+    ),
+    "trailing bytes": ArrayRecord(
+        array_dict={
+            **_packed(np.zeros(4), [1, 4], b"a"),
+            "packed-values": _raw(_npy(np.zeros(4, np.float32)) + b"junk", shape=(4,)),
+        }
+    ),  # fmt: skip
+    "object dtype": ArrayRecord(
+        array_dict={"w": _raw(_header("(1,)", "|O") + b"\0" * 8, "object", (1,))}
+    ),
+    "complex dtype": ArrayRecord(array_dict={"w": Array(np.zeros(2, np.complex64))}),
+    "string dtype": ArrayRecord(array_dict={"w": Array(np.array(["ab"]))}),
+    "structured dtype": ArrayRecord(array_dict={"w": Array(np.zeros(2, "i4,f4"))}),
+    "a header claiming 1 GiB": ArrayRecord(
+        array_dict={"w": _raw(_header(f"({2**28},)") + b"\0" * 64, shape=(2**28,))}
+    ),
+    "a negative dim in the header": ArrayRecord(
+        array_dict={"w": _raw(_header("(-4,)") + b"\0" * 16, shape=(-4,))}
+    ),
+    "a header that is code": ArrayRecord(
+        array_dict={"w": _raw(_header("(1,)").replace(b"(1,)", b"__import__('os')") + b"\0" * 4)}
+    ),
+    "not .npy": ArrayRecord(array_dict={"w": _raw(b"\x93NUMPY")}),
+    "not numpy": ArrayRecord(
+        array_dict={"w": Array(dtype="float32", shape=(1,), stype="torch", data=b"\0" * 4)}
+    ),
+    "its fields disagree with its bytes": ArrayRecord(
+        array_dict={"w": _raw(_npy(np.zeros(4, np.float32)), shape=(2, 2))}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_record_raises_wire_format_error_and_nothing_else(case: str) -> None:
+    import tracemalloc
+
+    record = MALFORMED[case]
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireFormatError, match="A record that arrived is malformed"):
+            unpack_record(record)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"decoding {case} allocated {peak} bytes"
+    assert isinstance(WireFormatError("x"), PollenError | ValueError)
+
+
+def test_a_record_with_zero_sized_and_scalar_arrays_still_round_trips() -> None:
+    record = _record({"": (), "s": (), "z": (0, 7), "zz": (3, 0, 2), "\u00e9\U0001f600": (2,)})
+    _same(unpack_record(pack_record(record)), record)
+    keyed = ArrayRecord(array_dict={"a\nb": Array(np.zeros(2, np.float32))})
+    assert pack_record(keyed) is keyed  # a key with a newline cannot be packed: sent as it is
+    assert unpack_record(keyed) is keyed
+
+
+@pytest.fixture
+def task_identity(monkeypatch) -> None:
+    """Messages built outside a running app need a run id (a ServerApp sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def _reply(node: int, content: RecordDict) -> Message:
+    metadata = Metadata(
+        run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
+        reply_to_message_id=f"m{node}", group_id="1", created_at=time.time(),
+        ttl=DEFAULT_TTL, message_type=MessageType.TRAIN,
+    )  # fmt: skip
+    return Message(metadata=metadata, content=content)
+
+
+def test_a_malformed_reply_becomes_that_clients_error_reply(task_identity) -> None:
+    """The server's pull thread no longer dies: the client is rejected, the others go on."""
+    from pollen.server.exchange import exchange, readable_reason
+
+    good = pack_content(RecordDict({"arrays": _record({"0": (2, 2)})}))
+    bad = RecordDict({"arrays": MALFORMED["shapes run out"], MARK: ConfigRecord({"packed": True})})
+
+    class Grid:  # two clients: one honest, one sending a malformed record
+        def push_messages(self, messages):
+            return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):
+            return [_reply(int(i[1:]), good if i == "m1" else bad) for i in ids]
+
+    messages = [Message(RecordDict({"x": ConfigRecord({})}), n, MessageType.TRAIN) for n in (1, 2)]
+    result = exchange(Grid(), messages, timeout=5.0, poll_interval=0.01)
+    assert set(result.replies) == {1, 2} and not result.missing
+    assert result.replies[1].has_content() and "0" in result.replies[1].content["arrays"]
+    failed = result.replies[2]
+    assert failed.has_error() and failed.metadata.src_node_id == 2
+    reason = readable_reason(failed.error.reason)
+    assert reason.startswith("rejected: A record that arrived is malformed: packed-shapes")
+
+
+def test_a_client_answers_a_malformed_message_with_an_error_not_a_crash() -> None:
+    called: list[Message] = []
+
+    def handler(msg: Message, _context: Context) -> Message:
+        called.append(msg)
+        return Message(metadata=msg.metadata, content=RecordDict())
+
+    bad = RecordDict({"arrays": MALFORMED["keys not UTF-8"], MARK: ConfigRecord({"packed": True})})
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = wire_mod(_message(bad), context, handler)
+    assert not called and reply.has_error()
+    assert "packed-keys are not UTF-8" in reply.error.reason
+
+
+# --- fuzzing: random bytes and mutated valid records ------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+#: A few seconds in all: CI runs these on every push. No example database (no .hypothesis/).
+FUZZ = settings(
+    max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+_shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+_records = st.dictionaries(st.text(max_size=8), _shapes, min_size=1, max_size=5)
+_packable = st.dictionaries(  # keys pack_record packs: UTF-8 (no lone surrogate), no newline
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=8),
+    _shapes,
+    min_size=1,
+    max_size=5,
+)
+
+
+def _valid(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> ArrayRecord:
+    rng = np.random.default_rng(seed)
+    return ArrayRecord(
+        array_dict={
+            k: Array(rng.integers(0, 2**32, size=s, dtype=np.uint32).view(np.float32))
+            for k, s in shapes.items()
+        }
+    )  # any bit pattern: NaNs and infinities too
+
+
+def _decodes_or_refuses(record: ArrayRecord) -> ArrayRecord | None:
+    """Decode ``record``: it either decodes or raises WireFormatError (anything else fails)."""
+    try:
+        return unpack_record(record)
+    except WireFormatError:
+        return None
+
+
+def _input_bytes(record: ArrayRecord) -> int:
+    return sum(len(a.data) for a in record.values())
+
+
+@FUZZ
+@given(_records, st.integers(0, 2**16))
+def test_valid_records_round_trip_exactly(shapes, seed) -> None:
+    record = _valid(shapes, seed)
+    back = unpack_record(pack_record(record))
+    assert list(back) == list(record)
+    for key in record:
+        assert back[key].numpy().tobytes() == record[key].numpy().tobytes()
+        assert back[key].numpy().shape == record[key].numpy().shape
+
+
+_PARTS = ("packed-values", "packed-shapes", "packed-keys")
+
+
+@st.composite
+def _mutated(draw) -> ArrayRecord:
+    """A valid packed record with one part's bytes flipped, cut, extended or its dims changed."""
+    packed = pack_record(_valid(draw(_packable)))
+    part = draw(st.sampled_from(_PARTS))
+    array = packed[part]
+    data = bytearray(array.data)
+    kind = draw(st.sampled_from(["flip", "truncate", "extend", "dim", "header"]))
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+    elif kind == "truncate":
+        del data[draw(st.integers(0, len(data) - 1)) :]
+    elif kind == "extend":
+        data += draw(st.binary(min_size=1, max_size=64))
+    elif kind == "dim":  # a length field: one of the ranks or dims of packed-shapes
+        dims = packed["packed-shapes"].numpy().copy()
+        dims[draw(st.integers(0, len(dims) - 1))] = draw(
+            st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-3, 70))
+        )
+        part, data = "packed-shapes", bytearray(Array(dims).data)
+    else:  # the shape numpy's header claims
+        start = data.index(b"'shape': (") + 10
+        claim = str(draw(st.integers(-(2**40), 2**64))).encode()
+        data[start : data.index(b")", start)] = claim + b","
+    out = dict(packed.items())
+    out[part] = _raw(bytes(data), array.dtype, array.shape)
+    return ArrayRecord(array_dict=out)
+
+
+@FUZZ
+@given(_mutated())
+def test_mutated_records_decode_or_raise_wire_format_error(record) -> None:
+    out = _decodes_or_refuses(record)
+    if out is not None:  # a mutation that still makes sense (a flipped value bit, say)
+        assert sum(a.numpy().nbytes for a in out.values()) <= _input_bytes(record)
+
+
+@FUZZ
+@given(
+    st.dictionaries(
+        st.sampled_from([*_PARTS, "w"]),
+        st.tuples(st.binary(max_size=300), st.sampled_from(["float32", "int64", "uint8"])),
+        min_size=1,
+    )
+)
+def test_random_bytes_decode_or_raise_wire_format_error(parts) -> None:
+    record = ArrayRecord(
+        array_dict={k: _raw(data, dtype, (len(data),)) for k, (data, dtype) in parts.items()}
+    )
+    _decodes_or_refuses(record)
+
+
+@FUZZ
+@given(st.binary(max_size=200), st.sampled_from(["(1,)", "(3, 4)", "()", "(0, 9)"]))
+def test_random_bytes_after_a_numpy_header_decode_or_raise_wire_format_error(data, shape) -> None:
+    _decodes_or_refuses(ArrayRecord(array_dict={"w": _raw(_header(shape) + data)}))
+
+
+@settings(FUZZ, max_examples=40)
+@given(_mutated())
+def test_decoding_allocates_at_most_a_small_multiple_of_what_arrived(record) -> None:
+    import tracemalloc
+
+    size = _input_bytes(record)
+    tracemalloc.start()
+    try:
+        _decodes_or_refuses(record)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 64 * size + (64 << 10), f"{peak} bytes allocated for {size} bytes"

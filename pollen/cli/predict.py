@@ -80,7 +80,7 @@ def predict(model_path: Path, images: Sequence[Path], *, top: int = 3) -> list[s
         import keras
 
     try:
-        model = keras.saving.load_model(model_path, compile=False)  # predicting only
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)  # no Lambda code
     except Exception as err:  # Keras raises many types for a bad file
         raise PollenError(
             f"Cannot load {model_path} as a Keras model ({type(err).__name__}: {err}). "

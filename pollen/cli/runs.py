@@ -16,7 +16,7 @@ from pollen.cli.options import DECLARED, resume_fields, resume_may_change
 from pollen.config import RunConfig
 from pollen.data.load import describe, load_dataset
 from pollen.errors import PollenError
-from pollen.server.checkpoint import read_manifest
+from pollen.server.checkpoint import load_checkpoint, read_manifest
 from pollen.server.history import read_status
 
 #: File in a simulation's run folder that records its number of clients (for --resume).
@@ -57,11 +57,13 @@ def resume_config(args: argparse.Namespace, command: str) -> RunConfig:
             f"these differ: {'; '.join(conflicts)}. Drop them to resume, or start a new run "
             "with another --out to change them."
         )
+    resumed = saved.replace(out=str(run_dir), resume=True, **changes)
+    load_checkpoint(run_dir, resumed)  # a hostile or broken checkpoint is refused before any start
     print(
         f"pollen: resuming {run_dir} after round {manifest['round']} of {saved.num_rounds}",
         flush=True,
     )
-    return saved.replace(out=str(run_dir), resume=True, **changes)
+    return resumed
 
 
 def _compare_options(

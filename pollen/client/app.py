@@ -14,8 +14,10 @@ Only weights and metrics leave the client; the data never does.
 
 Which data a client holds comes from its node config (``flower-supernode
 --node-config``, set by ``pollen client``; or Flower's simulation engine):
-``data-dir`` (else the run config's ``data-dir``; else CIFAR-10) and, if
-``num-partitions`` is present, ``partition-id`` of ``num-partitions``.
+``data-dir`` (else CIFAR-10 from the local cache; only in simulation the run
+config's ``data-dir`` first, see :func:`pollen.client.local_data.is_simulated`)
+and, if ``num-partitions`` is present, ``partition-id`` of ``num-partitions``.
+A deployed client never takes its data path from the server.
 
 Fault injection (for tests and robustness experiments only): a client whose
 node config has ``fault=KIND`` (``pollen client --fault KIND``), or whose

@@ -2,8 +2,16 @@
 
 A client's data comes from its node config (``flower-supernode
 --node-config``, set by ``pollen client``; or Flower's simulation engine):
-``data-dir`` (else the run config's ``data-dir``; else CIFAR-10) and, if
-``num-partitions`` is present, ``partition-id`` of ``num-partitions``.
+``data-dir`` (else CIFAR-10 from the local cache) and, if ``num-partitions``
+is present, ``partition-id`` of ``num-partitions``.
+
+The server writes the run config, never a client's node config: a deployed
+client therefore never takes its data path from the run config (a server could
+otherwise point it at any file it can read). Only a client of Flower's
+simulation engine does, where server and clients are one process tree on one
+machine: its node config is exactly the engine's ``partition-id`` and
+``num-partitions`` (:func:`is_simulated`), while ``pollen client`` always adds
+its own keys (``threads``, the done file). See docs/security.md.
 """
 
 from __future__ import annotations
@@ -29,12 +37,34 @@ class ClientData:
     seed: int
 
 
+#: The node config keys, and only those, of a client in Flower's simulation engine.
+SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
+
+
+def is_simulated(node_config: dict[str, Any]) -> bool:
+    """Whether this client runs in Flower's simulation engine (not a deployed SuperNode).
+
+    The engine gives each virtual client a node config of exactly ``partition-id`` and
+    ``num-partitions``; ``pollen client`` always sets more (``threads``, the done
+    file), and an empty node config (a bare ``flower-supernode``) is no simulation.
+    The server controls the run config, not the node config, so it cannot make a
+    deployed client look simulated.
+    """
+    return set(node_config) == SIMULATION_NODE_KEYS
+
+
 def client_data_spec(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
-    """Resolve the client's data from its node config and the run config."""
+    """Resolve the client's data from its node config (and, in simulation, the run config).
+
+    ``data-dir`` comes from the node config; only a simulated client
+    (:func:`is_simulated`) falls back to the run config's ``data-dir``. Otherwise
+    no ``data-dir`` means CIFAR-10 from the local cache.
+    """
     num_partitions = node_config.get("num-partitions")
     partition_id = node_config.get("partition-id")
+    run_data_dir = cfg.data_dir if is_simulated(node_config) else ""
     return ClientData(
-        data_dir=str(node_config.get("data-dir") or cfg.data_dir or ""),
+        data_dir=str(node_config.get("data-dir") or run_data_dir or ""),
         partition_id=None if num_partitions is None else int(partition_id or 0),
         num_partitions=None if num_partitions is None else int(num_partitions),
         method=cfg.partition,

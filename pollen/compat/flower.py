@@ -155,7 +155,8 @@ def run_superexec_with(executor: Callable[[], Any], **kwargs: Any) -> None:
     Args:
         executor: Builds the executor (a ``flwr`` ``Executor``; called once).
         **kwargs: ``run_superexec``'s keywords: ``runtime_api_address``,
-            ``insecure``, ``root_certificates_path``, ``parent_pid``.
+            ``insecure``, ``root_certificates_path``, ``superexec_auth_secret``
+            (bytes that sign its requests for tasks), ``parent_pid``.
     """
     superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
     superexec.get_executor = lambda *_, **__: executor()
@@ -181,6 +182,7 @@ WARM_CLIENTAPP_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "flwr.supercore.superexec.executor.subprocess_executor": {
         "SubprocessExecutor": (),
         "SubprocessExecutor.launch": ("spec",),
+        "SubprocessExecutor.get_eligible_capacity": ("supported_task_types",),
     },
     "flwr.supercore.superexec.executor.types": {
         "ExecutionSpec": (
@@ -192,12 +194,9 @@ WARM_CLIENTAPP_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
             "root_certificates_path",
         ),
         "LaunchResult.accepted": (),
+        "LaunchResult.failed": ("message",),
     },
-    "flwr.cli.install": {"install_from_fab": ("fab_file", "skip_prompt")},
     "flwr.clientapp.client_app": {"LoadClientAppError": ()},
-    "flwr.clientapp.utils": {
-        "get_load_client_app_fn": ("default_app_ref", "app_path", "multi_app"),
-    },
     "flwr.common.constant": {"ErrorCode": (), "SubStatus": ()},
     "flwr.supercore": {"log": ()},
     "flwr.supercore.constant": {"TaskType": ()},

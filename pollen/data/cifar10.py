@@ -19,19 +19,24 @@ turned grey only when asked (see :func:`pollen.data.decode.convert_arrays`), and
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import http.client
 import importlib.util
 import io
+import lzma
 import os
 import pickle
 import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from contextlib import ExitStack
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import numpy as np
 
@@ -88,6 +93,16 @@ _CIFAR_SIZE = (32, 32)
 _CHUNK = 1 << 20
 _DOWNLOAD_TIMEOUT_S = 30.0
 
+MAX_BATCH_FILE_BYTES = 64 << 20
+"""Largest CIFAR-10 batch file read, in bytes, from the archive or the extracted folder
+(each of the official ones is 30 MiB). A larger one is refused before it is read: a small
+compressed archive can hold a member of gigabytes. Reads from the archive's stream are
+bounded by it too (a tar header may claim a long name or extended header of any size)."""
+
+MAX_ARCHIVE_MEMBERS = 10_000
+"""Most entries of a tar archive read (the CIFAR-10 archive has 8): Python's tarfile keeps
+every entry it passes, so an archive of millions of empty entries would fill memory."""
+
 
 # --------------------------------------------------------------------------------------------
 # Download
@@ -124,8 +139,12 @@ def download_cifar10(
     final = cache_dir / CIFAR10_ARCHIVE
     part = cache_dir / (CIFAR10_ARCHIVE + ".part")
     digest = hashlib.sha256()
+    if urllib.parse.urlsplit(url).scheme not in ("https", "http", "file"):
+        raise _DownloadFailedError(url, "only http(s) and file (a local mirror) URLs are read")
     try:
-        response = urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S)
+        # Waived B310: the URL is the user's own (default: the official https archive) and
+        # its scheme is checked just above: http(s), or file for a local mirror.
+        response = urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S)  # nosec B310
     except (OSError, ValueError, http.client.HTTPException) as exc:
         # URLError, HTTPError, refused connections and timeouts are all OSErrors; a malformed
         # or unsupported URL is a ValueError.
@@ -378,10 +397,20 @@ def _load_folder(folder: Path, options: LoadOptions) -> Dataset:
         path = folder / name
         if not path.is_file():
             return None
+        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+            raise PollenError(
+                f"{path} is a link that leads outside the data folder {folder} (to "
+                f"{path.resolve()}). Pollen reads only files inside the data folder: replace "
+                "the link with the file itself, or point --data-dir at the real folder."
+            )
         try:
-            return path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read(MAX_BATCH_FILE_BYTES + 1)
         except OSError as exc:
             raise PollenError(f"Could not read {path}: {exc.strerror or exc}.") from None
+        if len(data) > MAX_BATCH_FILE_BYTES:
+            raise _too_large(str(path))
+        return data
 
     def build() -> Dataset:
         return _assemble_cifar(read, lambda n: str(folder / n), size, channels)
@@ -413,7 +442,7 @@ def _load_archive(archive: Path, options: LoadOptions) -> Dataset:
             members = dict(_read_tar_members(archive))
         except PollenError:
             raise
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
             raise PollenError(
                 f"The archive {archive} is truncated or corrupt and cannot be read ({exc}). "
                 "Delete it and download it again, or point --data-dir at its extracted "
@@ -435,15 +464,91 @@ def _read_tar_members(archive: Path) -> Iterator[tuple[str, bytes]]:
     """Yield ``(base name, content)`` of the CIFAR-10 batch files inside a tar archive.
 
     Reads straight from the (possibly compressed) tar stream; nothing is written to disk.
+    An entry whose path is absolute or climbs out with ``..``, a batch file that is a link,
+    or one over :data:`MAX_BATCH_FILE_BYTES` is refused before it is read, and no single
+    read from the stream is larger than that (:class:`_BoundedReads`).
     """
     wanted = {*_CIFAR_TRAIN_BATCHES, _CIFAR_TEST_BATCH, _CIFAR_META}
-    with tarfile.open(archive, mode="r:*") as tar:
-        for member in tar:
-            base = member.name.rstrip("/").rsplit("/", 1)[-1]
+    with ExitStack() as stack:
+        stream = _BoundedReads(_decompressed(archive, stack), archive)
+        tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r:"))
+        for count, member in enumerate(tar, 1):
+            base = _checked_member(archive, member, count)
+            if base in wanted and (member.issym() or member.islnk()):
+                raise PollenError(
+                    f"{member.name} in the archive {archive} is a link, not a file. Pollen "
+                    "reads only the batch files themselves; use the official archive."
+                )
             if member.isfile() and base in wanted:
+                if member.size > MAX_BATCH_FILE_BYTES:
+                    raise _too_large(f"{member.name} in the archive {archive}")
                 f = tar.extractfile(member)
                 if f is not None:
-                    yield base, f.read()
+                    yield base, f.read()  # member.size bytes: at most MAX_BATCH_FILE_BYTES
+
+
+def _checked_member(archive: Path, member: tarfile.TarInfo, count: int) -> str:
+    """The base name of ``member``, the ``count``-th entry; refused if it leads out."""
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise PollenError(
+            f"The archive {archive} has more than {MAX_ARCHIVE_MEMBERS} entries: it is not "
+            "CIFAR-10 (whose archive has 8). Point --data-dir at the CIFAR-10 archive "
+            f"{CIFAR10_ARCHIVE} or at an image folder."
+        )
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts:
+        raise PollenError(
+            f"The archive {archive} has an entry {member.name!r} whose path leads outside "
+            "the archive's folder (absolute, or with '..'): it is not CIFAR-10 and may be "
+            "hostile. Use the official archive, downloaded again."
+        )
+    return path.name
+
+
+def _too_large(what: str) -> PollenError:
+    return PollenError(
+        f"{what} is larger than any CIFAR-10 batch file (Pollen reads at most "
+        f"{MAX_BATCH_FILE_BYTES >> 20} MiB, see pollen.data.cifar10.MAX_BATCH_FILE_BYTES): "
+        "it is not CIFAR-10 and may be a decompression bomb. Use the official archive, "
+        "downloaded again."
+    )
+
+
+def _decompressed(archive: Path, stack: ExitStack) -> IO[bytes]:
+    """``archive`` opened for reading, decompressed if it is gzip, bzip2 or xz."""
+    raw = stack.enter_context(open(archive, "rb"))
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+    if magic.startswith(b"BZh"):
+        return stack.enter_context(bz2.BZ2File(raw))
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return stack.enter_context(lzma.LZMAFile(raw))
+    return raw
+
+
+class _BoundedReads:
+    """A read-only stream that refuses any one read of more than MAX_BATCH_FILE_BYTES.
+
+    Python's tarfile reads a long-name or extended (pax) header whole, whatever size the
+    archive claims for it; through this stream, a claim beyond the cap is refused.
+    """
+
+    def __init__(self, stream: IO[bytes], archive: Path) -> None:
+        self.stream = stream
+        self.archive = archive
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > MAX_BATCH_FILE_BYTES:
+            raise _too_large(f"An entry of the archive {self.archive}")
+        return self.stream.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
 
 
 def _sha256_file(path: Path) -> str:
@@ -463,9 +568,12 @@ def _looks_like_tar(path: Path) -> bool:
     name = path.name.lower()
     if name.endswith((".tar.gz", ".tgz", ".tar")):
         return True
-    try:
-        return tarfile.is_tarfile(path)
-    except OSError:
+    try:  # tarfile.is_tarfile would read a first header of any claimed size
+        with ExitStack() as stack:
+            stream = _BoundedReads(_decompressed(path, stack), path)
+            stack.enter_context(tarfile.open(fileobj=stream, mode="r:"))
+        return True
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, PollenError):
         return False
 
 

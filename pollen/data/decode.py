@@ -19,7 +19,15 @@ from PIL import Image, ImageOps
 from pollen.data.dataset import check_channels, check_image_size
 from pollen.errors import PollenError
 
-__all__ = ["convert_arrays", "decode_files", "image_extensions", "load_images"]
+__all__ = ["MAX_IMAGE_PIXELS", "convert_arrays", "decode_files", "image_extensions", "load_images"]
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""Most pixels (width x height) of an image Pollen decodes: 40 megapixels, a 7,300 x 5,400
+photo. An image's size is read from its header before anything is decoded, and a larger one
+is refused (naming the file): a small file can claim a huge image (a 12,000 x 12,000 PNG of
+a few kilobytes decodes to gigabytes). A JPEG is counted at the reduced size it is decoded
+at (Pillow's draft mode), so a large photo still loads. Pillow's own, higher limit
+(``DecompressionBombError``) is reported the same way."""
 
 
 def load_images(
@@ -132,6 +140,8 @@ def _decode_one(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
             if img.format == "JPEG":
                 side = max(w, h)  # the image may still be rotated by its EXIF orientation
                 img.draft("RGB" if channels == 3 else "L", (side, side))  # cheap downscale
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise _too_large(path, f"{img.width} x {img.height} pixels")
             img = ImageOps.exif_transpose(img)
             img = _to_pil_mode(img, channels)
             if img.size != (w, h):
@@ -139,12 +149,22 @@ def _decode_one(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
             arr = np.asarray(img, dtype=np.uint8)
     except PollenError:
         raise
+    except Image.DecompressionBombError:
+        raise _too_large(path, "more pixels than Pillow allows") from None
     except Exception as exc:  # Pillow raises many types for bad files
         raise PollenError(
             f"The image file {path} cannot be read ({type(exc).__name__}: {exc}). It may be "
             "corrupt, truncated or not an image; delete or replace it and run again."
         ) from None
     return arr.reshape(h, w, channels)
+
+
+def _too_large(path: Path, size: str) -> PollenError:
+    return PollenError(
+        f"The image file {path} is too large to decode ({size}; Pollen decodes at most "
+        f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, see pollen.data.decode.MAX_IMAGE_PIXELS): "
+        "it may be a decompression bomb. Shrink it or remove it from the data and run again."
+    )
 
 
 def _parallel_fill(

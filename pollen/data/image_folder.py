@@ -9,6 +9,7 @@ is used; hidden files and folders and other files are ignored. Images are decode
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,10 @@ __all__ = ["SOURCE"]
 
 
 def _list_split(root: Path, split: str, extensions: frozenset[str]) -> dict[str, list[Path]]:
-    """Return ``{class name: sorted image files}`` of ``root/split``, classes sorted."""
+    """Return ``{class name: sorted image files}`` of ``root/split``, classes sorted.
+
+    A link (folder or file) that leads outside ``root`` is refused (:func:`_inside`).
+    """
     folder = root / split
     if not folder.is_dir():
         other = "test" if split == "train" else "train"
@@ -30,23 +34,51 @@ def _list_split(root: Path, split: str, extensions: frozenset[str]) -> dict[str,
             f"The image folder {root} has a {other}/ folder but no {split}/ folder. An image "
             f"folder needs both train/<class>/<images> and test/<class>/<images>."
         )
+    real_root = root.resolve()
     classes: dict[str, list[Path]] = {}
     try:
+        _inside(folder, root, real_root)
         for sub in sorted(folder.iterdir(), key=lambda p: p.name):
             if sub.is_dir() and not sub.name.startswith("."):
-                classes[sub.name] = sorted(
-                    (
-                        f
-                        for f in sub.iterdir()
-                        if f.is_file()
-                        and not f.name.startswith(".")
-                        and f.suffix.lower() in extensions
-                    ),
-                    key=lambda p: p.name,
-                )
+                _inside(sub, root, real_root)
+                files = _images(sub, root, real_root, extensions)
+                classes[sub.name] = sorted(files, key=lambda p: p.name)
     except OSError as exc:
         raise PollenError(f"Could not list the folder {folder}: {exc.strerror or exc}.") from None
     return classes
+
+
+def _images(folder: Path, root: Path, real_root: Path, extensions: frozenset[str]) -> list[Path]:
+    """The image files of ``folder``; hidden and other files left out, links checked."""
+    files = []
+    with os.scandir(folder) as entries:  # file types without a stat per file
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith(".") or path.suffix.lower() not in extensions:
+                continue
+            if entry.is_file():
+                if entry.is_symlink():
+                    _inside(path, root, real_root)
+                files.append(path)
+    return files
+
+
+def _inside(path: Path, root: Path, real_root: Path) -> None:
+    """Refuse ``path`` if it is a link that leads outside the data folder ``root``.
+
+    Only files of the data folder are read: a link inside it may lead to another of its
+    files, never elsewhere (a data folder someone else made could otherwise have Pollen
+    read any file of this machine into its training data).
+    """
+    if not path.is_symlink():
+        return
+    real = path.resolve()
+    if not real.is_relative_to(real_root):
+        raise PollenError(
+            f"{path} is a link that leads outside the data folder {root} (to {real}). Pollen "
+            "reads only files inside the data folder: replace the link with the file itself, "
+            "or point --data-dir at the folder that holds the real files."
+        )
 
 
 def _check_splits(root: Path, train: dict[str, list[Path]], test: dict[str, list[Path]]) -> None:

@@ -253,7 +253,7 @@ def _partitions(
     key.update(repr((num_partitions, method, alpha, seed, min_partition_size)).encode())
     path = default_cache_dir() / "partitions" / f"{key.hexdigest()[:32]}.npz"
     try:
-        with np.load(path) as cached:
+        with np.load(path, allow_pickle=False) as cached:
             parts = tuple(cached[f"p{i}"] for i in range(num_partitions))
         for idx in parts:
             idx.flags.writeable = False

@@ -11,6 +11,12 @@ join again.
 
 With a client bundle (:mod:`pollen.deploy.tls`) the client verifies the server
 against its ``ca.crt`` and signs its requests with ``client.key``.
+
+The SuperNode's Runtime API (loopback, where the app runner asks for tasks)
+hands tasks only to a runner that signs its requests with the client's own
+random secret (:func:`write_secret`; Flower's ``--superexec-auth-secret-file``),
+kept 0600 in the client's private temporary folder: another local process
+cannot take this client's tasks. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -84,7 +91,7 @@ def join(
     with temporary_home("pollen-client-") as home:
         done_file = home / "run-done"
         config = {**node_config, DONE_FILE_KEY: str(done_file)}
-        argv = _supernode_argv(host, port, config, tls)
+        argv = _supernode_argv(host, port, config, tls, write_secret(home / "superexec-secret"))
         # The SuperNode's output goes to a file that the watchdog copies to stdout,
         # so that a refusal can be told apart from other failures.
         # SIGTERM stops the client like Ctrl-C: through `finally`, which stops the
@@ -105,10 +112,25 @@ def join(
     return 0
 
 
+def write_secret(path: Path) -> Path:
+    """Write a fresh random secret to ``path`` (created, mode 0600); return ``path``.
+
+    The SuperNode and its app runner share it (``--superexec-auth-secret-file``):
+    the SuperNode hands tasks only to requests signed with it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
 def _supernode_argv(
-    host: str, port: int, config: dict[str, Any], tls: ClientCerts | None
+    host: str, port: int, config: dict[str, Any], tls: ClientCerts | None, secret: Path
 ) -> list[str]:
-    """The SuperNode's command line for the server at ``host:port`` with node ``config``."""
+    """The SuperNode's command line for the server at ``host:port`` with node ``config``.
+
+    ``secret``: the file whose secret the app runner must sign its task requests with.
+    """
     if tls is None:
         transport = ["--insecure"]
     else:
@@ -127,6 +149,7 @@ def _supernode_argv(
         # Pollen's own app runner serves the SuperNode's tasks in one warm
         # process (pollen.deploy.warm_clientapp), instead of a process per message.
         *("--isolation", "process"),
+        *("--superexec-auth-secret-file", str(secret)),
         "--host",
         "127.0.0.1",
         "--port",
@@ -212,14 +235,9 @@ class _NodeWatch:
             {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", PARENT_ENV: str(os.getpid())},
         )
         self.node = ManagedProcess("supernode", argv, env, self.log)
-        runtime_api = f"127.0.0.1:{argv[argv.index('--port') + 1]}"
         self.apps = ManagedProcess(
-            "clientapp",
-            [sys.executable, "-m", "pollen.deploy.warm_clientapp", "--insecure",
-             "--runtime-api-address", runtime_api, "--parent-pid", str(self.node.proc.pid)],
-            env,
-            self.log,
-        )  # fmt: skip
+            "clientapp", _runner_argv(argv, self.node.proc.pid), env, self.log
+        )
 
     def echo(self) -> None:
         """Copy the SuperNode's new output to stdout."""
@@ -251,6 +269,18 @@ class _NodeWatch:
         self.apps.stop(term=not node_gone)
         self.node.stop()
         self.echo()
+
+
+def _runner_argv(supernode_argv: list[str], supernode_pid: int) -> list[str]:
+    """The app runner's command line for the SuperNode started with ``supernode_argv``."""
+    port = supernode_argv[supernode_argv.index("--port") + 1]
+    secret = supernode_argv[supernode_argv.index("--superexec-auth-secret-file") + 1]
+    return [
+        *(sys.executable, "-m", "pollen.deploy.warm_clientapp", "--insecure"),
+        *("--runtime-api-address", f"127.0.0.1:{port}"),
+        *("--superexec-auth-secret-file", secret),
+        *("--parent-pid", str(supernode_pid)),
+    ]
 
 
 def _restartable(failure: PollenError) -> bool:

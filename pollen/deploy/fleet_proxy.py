@@ -27,13 +27,26 @@ Why it is hand-written:
 What is forwarded:
     Every Fleet endpoint is a unary protobuf-over-HTTP call
     (``content-type: application/protobuf``); none streams. Request bodies are
-    buffered (up to ``max_body_bytes``), responses are streamed back as raw
+    buffered (within :class:`FleetLimits`), responses are streamed back as raw
     bytes (any content encoding passes through untouched). All headers pass
     except hop-by-hop ones, so the SuperNode authentication headers
     (``flwr-public-key``, ``flwr-timestamp``, ``flwr-signature``) and the
     version headers reach the SuperLink unchanged. Forwarding headers sent by the
     client (``x-forwarded-for`` and friends) are replaced with the real peer
     address, because the SuperLink's uvicorn trusts them from 127.0.0.1.
+
+What a stranger can cost:
+    The port is public, so memory and time are bounded per request and in all,
+    and nothing is buffered for a caller the server will refuse anyway. Each
+    call is checked from its headers alone before any of its body is read: with
+    client authentication (``pollen server --certs``) it must be signed by an
+    authorized client key (:mod:`pollen.deploy.fleet_keys`, refused with the
+    answer Flower would give), and its declared length must fit the body cap.
+    Its body is then read within :class:`~pollen.deploy.fleet_limits.FleetLimits`
+    (:mod:`pollen.deploy.fleet_limits`: body and in-flight byte caps, which the
+    operator can set with ``POLLEN_FLEET_MAX_BODY_MIB`` and
+    ``POLLEN_FLEET_MAX_INFLIGHT_MIB``; body and head deadlines; a connection
+    cap). Calls to the SuperLink keep bounded timeouts.
 """
 
 from __future__ import annotations
@@ -51,16 +64,34 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httpx
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pollen.deploy.certs import pem_key_fingerprint
+from pollen.deploy.fleet_keys import (
+    KEY_HEADER_MAX,
+    PUBLIC_KEY_HEADER,
+    UNKNOWN_KEY,
+    NodeKeys,
+    flower_refusal,
+)
+from pollen.deploy.fleet_limits import (
+    TOO_LARGE_TEXT,
+    ByteBudget,
+    FleetLimits,
+    Intake,
+    bounded_http,
+    declared_length,
+    send_text,
+)
 from pollen.errors import PollenError
 
 __all__ = [
@@ -93,10 +124,7 @@ FLEET_PATHS: frozenset[str] = frozenset(f"/v1/fleet/{name}" for name in FLEET_EN
 REFUSAL_TEXT = "pollen: this port serves federation clients only\n"
 UNREACHABLE_TEXT = "pollen: the federation server behind this port is not reachable\n"
 TIMEOUT_TEXT = "pollen: the federation server behind this port did not answer in time\n"
-TOO_LARGE_TEXT = "pollen: request body too large\n"
 BAD_REQUEST_TEXT = "pollen: malformed request\n"
-
-DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
 
 # RFC 9110 section 7.6.1 hop-by-hop headers, plus the ones the proxy recomputes.
 _HOP_BY_HOP = frozenset(
@@ -130,7 +158,6 @@ _REQUEST_DROP = _HOP_BY_HOP | {
 
 # Fleet calls with which a SuperNode joins; an error answer means Flower refused it.
 _JOIN_PATHS = frozenset({"/v1/fleet/register-node", "/v1/fleet/activate-node"})
-_PUBLIC_KEY_HEADER = b"flwr-public-key"
 
 _UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=300.0, pool=30.0)
 _UPSTREAM_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
@@ -226,14 +253,12 @@ class _Upstream:
             await client.aclose()
 
 
-async def _send_text(send: Send, status: int, text: str, *, close: bool = False) -> None:
-    body = text.encode("utf-8")
+async def _send_json(send: Send, status: int, body: bytes) -> None:
     headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode("ascii")),
+        (b"connection", b"close"),
     ]
-    if close:
-        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -268,18 +293,15 @@ class _RefusalLog:
             _peer(scope),
         )
 
-    def client(self, scope: Scope, path: str, status: int) -> None:
-        """Log that Flower refused a client (unknown key, bad signature, no key)."""
+    def client(self, scope: Scope, path: str, status: int, reason: str | None = None) -> None:
+        """Log that Flower (or, with ``reason``, the proxy) refused a client's key."""
         fingerprint = "no key"
         for name, value in scope["headers"]:
-            if name.lower() == _PUBLIC_KEY_HEADER:
-                fingerprint = _fingerprint(value)
-        if status == 401:
-            reason = "its request signature did not verify (wrong key or clock)"
-        elif path.endswith("/activate-node"):
-            reason = "its public key is not among the server's authorized clients"
-        else:
-            reason = "it tried to register itself, but only authorized client keys may join"
+            if name.lower() == PUBLIC_KEY_HEADER:
+                fingerprint = _fingerprint(value[:KEY_HEADER_MAX])
+        by_proxy = reason is not None
+        if reason is None:
+            reason = flower_refusal(path, status)
         counts = self.state.refused_clients
         if fingerprint not in counts and len(counts) >= _REFUSED_KEYS_MAX:
             fingerprint = "*"  # keep memory bounded against a flood of made-up keys
@@ -289,40 +311,9 @@ class _RefusalLog:
             _peer(scope),
             fingerprint,
             reason,
-            path.rsplit("/", 1)[-1],
+            path.rsplit("/", 1)[-1] + (" at the federation port" if by_proxy else ""),
             status,
         )
-
-
-async def _read_body(
-    headers: list[tuple[bytes, bytes]], receive: Receive, send: Send, max_body_bytes: int
-) -> bytes | None:
-    """Read the whole request body; answer 413/400 and return None on trouble."""
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            try:
-                declared = int(value)
-            except ValueError:
-                await _send_text(send, 400, BAD_REQUEST_TEXT, close=True)
-                return None
-            if declared > max_body_bytes:
-                await _send_text(send, 413, TOO_LARGE_TEXT, close=True)
-                return None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > max_body_bytes:
-            await _send_text(send, 413, TOO_LARGE_TEXT, close=True)
-            return None
-        if chunk:
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _upstream_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -350,13 +341,16 @@ class _FleetGate:
         *,
         upstream: _Upstream,
         state: Any,
-        max_body_bytes: int,
+        limits: FleetLimits,
+        keys: NodeKeys | None,
         log: logging.Logger,
     ) -> None:
         self.app = app
         self.upstream = upstream
         self.state = state
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.keys = keys
+        self.budget: ByteBudget = state.budget
         self.log = log
         self.refusals = _RefusalLog(state, log)
 
@@ -378,18 +372,63 @@ class _FleetGate:
         if query or not (is_allowed(method, raw_path) and is_allowed(method, path)):
             shown = raw_path + ("?" + query.decode("latin-1") if query else "")
             self.refusals.request(scope, method, shown)
-            await _send_text(send, 403, REFUSAL_TEXT)
+            await send_text(send, 403, REFUSAL_TEXT)
             return
         await self._forward(scope, receive, send, path)
 
+    async def _admit(self, scope: Scope, send: Send, path: str) -> tuple[bool, int | None]:
+        """Check a Fleet call from its headers alone, before any of its body is read.
+
+        Returns:
+            Whether it may go on (False once a refusal was sent: 401 for a key
+            that is not authorized, 400 for a malformed length, 413 for a body
+            declared larger than the cap), and its declared body length (None:
+            chunked).
+        """
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if self.keys is not None:
+            reason = self.keys.refusal(headers)
+            if reason is not None:
+                # Answer as Flower would have: its SuperNode then says what went wrong.
+                status, answer = self.keys.answers.get(
+                    path if reason == UNKNOWN_KEY else "", self.keys.answers[""]
+                )
+                self.state.limited["unauthorized"] += 1
+                self.refusals.client(scope, path, status, reason)
+                await _send_json(send, status, answer)
+                return False, None
+        try:
+            declared = declared_length(headers)
+        except ValueError:
+            await send_text(send, 400, BAD_REQUEST_TEXT, close=True)
+            return False, None
+        if declared is not None and declared > self.limits.max_body_bytes:
+            self.state.limited["too large"] += 1
+            await send_text(send, 413, TOO_LARGE_TEXT, close=True)
+            return False, None
+        return True, declared
+
     async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        body = await _read_body(scope["headers"], receive, send, self.max_body_bytes)
-        if body is None:
+        admitted, declared = await self._admit(scope, send, path)
+        if not admitted:
             return
+        intake = Intake(self.limits, self.budget, self.state)
+        body: bytes | None = None
+        try:
+            body = await intake.read(receive, send, declared)
+            if body is not None:
+                await self._pass_on(scope, send, path, body)
+        finally:
+            del body  # no reference may outlive its room in the budget
+            intake.release()
+
+    async def _pass_on(self, scope: Scope, send: Send, path: str, body: bytes) -> None:
+        """Send the call upstream and relay the answer."""
         # `path` equals an allow-list entry, so the upstream URL is one of twelve fixed ones.
         request = httpx.Request(
             "POST", self.upstream.base_url + path, headers=_upstream_headers(scope), content=body
         )
+        del body
         response = await self._send_upstream(request, send, path)
         if response is None:
             return
@@ -402,6 +441,9 @@ class _FleetGate:
             await _relay(response, send)
         finally:
             await response.aclose()
+            # httpx's response stream points back at the response: break that cycle, so
+            # the request and its body go now, not at the next garbage collection.
+            response.stream = httpx.ByteStream(b"")
 
     async def _send_upstream(
         self, request: httpx.Request, send: Send, path: str
@@ -413,7 +455,7 @@ class _FleetGate:
             self.log.warning(
                 "pollen: cannot reach the federation server at %s: %s", self.upstream.base_url, exc
             )
-            await _send_text(send, 502, UNREACHABLE_TEXT)
+            await send_text(send, 502, UNREACHABLE_TEXT)
         except httpx.TimeoutException as exc:
             self.log.warning(
                 "pollen: the federation server at %s timed out on %s: %r",
@@ -421,14 +463,14 @@ class _FleetGate:
                 path,
                 exc,
             )
-            await _send_text(send, 504, TIMEOUT_TEXT)
+            await send_text(send, 504, TIMEOUT_TEXT)
         except httpx.TransportError as exc:
             self.log.warning(
                 "pollen: error talking to the federation server at %s: %r",
                 self.upstream.base_url,
                 exc,
             )
-            await _send_text(send, 502, UNREACHABLE_TEXT)
+            await send_text(send, 502, UNREACHABLE_TEXT)
         return None
 
 
@@ -454,7 +496,9 @@ def create_app(
     upstream: str,
     *,
     upstream_verify: ssl.SSLContext | str | bool = True,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: FleetLimits | None = None,
+    authorized_keys: Iterable[ec.EllipticCurvePublicKey] | None = None,
+    max_body_bytes: int | None = None,
     log: logging.Logger | None = None,
 ) -> Starlette:
     """Build the ASGI app that forwards the Fleet API to ``upstream`` and refuses the rest.
@@ -463,7 +507,11 @@ def create_app(
         upstream: Base URL of the SuperLink, e.g. ``http://127.0.0.1:9093``.
         upstream_verify: TLS verification for an ``https`` upstream: True (system
             CAs), False, a CA bundle path, or an :class:`ssl.SSLContext`.
-        max_body_bytes: Larger request bodies are answered with HTTP 413.
+        limits: What requests may cost (default: :meth:`FleetLimits.from_env`).
+        authorized_keys: The client keys the SuperLink admits: a Fleet call not
+            signed by one of them is refused from its headers (None: no check,
+            for plaintext trials where Flower admits any client).
+        max_body_bytes: Shortcut for ``limits.max_body_bytes``.
         log: Logger for refusals and upstream errors (default: this module's).
 
     Returns:
@@ -472,9 +520,19 @@ def create_app(
         ``(method, path)`` (at most 1024 distinct keys, then under ``("*", "*")``);
         ``app.state.refused_clients`` counts clients Flower refused (HTTP 401, or
         an error answer to register-node/activate-node) by key fingerprint, each
-        also logged as a WARNING with the peer address.
+        also logged as a WARNING with the peer address; ``app.state.limited``
+        counts calls refused by the limits (``"unauthorized"``, ``"too large"``,
+        ``"busy"``, ``"slow body"``); ``app.state.budget.used`` is the body bytes
+        held right now.
     """
     target = _Upstream(upstream, upstream_verify)
+    limits = limits or FleetLimits.from_env()
+    if max_body_bytes is not None:
+        limits = replace(
+            limits,
+            max_body_bytes=max_body_bytes,
+            max_inflight_bytes=max(limits.max_inflight_bytes, max_body_bytes),
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -487,12 +545,16 @@ def create_app(
     app.state.forwarded = Counter()
     app.state.refused = Counter()
     app.state.refused_clients = Counter()
+    app.state.limited = Counter()
+    app.state.budget = ByteBudget(limits.max_inflight_bytes)
+    app.state.limits = limits
     app.state.upstream = target.base_url
     app.add_middleware(
         _FleetGate,
         upstream=target,
         state=app.state,
-        max_body_bytes=max_body_bytes,
+        limits=limits,
+        keys=None if authorized_keys is None else NodeKeys(authorized_keys),
         log=log or _default_log,
     )
     return app
@@ -550,14 +612,23 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_config(app: Starlette, certfile: str | None, keyfile: str | None) -> uvicorn.Config:
+def _uvicorn_config(
+    app: ASGIApp, certfile: str | None, keyfile: str | None, limits: FleetLimits
+) -> uvicorn.Config:
     """Uvicorn's settings for the proxy, loaded (so TLS file errors surface here).
+
+    From ``limits``: a head deadline and size cap (uvicorn has neither), the
+    connection cap and the keep-alive time. A TLS handshake must finish within
+    asyncio's 60 s.
 
     Raises:
         PollenError: The TLS certificate or key cannot be loaded.
     """
     config = uvicorn.Config(
         app,
+        http=bounded_http(limits),
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=max(1, round(limits.keep_alive)),
         log_config=None,  # leave the process's logging setup alone
         log_level="warning",
         access_log=False,
@@ -592,7 +663,9 @@ class FleetProxy:
     The listening socket is bound in :meth:`start` (so ``listen_port=0`` picks a
     free port, see :attr:`port`), and bind errors surface there as
     :class:`~pollen.errors.PollenError`. With ``certfile``/``keyfile`` the proxy
-    serves HTTPS.
+    serves HTTPS; with ``authorized_keys`` it refuses, from the headers, Fleet
+    calls not signed by one of them; ``limits`` default to
+    :meth:`FleetLimits.from_env`.
     """
 
     def __init__(
@@ -604,6 +677,8 @@ class FleetProxy:
         certfile: str | None = None,
         keyfile: str | None = None,
         upstream_verify: ssl.SSLContext | str | bool = True,
+        authorized_keys: Iterable[ec.EllipticCurvePublicKey] | None = None,
+        limits: FleetLimits | None = None,
     ) -> None:
         if keyfile and not certfile:
             raise PollenError(
@@ -615,7 +690,13 @@ class FleetProxy:
         self.upstream = upstream
         self.certfile = certfile
         self.keyfile = keyfile
-        self.app = create_app(upstream, upstream_verify=upstream_verify)
+        self.limits = limits or FleetLimits.from_env()
+        self.app = create_app(
+            upstream,
+            upstream_verify=upstream_verify,
+            limits=self.limits,
+            authorized_keys=authorized_keys,
+        )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -647,7 +728,7 @@ class FleetProxy:
         sock = _bind(self.listen_host, self.listen_port)
         self._port = sock.getsockname()[1]
         try:
-            config = _uvicorn_config(self.app, self.certfile, self.keyfile)
+            config = _uvicorn_config(self.app, self.certfile, self.keyfile, self.limits)
         except PollenError:
             sock.close()
             self._port = None

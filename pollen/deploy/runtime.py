@@ -9,9 +9,9 @@ The processes themselves are :class:`pollen.deploy.processes.ManagedProcess`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -99,52 +99,97 @@ def write_connection(
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def app_dir() -> Path:
+#: Pollen's Flower App identity: ``[tool.flwr.app] publisher`` and ``[project] name``. A
+#: deployed client runs a task only if its app is this one, at this client's version
+#: (:mod:`pollen.deploy.warm_clientapp`).
+APP_PUBLISHER = "pollen"
+APP_NAME = "pollen-fl"
+#: Pollen's Flower App components (``[tool.flwr.app.components]``), imported from the
+#: installed package, never from an app bundle.
+APP_COMPONENTS = {"serverapp": "pollen.server.app:app", "clientapp": "pollen.client.app:app"}
+
+
+def app_version() -> str:
+    """The version of the Pollen package this process runs (its app's ``[project] version``)."""
+    import pollen
+
+    return pollen.__version__
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only this user can enter: created 0700, or checked if it exists.
+
+    Raises:
+        PollenError: ``path`` exists but is a link, not a folder, owned by another user,
+            or open to other users.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PollenError(
+            f"The folder {path} is not private to this user (a link, another user's, or open "
+            f"to others: mode {stat.S_IMODE(info.st_mode):o}), so Pollen will not use it. "
+            "Remove it, or point TMPDIR at a folder of your own."
+        )
+    return path
+
+
+def app_dir(home: Path | None = None) -> Path:
     """The Flower App folder (the one holding ``pyproject.toml``) for ``flwr run``.
 
     A folder holding only a ``pyproject.toml``: the checkout's own when Pollen
     runs from a source checkout (``pip install -e .``), so the run is the one
     ``flwr run .`` would do; from an installed wheel, one generated with the
-    same components and run config. The components are imported from the
-    environment Pollen runs in, so the app bundle needs no code.
+    same identity, components and run config. The components are imported from
+    the environment Pollen runs in, so the app bundle needs no code.
 
     Not the checkout itself: Flower 1.42 walks every file under the folder
     (a virtual environment included) before it applies ``.gitignore``
     (see docs/performance.md#app-folder).
+
+    Args:
+        home: A private folder (a run's ``FLWR_HOME``): the app folder is its ``app``
+            subfolder, created 0700, or reused only if this user owns it and no one
+            else may enter it. None: a fresh private folder (``tempfile.mkdtemp``),
+            which the caller removes.
+
+    Raises:
+        PollenError: ``home/app`` exists and is not private to this user.
     """
-    root = Path(__file__).resolve().parents[2]
-    if (root / "pyproject.toml").is_file() and (root / "pollen" / "server" / "app.py").is_file():
-        text = (root / "pyproject.toml").read_text(encoding="utf-8")
-    else:
-        config_lines = [f"{k} = {toml_value(v)}" for k, v in RunConfig.declared_defaults().items()]
-        text = (
-            "\n".join(
-                [
-                    "[project]",
-                    'name = "pollen"',
-                    'version = "0.1.0"',
-                    "[tool.flwr.app]",
-                    'publisher = "pollen"',
-                    "[tool.flwr.app.components]",
-                    'serverapp = "pollen.server.app:app"',
-                    'clientapp = "pollen.client.app:app"',
-                    "[tool.flwr.app.config]",
-                    *config_lines,
-                ]
-            )
-            + "\n"
-        )
-    # One folder per content, written atomically: concurrent runs never see a partial file.
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    gen = Path(tempfile.gettempdir()) / f"pollen-app-{digest}"
-    target = gen / "pyproject.toml"
+    folder = private_dir(home / "app") if home else Path(tempfile.mkdtemp(prefix="pollen-app-"))
+    target = folder / "pyproject.toml"
+    text = _app_pyproject()
     if not (target.is_file() and target.read_text(encoding="utf-8") == text):
-        gen.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=gen.parent, prefix=f"{gen.name}-", suffix=".toml")
+        # Written atomically: a concurrent `flwr run` never sees a partial file.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pyproject-", suffix=".toml")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, target)
-    return gen
+    return folder
+
+
+def _app_pyproject() -> str:
+    """The checkout's ``pyproject.toml``, or an equivalent one for an installed wheel."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "pollen" / "server" / "app.py").is_file():
+        return (root / "pyproject.toml").read_text(encoding="utf-8")
+    config_lines = [f"{k} = {toml_value(v)}" for k, v in RunConfig.declared_defaults().items()]
+    components = [f"{k} = {toml_value(v)}" for k, v in APP_COMPONENTS.items()]
+    lines = [
+        "[project]",
+        f"name = {toml_value(APP_NAME)}",
+        f"version = {toml_value(app_version())}",
+        "[tool.flwr.app]",
+        f"publisher = {toml_value(APP_PUBLISHER)}",
+        "[tool.flwr.app.components]",
+        *components,
+        "[tool.flwr.app.config]",
+        *config_lines,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def toml_value(value: Any) -> str:
@@ -277,7 +322,8 @@ def submit_run(
         run folder's ``status.json`` for that).
     """
     run_config = write_run_config(flwr_home / "run-config.toml", overrides)
-    argv = [flower_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(run_config)]
+    app = app_dir(flwr_home)
+    argv = [flower_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
     if federation_config:
         argv += ["--federation-config", federation_config]
     if stream:

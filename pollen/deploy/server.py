@@ -10,8 +10,9 @@ With certificates (:mod:`pollen.deploy.tls`) the proxy serves TLS with the
 operator's server certificate, the SuperLink runs TLS on its loopback port
 (with a throwaway certificate, :func:`pollen.deploy.certs.loopback_tls`) and
 ``--enable-supernode-auth``, and every key in ``authorized-clients`` is
-registered before the port opens. Flower refuses other keys; the proxy logs
-each refusal with the peer address.
+registered before the port opens. The proxy refuses calls signed by other keys
+from their headers, before reading their bodies (Flower would refuse them too),
+and logs each refusal with the peer address.
 
 After Ctrl-C or SIGTERM the run folder's ``status.json`` says ``interrupted``
 with the last completed round and the command that resumes the run.
@@ -40,7 +41,7 @@ from pollen.deploy.runtime import (
     submit_run,
     write_connection,
 )
-from pollen.deploy.tls import ServerCerts
+from pollen.deploy.tls import ServerCerts, load_authorized_key
 from pollen.errors import PollenError
 from pollen.server.checkpoint import RunLock, read_manifest
 from pollen.server.history import read_status, write_status
@@ -148,6 +149,8 @@ def _front(
         certfile=str(tls.cert),
         keyfile=str(tls.key),
         upstream_verify=root_cert,
+        # The proxy refuses other keys from the headers, before buffering a body.
+        authorized_keys=[load_authorized_key(path) for path in tls.authorized],
     )
     return proxy, link_args, root_cert
 

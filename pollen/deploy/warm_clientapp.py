@@ -14,6 +14,14 @@ ClientApp tasks in this process, one after the other, on one worker thread.
 Imported modules stay imported, so the client app's per-process caches (its
 data, its compiled model) serve every message of the run.
 
+Only Pollen's own app runs here (:func:`check_app`): a task whose app bundle
+(FAB) is not Pollen's, at this client's version, with Pollen's two components
+and nothing but its ``pyproject.toml``, is refused and named in the log, and
+the client goes on serving Pollen's runs. The bundle is never installed: the
+client app is imported from the installed ``pollen`` package. The SuperNode's
+Runtime API on loopback hands tasks only to a runner holding the client's
+secret (``--superexec-auth-secret-file``). See docs/security.md.
+
 Why not a library: Flower 1.42 ships a subprocess executor and a Kubernetes
 one (whose "warm" pods are pre-started, not reused), and ``run_clientapp``
 ends in ``flwr_exit``, which ends the process. :func:`run_task` is therefore
@@ -23,16 +31,22 @@ ends in ``flwr_exit``, which ends the process. :func:`run_task` is therefore
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import importlib
+import io
 import queue
 import threading
-from logging import ERROR, INFO
+import tomllib
+import zipfile
+import zlib
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
 from flwr.app.error import Error
-from flwr.cli.install import install_from_fab
 from flwr.clientapp.client_app import LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore import log
 from flwr.supercore.constant import TaskType
@@ -54,23 +68,115 @@ from flwr.supernode.runtime.run_clientapp import (
 )
 
 from pollen.compat.flower import quick_clientapp_pulls, run_superexec_with
+from pollen.deploy.runtime import APP_COMPONENTS, APP_NAME, APP_PUBLISHER, app_version
 
-__all__ = ["WarmExecutor", "main", "run_task"]
+__all__ = ["FAB_FILES", "ForeignAppError", "WarmExecutor", "check_app", "main", "run_task"]
+
+#: The files a Pollen app bundle holds: its ``pyproject.toml`` and Flower's manifest.
+FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
+#: Largest ``pyproject.toml`` read from a bundle, bytes (Pollen's: about 30 KB).
+MAX_PYPROJECT_BYTES = 1 << 20
+
+
+class ForeignAppError(Exception):
+    """A task's app is not this client's Pollen: it is refused, and none of it runs."""
+
+
+def check_app(run: Any, fab: Any) -> None:
+    """Accept a task's app only if it is Pollen's own, as installed in this process.
+
+    Pollen's app bundle holds no code: only a ``pyproject.toml`` naming publisher
+    ``pollen``, project ``pollen-fl``, this package's version and the components
+    ``pollen.server.app:app`` and ``pollen.client.app:app`` (plus Flower's
+    manifest). Anything else (another app, another version, another component,
+    a Python file) is refused.
+
+    Args:
+        run: The task's run (``fab_id``, ``fab_version``).
+        fab: The task's app bundle (``hash_str``, ``content``: the zip's bytes).
+
+    Raises:
+        ForeignAppError: Why the app is not Pollen's own.
+    """
+    if hashlib.sha256(fab.content).hexdigest() != fab.hash_str:
+        raise ForeignAppError("its app bundle does not match its hash")
+    _check_bundle(fab.content)
+    want_id, want_version = f"{APP_PUBLISHER}/{APP_NAME}", app_version()
+    if (run.fab_id, run.fab_version) != (want_id, want_version):
+        raise ForeignAppError(f"the run names the app {run.fab_id} {run.fab_version}")
+
+
+@functools.lru_cache(maxsize=4)  # a run's tasks share one bundle: checked once
+def _check_bundle(content: bytes) -> None:
+    """Raise ForeignAppError unless the bundle ``content`` is Pollen's, at this version."""
+    config = _bundle_config(content)
+    app = _table(_table(_table(config, "tool"), "flwr"), "app")
+    project = _table(config, "project")
+    fab_id = f"{app.get('publisher')}/{project.get('name')}"
+    want_id, want_version = f"{APP_PUBLISHER}/{APP_NAME}", app_version()
+    if (fab_id, project.get("version")) != (want_id, want_version):
+        raise ForeignAppError(
+            f"its app is {fab_id} {project.get('version')}, not {want_id} {want_version}"
+        )
+    if app.get("components") != APP_COMPONENTS:
+        raise ForeignAppError(f"its app's components are {app.get('components')!r}")
+
+
+def _table(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """``config[key]`` if it is a table, else an empty one."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _bundle_config(content: bytes) -> dict[str, Any]:
+    """The ``pyproject.toml`` of an app bundle that holds nothing else but the manifest.
+
+    Raises:
+        ForeignAppError: The bundle holds other files, or no readable ``pyproject.toml``.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as bundle:
+            names = bundle.namelist()
+            extra = sorted(set(names) - FAB_FILES)
+            if extra or len(set(names)) != len(names):
+                shown = ", ".join(extra[:5]) or "duplicate entries"
+                raise ForeignAppError(f"its app bundle carries files Pollen's never does: {shown}")
+            with bundle.open("pyproject.toml") as f:  # its declared size may lie: read a cap
+                raw = f.read(MAX_PYPROJECT_BYTES + 1)
+        if len(raw) > MAX_PYPROJECT_BYTES:
+            raise ForeignAppError("its app bundle's pyproject.toml is oversized")
+        return tomllib.loads(raw.decode("utf-8"))
+    except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, RuntimeError, EOFError,
+            NotImplementedError, OSError) as ex:  # fmt: skip
+        # ValueError: also UnicodeDecodeError and TOMLDecodeError; RuntimeError: encrypted.
+        raise ForeignAppError(f"its app bundle is not a readable Flower app ({ex})") from None
+
+
+@functools.cache
+def _client_app() -> Any:
+    """Pollen's ClientApp, imported from the installed package (never from a bundle)."""
+    module, _, attr = APP_COMPONENTS["clientapp"].partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as ex:
+        raise LoadClientAppError(f"Cannot import {APP_COMPONENTS['clientapp']}: {ex}") from ex
 
 
 def run_task(spec: ExecutionSpec) -> str:
     """Run one ClientApp task in this process, as ``flwr-clientapp --token`` would.
 
     Pulls the message, its context and the app bundle from the SuperNode,
-    loads the ClientApp (a module imported once stays imported), runs it, and
-    pushes the reply and the task's final status. An exception in the app is
-    reported to the SuperNode as the reply's error, as Flower does.
+    checks that the app is Pollen's own (:func:`check_app`; else the task is
+    refused, named in the log, and its reply is an error), runs Pollen's
+    ClientApp (imported once, from the installed package), and pushes the
+    reply and the task's final status. An exception in the app is reported to
+    the SuperNode as the reply's error, as Flower does.
 
     Args:
         spec: The task: its token and the SuperNode's Runtime API address.
 
     Returns:
-        The task's final sub-status (``"completed"`` or ``"failed"``).
+        ``"completed"``, ``"failed"`` or ``"refused"`` (another app's task).
     """
     retry_invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
@@ -91,14 +197,27 @@ def run_task(spec: ExecutionSpec) -> str:
     reply: Any = None
     context: Any = None
     status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    outcome = "failed"
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
-        install_from_fab(fab.content, skip_prompt=True)
-        load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-        app = load(run.fab_id, run.fab_version, fab.hash_str)
-        reply = app(message=message, context=context)
+        check_app(run, fab)
+        reply = _client_app()(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
+        outcome = "completed"
+    except ForeignAppError as ex:
+        details, outcome = f"refused by the client: {ex}", "refused"
+        log(
+            WARNING,
+            "[pollen] refused run %s (task %s): %s. This client runs only Pollen %s's own "
+            "app; nothing of this run was installed or run.",
+            run.run_id,
+            spec.task_id,
+            ex,
+            app_version(),
+        )
+        error = Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=details)
+        reply = Message(error, reply_to=message)
     except Exception as ex:  # noqa: BLE001 - reported to the SuperNode, like flwr-clientapp
         if isinstance(ex, LoadClientAppError):
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
@@ -120,14 +239,15 @@ def run_task(spec: ExecutionSpec) -> str:
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
-    return status
+    return outcome
 
 
 class WarmExecutor(SubprocessExecutor):
     """Runs ClientApp tasks in this process on one worker thread, in arrival order.
 
-    Other task types (which a SuperNode does not send) start processes as in
-    Flower's subprocess executor.
+    It asks its SuperNode for ClientApp tasks only, and refuses any other task
+    type (a SuperNode sends none): no task ever starts a Flower process (which
+    would install and run the task's app bundle).
     """
 
     def __init__(self) -> None:
@@ -136,10 +256,17 @@ class WarmExecutor(SubprocessExecutor):
         self._worker = threading.Thread(target=self._work, name="pollen-clientapp", daemon=True)
         self._worker.start()
 
+    def get_eligible_capacity(
+        self, supported_task_types: set[TaskType], **_: Any
+    ) -> tuple[set[TaskType], set[str]]:
+        """Only ClientApp tasks, always (they queue for the worker thread)."""
+        return supported_task_types & {TaskType.CLIENT_APP}, set()
+
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
-        """Queue a ClientApp task for the worker thread; launch anything else as Flower does."""
+        """Queue a ClientApp task for the worker thread; refuse any other task type."""
         if spec.task_type != TaskType.CLIENT_APP:
-            return super().launch(spec)
+            log(WARNING, "[pollen] refused task %s of type %s", spec.task_id, spec.task_type)
+            return LaunchResult.failed(f"pollen runs only ClientApp tasks, not {spec.task_type}")
         self._tasks.put(spec)
         return LaunchResult.accepted()
 
@@ -159,15 +286,23 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m pollen.deploy.warm_clientapp``: Flower's SuperExec loop with :class:`WarmExecutor`.
 
     Takes the arguments of ``flower-superexec`` that a SuperNode passes to it:
-    ``--runtime-api-address``, ``--insecure`` or ``--root-certificates``, and
-    ``--parent-pid`` (exit when that process does).
+    ``--runtime-api-address``, ``--insecure`` or ``--root-certificates``,
+    ``--parent-pid`` (exit when that process does) and
+    ``--superexec-auth-secret-file`` (the secret the SuperNode was started with:
+    it signs this runner's requests for tasks).
     """  # noqa: E501 - the first line is also the --help description
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--root-certificates", default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--superexec-auth-secret-file", type=Path, default=None)
     args = parser.parse_args(argv)
+    secret = (
+        args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
+    )
+    if secret == b"":
+        parser.error("--superexec-auth-secret-file: the file is empty")
 
     from pollen.wire import serve_later_messages
 
@@ -181,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         runtime_api_address=args.runtime_api_address,
         insecure=args.insecure,
         root_certificates_path=args.root_certificates,
+        superexec_auth_secret=secret,
         parent_pid=args.parent_pid,
     )
 

@@ -3,7 +3,8 @@
 The server holds no model. It asks one client for initial weights, then
 runs :func:`pollen.server.rounds.run_rounds` with the configured strategy, which
 aggregates ``ArrayRecord`` s without knowing the architecture. Only the
-optional central evaluation and the final ``model.keras`` build the model
+optional central evaluation, ``model.keras`` and the list of the model's
+BatchNorm statistics (which keys clients may re-estimate) build the model
 from :mod:`pollen.models.registry`.
 """
 
@@ -16,10 +17,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -46,8 +47,9 @@ from pollen.server.history import (
 from pollen.server.model_files import ModelFiles
 from pollen.server.phases import TrainPhase
 from pollen.server.privacy import make_private, sample_size
+from pollen.server.replies import class_names
 from pollen.server.rounds import RoundSettings, run_rounds
-from pollen.server.sampling import by_name, seeded_sample
+from pollen.server.sampling import by_name, seeded_order, seeded_sample
 from pollen.server.secagg import SecureAggregation
 from pollen.server.strategies import check_config, check_sample_size, make_strategy
 
@@ -58,6 +60,8 @@ CONNECT_TIMEOUT = 600.0
 #: Seconds the clients get to tell their names before round 1 (simulated clients
 #: first start their workers). Nameless ones are ordered by node id.
 START_NAMES_TIMEOUT = 120.0
+#: Clients asked in turn for the initial weights before the run gives up.
+INITIAL_ARRAYS_TRIES = 3
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
@@ -222,9 +226,9 @@ def run_federation(
     central evaluation (see :func:`pollen.server.rounds.run_rounds`).
 
     With ``cfg.resume`` the run continues from ``run_dir``'s checkpoint: the
-    global weights, the strategy object (with its optimizer state) and the
-    history of the completed rounds are restored, and the rounds go on from
-    the one after the last completed one.
+    global weights, the strategy (rebuilt from ``cfg``, given back its saved
+    optimizer/DP state) and the history of the completed rounds are restored,
+    and the rounds go on from the one after the last completed one.
 
     Returns:
         The history.
@@ -251,7 +255,7 @@ def run_federation(
         max_update_norm=cfg.max_update_norm,
         names=names,
         train=_secure_train_phase(cfg),
-        bn_stats=not cfg.secagg,
+        bn_keys=None if cfg.secagg or cfg.dp else _batchnorm_keys(files),
         release=release,
         held_weights=not _simulated(grid),
         sampling_seed=cfg.seed,
@@ -267,7 +271,7 @@ def _resume(grid: Grid, cfg: RunConfig, run_dir: Path, files: ModelFiles) -> _St
         PollenError: The checkpoint already holds every round, or too few
             clients connected.
     """
-    ckpt = load_checkpoint(run_dir)
+    ckpt = load_checkpoint(run_dir, cfg)  # the strategy rebuilt from cfg, given its saved state
     if ckpt.round >= cfg.num_rounds:
         raise PollenError(
             f"The run in {run_dir} has already completed all {cfg.num_rounds} rounds; "
@@ -292,7 +296,7 @@ def _start(
     names: dict[int, str],
     history: History,
 ) -> _Start:
-    """A fresh run's state: its strategy, and initial weights from the first client by name.
+    """A fresh run's state: its strategy, and initial weights from a client the seed picks.
 
     Writes ``classes.json`` when that client names its classes, and learns
     the connected clients' ``names``.
@@ -333,28 +337,76 @@ def _start(
 def _initial_arrays(
     grid: Grid, cfg: RunConfig, run_dir: Path, nodes: list[int], names: dict[int, str]
 ) -> ArrayRecord:
-    """Initial weights from the first client by name, while round 1's clients prepare.
+    """Initial weights from a client the seed picks, while round 1's clients prepare.
 
-    The first client by name gives the initial weights (fastnet's first layer
-    is whitened on its images): the same client for the same fleet, so a run
-    can be repeated. The clients round 1 will sample (all, unless
-    fraction-train < 1) meanwhile load their data and build their model.
+    The run's seed orders the connected node ids (:func:`seeded_order`), not
+    the names the clients choose, so no client gets itself picked by its
+    name. (In a simulation the engine names the clients ``partition-N``, no
+    stranger can join, and node ids change from run to run: there the order
+    is by name, :func:`by_name`, so a simulation starts from the same
+    client's weights every time.) The first client in that order gives the initial weights
+    (fastnet's first layer is whitened on its images); weights that are not
+    usable (:func:`pollen.server.replies.initial_arrays_problem`), an error
+    or no reply send the request on to the next one, up to
+    :data:`INITIAL_ARRAYS_TRIES` clients. The clients round 1 will sample
+    (all, unless fraction-train < 1) meanwhile load their data and build
+    their model. The class names it gives go to ``classes.json``, made
+    printable and bounded (:func:`class_names`).
+
+    Raises:
+        PollenError: None of the clients asked gave usable weights.
     """
     learn_names(grid, nodes, names, min(cfg.round_timeout, START_NAMES_TIMEOUT))
-    first = by_name(nodes, names)[0]
     round_one = seeded_sample(grid, names, cfg.seed, 1, sample_size(cfg, len(nodes)))
-    arrays, client_info = request_initial_arrays(grid, first, cfg.round_timeout, prepare=round_one)
-    if client_info.get("whitened-images"):
+    failures = []
+    order = by_name(nodes, names) if _simulated(grid) else seeded_order(nodes, cfg.seed)
+    for first in order[:INITIAL_ARRAYS_TRIES]:
+        prepare = round_one if not failures else ()
+        try:
+            arrays, info = request_initial_arrays(grid, first, cfg.round_timeout, prepare=prepare)
+        except PollenError as err:
+            log(WARNING, "%s Asking another client.", err)
+            failures.append(str(err))
+            continue
+        _client_info(run_dir, info, names.get(first, f"node-{first}"))
+        return arrays
+    raise PollenError(" ".join(failures))
+
+
+def _client_info(run_dir: Path, info: ConfigRecord, name: str) -> None:
+    """Log the whitening, write ``classes.json``: what the first client says of itself."""
+    whitened = info.get("whitened-images")
+    if isinstance(whitened, int) and not isinstance(whitened, bool) and whitened > 0:
         log(
             INFO,
             "Initial weights from client %s: first convolution whitened on %d of its images",
-            client_info.get("name", first),
-            client_info["whitened-images"],
+            name,
+            whitened,
         )
-    if "classes" in client_info:
-        classes = json.dumps(list(client_info["classes"])) + "\n"
-        atomic_write(run_dir / "classes.json", classes)
-    return arrays
+    if "classes" in info:
+        classes = class_names(info["classes"])
+        if classes is None:
+            log(WARNING, "Client %s sent no usable class names; no classes.json written", name)
+        else:
+            atomic_write(run_dir / "classes.json", json.dumps(classes) + "\n")
+
+
+def _batchnorm_keys(files: ModelFiles) -> Callable[[], list[str]]:
+    """The model's BatchNorm statistic keys, from a model the server builds anyway.
+
+    Read the first time a client sends statistics (round 1's evaluation):
+    from the central evaluation's model (built before round 1) with
+    ``server-eval``, else from the one ``model.keras`` is written with after
+    every round (:class:`ModelFiles`), built a little earlier than it would be.
+    """
+
+    def keys() -> list[str]:
+        from pollen.models.registry import batchnorm_stat_indices
+
+        model = files.eval_model if files.cfg.server_eval else files.model
+        return [str(i) for i in batchnorm_stat_indices(model)]
+
+    return keys
 
 
 def _secure_train_phase(cfg: RunConfig) -> TrainPhase | None:

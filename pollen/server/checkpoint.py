@@ -4,12 +4,14 @@ After every completed round the server writes, into ``RUN_DIR/checkpoint/``:
 
 - ``arrays-NNNN.npz``: the global model's arrays (keys and order of the
   ``ArrayRecord``);
-- ``strategy-NNNN.pkl``: the strategy object, pickled, with whatever state it
-  keeps between rounds (FedAdam/FedYogi/FedAdagrad: ``current_arrays``,
-  ``m_t``, ``v_t``; FedAvgM: its momentum);
+- ``strategy-NNNN.json`` and ``strategy-NNNN.npz``: the state the strategy
+  keeps between rounds, and nothing else (:data:`KEPT`): FedAdam, FedYogi and
+  FedAdagrad their moments ``m_t`` and ``v_t``, FedAvgM its ``current_arrays``
+  and ``momentum_vector``; under DP the wrapper's noise multiplier, clipping
+  norm and sample size and the accountant's ledger (its ``state_dict``);
 - ``history-NNNN.json``: the run's history up to round NNNN;
-- ``manifest.json``, written last: the round, the run config, the names and
-  SHA-256 of the three files above.
+- ``manifest.json``, written last: the format, the round, the run config, the
+  names and SHA-256 of the four files above.
 
 Every file is written atomically (temporary file, then rename) and the
 round's files have their own names, so until the new manifest has replaced
@@ -17,7 +19,14 @@ the old one the old manifest still names complete files of the previous
 round: a crash at any moment leaves a loadable checkpoint. Files no manifest
 names are removed after the manifest is written.
 
-Only trusted files belong here: the strategy is restored with ``pickle``.
+Nothing here is unpickled: arrays are read with ``allow_pickle=False``,
+everything else is JSON. ``--resume`` rebuilds the strategy from the run
+config as a fresh run does and gives it back only the allowed state, after
+checking its names, shapes, dtypes and types against the global arrays; a
+run folder from someone else may hold wrong numbers, but cannot run code.
+The SHA-256 catch damage, not tampering: whoever writes the files can write
+the manifest too. Format 1 (older Pollen) pickled the strategy; it is
+refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -25,21 +34,64 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import pickle
+import re
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp import strategy as fl
 
+from pollen.config import RunConfig
 from pollen.errors import PollenError
 from pollen.files import atomic_write
 from pollen.server.history import History
+from pollen.server.privacy import private_state, restore_private
+from pollen.server.strategies import check_config, make_strategy
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
-FORMAT = 1
+#: 2: strategy state as JSON and npz, no pickle. 1: the strategy pickled (refused).
+FORMAT = 2
+#: Largest manifest read, in bytes (a run config and four file names).
+MAX_MANIFEST_BYTES = 4 << 20
+
+#: A round's files: manifest part -> (file name prefix, suffix).
+PARTS: dict[str, tuple[str, str]] = {
+    "arrays": ("arrays", ".npz"),
+    "strategy": ("strategy", ".json"),
+    "strategy-arrays": ("strategy", ".npz"),
+    "history": ("history", ".json"),
+}
+
+# How a kept attribute lines up with the global arrays:
+BY_KEY = "by-key"  # a dict of numpy arrays by global key
+RECORD = "record"  # an ArrayRecord keyed like the global arrays
+IN_ORDER = "in-order"  # a list of numpy arrays in the global arrays' order
+
+_FEDOPT = {"m_t": BY_KEY, "v_t": BY_KEY}
+
+#: What each strategy Pollen offers keeps between rounds in Flower 1.42
+#: (attribute -> layout); everything else it holds is rebuilt from the run
+#: config. FedOpt's ``current_arrays`` is not kept: its ``configure_train``
+#: sets it from the global arrays every round. The DP wrapper's state is
+#: :func:`pollen.server.privacy.private_state`'s.
+KEPT: dict[type, dict[str, str]] = {
+    fl.FedAvg: {},
+    fl.FedProx: {},
+    fl.FedMedian: {},
+    fl.FedTrimmedAvg: {},
+    fl.Krum: {},
+    fl.MultiKrum: {},
+    fl.Bulyan: {},
+    fl.FedAdam: _FEDOPT,
+    fl.FedYogi: _FEDOPT,
+    fl.FedAdagrad: _FEDOPT,
+    fl.FedAvgM: {"current_arrays": RECORD, "momentum_vector": IN_ORDER},
+}
 
 
 @dataclass
@@ -62,6 +114,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def save_checkpoint(
     run_dir: Path,
     rnd: int,
@@ -76,24 +134,22 @@ def save_checkpoint(
         run_dir: The run folder.
         rnd: The round just completed.
         arrays: The global arrays after that round, by ArrayRecord key.
-        strategy: The strategy object (pickled).
+        strategy: The strategy object (only its :data:`KEPT` state is written).
         history: The history up to and including round ``rnd``.
         config: The run config (kebab-case mapping).
     """
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    # A list of (key, array) through a structured name scheme keeps any key legal.
+    # Arrays are stored by position ("a0", "m_t.0"): any ArrayRecord key stays legal.
     keys = list(arrays)
-    np.savez(buf, **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)})
-    payloads = {
-        "arrays": (f"arrays-{rnd:04d}.npz", buf.getvalue()),
-        "strategy": (f"strategy-{rnd:04d}.pkl", pickle.dumps(strategy)),
-        "history": (
-            f"history-{rnd:04d}.json",
-            (json.dumps(history.to_dict(), indent=1) + "\n").encode(),
-        ),
+    state, state_arrays = strategy_state(strategy, keys)
+    contents = {
+        "arrays": _npz({f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)}),
+        "strategy": (json.dumps(state, indent=1) + "\n").encode(),
+        "strategy-arrays": _npz(state_arrays),
+        "history": (json.dumps(history.to_dict(), indent=1) + "\n").encode(),
     }
+    payloads = {part: (_file_name(part, rnd), data) for part, data in contents.items()}
     for name, data in payloads.values():
         atomic_write(folder / name, data)
     manifest = {
@@ -114,24 +170,161 @@ def save_checkpoint(
     return folder / MANIFEST
 
 
+def _file_name(part: str, rnd: int) -> str:
+    prefix, suffix = PARTS[part]
+    return f"{prefix}-{rnd:04d}{suffix}"
+
+
+def strategy_state(strategy: Any, keys: list[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The state ``strategy`` keeps between rounds: a JSON document and named arrays.
+
+    Args:
+        strategy: A strategy of :data:`KEPT`, or Flower's server-side
+            fixed-clipping DP wrapper around one.
+        keys: The global arrays' keys, in order; kept arrays are named
+            ``"<attribute>.<position of the key>"``.
+
+    Raises:
+        TypeError: The strategy has no :data:`KEPT` entry (a new strategy must
+            say what it keeps between rounds).
+    """
+    dp = private_state(strategy)
+    inner = strategy.strategy if dp is not None else strategy
+    kept = KEPT.get(type(inner))
+    if kept is None:
+        raise TypeError(
+            f"{type(inner).__name__} has no entry in pollen.server.checkpoint.KEPT: "
+            "say what it keeps between rounds before it can be checkpointed."
+        )
+    present, arrays = [], {}
+    for attr, layout in kept.items():
+        value = getattr(inner, attr, None)
+        if value is None or len(value) == 0:
+            continue
+        present.append(attr)
+        for i, a in enumerate(_aligned(value, layout, keys, attr)):
+            arrays[f"{attr}.{i}"] = a
+    return {"strategy": type(inner).__name__, "arrays": present, "dp": dp}, arrays
+
+
+def _aligned(value: Any, layout: str, keys: list[str], attr: str) -> list[np.ndarray]:
+    """``value`` (laid out as ``layout``) as a list of arrays in the order of ``keys``."""
+    if layout == IN_ORDER:
+        out = [np.asarray(a) for a in value]
+    else:
+        by_key = {k: a.numpy() for k, a in value.items()} if layout == RECORD else dict(value)
+        if set(by_key) != set(keys):
+            raise ValueError(f"the strategy's {attr} is not keyed like the global arrays")
+        out = [np.asarray(by_key[k]) for k in keys]
+    if len(out) != len(keys):
+        raise ValueError(f"the strategy's {attr} does not line up with the global arrays")
+    return out
+
+
+def _laid_out(arrays: list[np.ndarray], layout: str, keys: list[str]) -> Any:
+    """Inverse of :func:`_aligned`."""
+    if layout == IN_ORDER:
+        return arrays
+    if layout == RECORD:
+        return ArrayRecord({k: Array(a) for k, a in zip(keys, arrays, strict=True)})
+    return dict(zip(keys, arrays, strict=True))
+
+
+def _refuse(path: Path, problem: str) -> PollenError:
+    return PollenError(
+        f"The checkpoint file {path} cannot be used: {problem}. Pollen checks everything "
+        "a checkpoint holds before resuming and does not guess; the run cannot be resumed "
+        "from it. Start a new run (another --out); if this run folder came from someone "
+        "else, do not trust its other files either."
+    )
+
+
+def _old_format(folder: Path, fmt: object) -> PollenError:
+    return PollenError(
+        f"The checkpoint in {folder} was written by an older Pollen (checkpoint format "
+        f"{fmt}), which saved the strategy as a Python pickle (strategy-NNNN.pkl). Loading "
+        "a pickle runs whatever code it holds, so this Pollen does not read it, and the run "
+        "cannot be resumed safely. Start a new run (another --out); only for a run folder "
+        "you wrote yourself, finish it with the Pollen version that started it."
+    )
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint manifest of ``run_dir``, or ``None`` if it has none."""
+    """The checkpoint manifest of ``run_dir``, checked, or ``None`` if it has none.
+
+    Raises:
+        PollenError: It cannot be read, is not a manifest of this format (an
+            older Pollen's pickled checkpoint is refused here), or names
+            files a checkpoint does not have.
+    """
+    folder = checkpoint_dir(run_dir)
+    path = folder / MANIFEST
     try:
-        return json.loads((checkpoint_dir(run_dir) / MANIFEST).read_text())
+        with path.open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"it is larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = json.loads(raw)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
         raise PollenError(
-            f"The checkpoint manifest in {checkpoint_dir(run_dir)} cannot be read ({err}). "
+            f"The checkpoint manifest in {folder} cannot be read ({err}). "
             "The run cannot be resumed from it; start a new run."
         ) from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt == 1 or any(p.suffix == ".pkl" for p in folder.iterdir()):
+        raise _old_format(folder, fmt)
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise _refuse(path, problem)
+    return manifest
 
 
-def load_checkpoint(run_dir: Path) -> Checkpoint:
-    """Read and verify the checkpoint in ``run_dir``.
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with ``manifest`` (parsed JSON), or None."""
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    if manifest.get("format") != FORMAT:
+        return f"its format is {manifest.get('format')!r}, this Pollen reads format {FORMAT}"
+    rnd, keys = manifest.get("round"), manifest.get("keys")
+    if not _is_int(rnd) or rnd < 1:
+        return "its round is not a positive integer"
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return "its keys are not a list of strings"
+    if len(set(keys)) != len(keys):
+        return "its keys repeat"
+    if not isinstance(manifest.get("config"), dict):
+        return "its config is not a JSON object"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(PARTS):
+        return f"it does not name exactly the files {', '.join(PARTS)}"
+    for part, entry in files.items():
+        if not isinstance(entry, dict) or entry.get("name") != _file_name(part, rnd):
+            return f"its {part} file is not {_file_name(part, rnd)}"
+        if not isinstance(entry.get("sha256"), str) or not re.fullmatch(
+            "[0-9a-f]{64}", entry["sha256"]
+        ):
+            return f"its {part} file has no SHA-256"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_checkpoint(run_dir: Path, cfg: RunConfig | None = None) -> Checkpoint:
+    """Read and check the checkpoint in ``run_dir``; rebuild its strategy.
+
+    Args:
+        run_dir: The run folder.
+        cfg: The run config the strategy is rebuilt from (a resumed run's,
+            which may change what ``--resume`` allows to); default: the
+            manifest's.
 
     Raises:
-        PollenError: There is no checkpoint, or its files are missing or damaged.
+        PollenError: There is no checkpoint, or its files are missing,
+            damaged, of an older format or not what Pollen writes.
     """
     manifest = read_manifest(run_dir)
     folder = checkpoint_dir(run_dir)
@@ -140,6 +333,32 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             f"{run_dir} has no checkpoint ({folder / MANIFEST} is missing): no round of this "
             "run was completed, or it is not a pollen run folder. Start a new run instead."
         )
+    data = _read_files(folder, manifest)
+    paths = {part: folder / entry["name"] for part, entry in manifest["files"].items()}
+    keys = manifest["keys"]
+    stored = _read_npz(data["arrays"], paths["arrays"])
+    if set(stored) != {f"a{i}" for i in range(len(keys))}:
+        raise _refuse(paths["arrays"], "its arrays are not those the manifest's keys name")
+    arrays = {k: stored[f"a{i}"] for i, k in enumerate(keys)}
+    try:
+        history = History.from_dict(json.loads(data["history"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise _refuse(paths["history"], f"it is not a run history ({err})") from None
+    if cfg is None:
+        cfg = RunConfig.from_mapping(manifest["config"])
+    check_config(cfg)
+    strategy = _rebuild_strategy(cfg, data, paths, arrays, manifest["round"])
+    return Checkpoint(
+        round=manifest["round"],
+        arrays=arrays,
+        strategy=strategy,
+        history=history,
+        config=dict(manifest["config"]),
+    )
+
+
+def _read_files(folder: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """The contents of the files ``manifest`` names, checked against their SHA-256."""
     data: dict[str, bytes] = {}
     for part, entry in manifest["files"].items():
         path = folder / entry["name"]
@@ -156,15 +375,87 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
                 "manifest). The run cannot be resumed; start a new run."
             )
         data[part] = content
-    with np.load(io.BytesIO(data["arrays"]), allow_pickle=False) as npz:
-        arrays = {k: npz[f"a{i}"] for i, k in enumerate(manifest["keys"])}
-    return Checkpoint(
-        round=int(manifest["round"]),
-        arrays=arrays,
-        strategy=pickle.loads(data["strategy"]),
-        history=History.from_dict(json.loads(data["history"])),
-        config=dict(manifest.get("config", {})),
-    )
+    return data
+
+
+def _read_npz(data: bytes, path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file Pollen wrote: plain numbers, never objects.
+
+    Raises:
+        PollenError: It is not an uncompressed numpy archive of numeric arrays.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            if sum(info.file_size for info in zf.infolist()) > len(data):
+                raise _refuse(path, "it unpacks to more than it holds (Pollen never compresses)")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError, KeyError, MemoryError, zipfile.BadZipFile) as err:
+        raise _refuse(path, f"it is not a numpy archive of plain arrays ({err})") from None
+    for name, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise _refuse(path, f"its array {name!r} holds {a.dtype}, not numbers")
+    return arrays
+
+
+def _rebuild_strategy(
+    cfg: RunConfig,
+    data: dict[str, bytes],
+    paths: dict[str, Path],
+    arrays: dict[str, np.ndarray],
+    rnd: int,
+) -> Any:
+    """The strategy ``cfg`` builds, given back the checked state of the checkpoint."""
+    path = paths["strategy"]
+    try:
+        state = json.loads(data["strategy"])
+    except ValueError as err:
+        raise _refuse(path, f"it is not JSON ({err})") from None
+    inner = make_strategy(cfg)
+    kept = KEPT[type(inner)]
+    problem = _state_problem(state, type(inner).__name__, kept, cfg.dp)
+    if problem is not None:
+        raise _refuse(path, problem)
+    stored = _read_npz(data["strategy-arrays"], paths["strategy-arrays"])
+    keys = list(arrays)
+    names = {f"{attr}.{i}" for attr in state["arrays"] for i in range(len(keys))}
+    if set(stored) != names:
+        raise _refuse(paths["strategy-arrays"], f"it does not hold exactly {sorted(names)}")
+    for attr in state["arrays"]:
+        values = [stored[f"{attr}.{i}"] for i in range(len(keys))]
+        for k, a in zip(keys, values, strict=True):
+            g = arrays[k]
+            if a.shape != g.shape or (a.dtype != g.dtype and a.dtype.kind != "f"):
+                raise _refuse(
+                    paths["strategy-arrays"],
+                    f"its {attr} for {k!r} is {a.dtype} {a.shape}, the global array "
+                    f"{g.dtype} {g.shape}",
+                )
+        setattr(inner, attr, _laid_out(values, kept[attr], keys))
+    if not cfg.dp:
+        return inner
+    try:
+        return restore_private(inner, cfg, state["dp"], max_releases=rnd)
+    except (ValueError, TypeError) as err:
+        raise _refuse(path, f"its differential-privacy state does not fit ({err})") from None
+
+
+def _state_problem(state: Any, name: str, kept: dict[str, str], dp: bool) -> str | None:
+    """What is wrong with the strategy document ``state``, or None."""
+    if not isinstance(state, dict) or set(state) != {"strategy", "arrays", "dp"}:
+        return 'it is not an object with exactly "strategy", "arrays" and "dp"'
+    if state["strategy"] != name:
+        return f"it holds the state of {state['strategy']!r}, the run config builds {name}"
+    present = state["arrays"]
+    if not isinstance(present, list) or not all(isinstance(a, str) for a in present):
+        return '"arrays" is not a list of names'
+    if len(set(present)) != len(present) or not set(present) <= set(kept):
+        return f'"arrays" names more than {name} keeps ({", ".join(kept) or "nothing"})'
+    if dp != (state["dp"] is not None):
+        return "its differential-privacy state does not match the run config's --dp"
+    if state["dp"] is not None and not isinstance(state["dp"], dict):
+        return '"dp" is not an object'
+    return None
 
 
 LOCK_FILE = ".pollen.lock"

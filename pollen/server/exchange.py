@@ -20,7 +20,9 @@ from flwr.serverapp import Grid
 
 from pollen.errors import PollenError
 from pollen.protocol import PREPARE_REQUEST, RUN_OVER_REQUEST
-from pollen.wire import pack_content, unpack_content
+from pollen.server.history import MAX_REASON_CHARS, printable
+from pollen.server.replies import initial_arrays_problem
+from pollen.wire import pack_content, unpack_reply
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -40,8 +42,13 @@ def readable_reason(reason: str) -> str:
     """Turn Flower's ``"<class 'pkg.Error'>:<'message'>"`` into ``"Error: message"``.
 
     A :class:`PollenError` raised in a client app becomes just its message,
-    which already says what is wrong and what to do.
+    which already says what is wrong and what to do. The client chose the
+    text: it comes back :func:`printable`, at most :data:`MAX_REASON_CHARS` long.
     """
+    return printable(_reason_text(str(reason)), MAX_REASON_CHARS)
+
+
+def _reason_text(reason: str) -> str:
     text = reason.strip()
     match = _FLOWER_REASON.match(text)
     if match is None:
@@ -163,9 +170,8 @@ class _Pulls:
                 log(WARNING, "Pulling the reply of node %s failed: %s", node, err)
                 replies = []
             if replies:
-                reply = replies[0]
-                if reply.has_content():
-                    reply.content = unpack_content(reply.content)
+                # A malformed reply becomes an error reply: that client's failure.
+                reply = unpack_reply(replies[0])
                 with self.lock:
                     if not self.stop.is_set():
                         self.result.replies[node] = reply
@@ -230,11 +236,14 @@ def request_initial_arrays(
     wait for their start-up. A client that fails to prepare is only logged
     here; round 1 records what becomes of it.
 
+    The weights are checked as far as they can be without a model
+    (:func:`pollen.server.replies.initial_arrays_problem`).
+
     Returns:
         The weights, and what the client says about itself (``name``, ``classes``).
 
     Raises:
-        PollenError: ``node_id`` did not provide the weights within ``timeout``.
+        PollenError: ``node_id`` did not provide usable weights within ``timeout``.
     """
     messages = [
         _query(node, request)
@@ -255,8 +264,15 @@ def request_initial_arrays(
             f"Client {node_id} could not provide the initial model weights ({reason}). "
             "Check that client's console for the error."
         )
-    content = reply.content
-    return content["arrays"], content.config_records.get("client", ConfigRecord())
+    arrays = reply.content.array_records.get("arrays")
+    problem = initial_arrays_problem(arrays)
+    if problem is not None:
+        raise PollenError(
+            f"Client {node_id} sent unusable initial model weights ({problem}). "
+            "Check that this client runs Pollen's own client app."
+        )
+    info = reply.content.config_records.get("client")
+    return arrays, info if isinstance(info, ConfigRecord) else ConfigRecord()
 
 
 def learn_names(grid: Grid, node_ids: Iterable[int], names: dict[int, str], timeout: float) -> None:
@@ -272,10 +288,17 @@ def learn_names(grid: Grid, node_ids: Iterable[int], names: dict[int, str], time
 
 
 def client_name(msg: Message, node: int | None = None) -> str:
-    """The name a client's reply gives, or ``node-<id>`` when it gives none."""
+    """The name a client's reply gives, or ``node-<id>`` when it gives none.
+
+    The client chose the name: it comes back :func:`printable` and at most
+    :data:`pollen.server.history.MAX_NAME_CHARS` long (a name that is not a
+    string, or empty once cleaned, counts as none), so it lands safely in the
+    history, the status and the console.
+    """
     info = msg.content.config_records.get("client") if msg.has_content() else None
-    if info is not None and "name" in info:
-        return str(info["name"])
+    name = info.get("name") if info is not None else None
+    if isinstance(name, str) and name.strip():
+        return printable(name.strip())
     return f"node-{msg.metadata.src_node_id if node is None else node}"
 
 

@@ -13,6 +13,11 @@ A run folder holds:
 
 Every file is written atomically (temporary file, then rename), so a reader,
 or a crash, never sees half a file.
+
+Text a client chose (its name, an error reason it sent) reaches these files
+only through :func:`printable` (see :func:`pollen.server.exchange.client_name`),
+and every text cell of ``history.csv`` through :func:`csv_cell`, which keeps a
+spreadsheet from reading it as a formula.
 """
 
 from __future__ import annotations
@@ -25,6 +30,42 @@ from pathlib import Path
 from typing import Any
 
 from pollen.files import atomic_path, atomic_write
+
+#: Longest client name kept (characters); a longer one is cut.
+MAX_NAME_CHARS = 64
+
+#: Longest error reason kept (characters) in the history; a longer one is cut.
+MAX_REASON_CHARS = 500
+
+#: First characters a spreadsheet reads as the start of a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable(text: object, limit: int = MAX_NAME_CHARS) -> str:
+    """``text`` as one printable line of at most ``limit`` characters.
+
+    Line breaks and tabs become spaces, every other character that is not
+    printable (control characters, the escape sequences that would move a
+    terminal's cursor) ``?``; a text longer than ``limit`` is cut and ends in
+    ``...``.
+    """
+    line = "".join(
+        ch if ch.isprintable() else " " if ch.isspace() else "?" for ch in str(text)[: limit + 1]
+    )
+    return line if len(line) <= limit else line[: max(limit - 3, 0)] + "..."
+
+
+def csv_cell(value: Any) -> Any:
+    """A ``history.csv`` cell: text that would start a formula gets a leading apostrophe.
+
+    Spreadsheets run a cell that starts with ``=``, ``+``, ``-``, ``@``, a
+    tab or a carriage return as a formula (``=cmd|' /C calc'!A0``); the
+    apostrophe makes them show it as text. Numbers are left alone.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
 
 CSV_COLUMNS = (
     "round",
@@ -182,7 +223,7 @@ def write_history(run_dir: Path, history: History) -> None:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in history.csv_rows():
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer.writerow({k: ("" if v is None else csv_cell(v)) for k, v in row.items()})
     atomic_write(run_dir / "history.csv", buf.getvalue())
 
 

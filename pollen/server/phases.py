@@ -1,11 +1,12 @@
 """A round's phases: the train phase and the evaluate phase, and the round's client records.
 
 :func:`train_phase` sends the global weights to the clients the strategy
-samples, checks every update (:func:`validate_update`), records failures per
-client and returns the aggregate; secure aggregation's train phase
+samples, checks every reply before any is aggregated
+(:mod:`pollen.server.replies`), records failures per client and returns the
+aggregate; secure aggregation's train phase
 (:mod:`pollen.server.secagg`) has the same signature (:class:`TrainPhase`).
 :func:`evaluate_phase` has the clients evaluate the new weights and merges
-their re-estimated BatchNorm statistics. The loop that runs them is
+their re-estimated BatchNorm statistics, checked the same way. The loop that runs them is
 :mod:`pollen.server.rounds`.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Protocol
@@ -25,8 +26,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from pollen.errors import PollenError
-from pollen.protocol import NUM_EXAMPLES_KEY
-from pollen.server.aggregation import merge_batchnorm_stats, validate_update
 from pollen.server.exchange import (
     Exchange,
     arrays_bytes,
@@ -37,6 +36,17 @@ from pollen.server.exchange import (
     record_bytes,
 )
 from pollen.server.history import ClientRound, RoundRecord
+from pollen.server.replies import (
+    Checked,
+    Invalid,
+    capped,
+    checked_evaluate_reply,
+    checked_train_reply,
+    is_robust,
+    merged_batchnorm_stats,
+    pairs_of,
+    to_strategy,
+)
 from pollen.server.sampling import seeded_sampling
 from pollen.wire import NOT_HELD, HeldWeights
 
@@ -196,11 +206,12 @@ def train_phase(
 ) -> ArrayRecord:
     """Send ``arrays`` for training, validate and record replies, return the aggregate.
 
-    A :class:`TrainPhase`. Every reply is checked by :func:`validate_update`
-    (``max_update_norm``: bound on an update's L2 norm, 0 = none); a rejected
-    one is left out of the aggregate and recorded as the client's error
-    (``"train: rejected: ..."``). Clients that fail or do not reply within
-    ``ctx.timeout`` are recorded too.
+    A :class:`TrainPhase`. Every reply is checked whole before any is
+    aggregated (:func:`pollen.server.replies.checked_train_reply`: weights,
+    ``max_update_norm`` bounding an update's L2 norm, 0 = none; example
+    count; metrics); a rejected one is left out of the aggregate and
+    recorded as the client's error (``"train: rejected: ..."``). Clients
+    that fail or do not reply within ``ctx.timeout`` are recorded too.
 
     With ``held``, a client that holds the weights of the last evaluate
     message gets only the arrays that differ from them
@@ -214,7 +225,7 @@ def train_phase(
         PollenError: Fewer than ``min_valid`` clients returned a valid update.
     """
     messages, result = _send_for_training(ctx, arrays, config, held)
-    valid = _valid_updates(ctx, result, arrays.to_numpy_ndarrays(), max_update_norm)
+    valid = _valid_updates(ctx, result, arrays, max_update_norm)
     if len(valid) < min_valid:
         raise PollenError(
             f"Round {ctx.rnd} has {len(valid)} valid update(s), fewer than the {min_valid} "
@@ -261,35 +272,40 @@ def _send_for_training(
 
 
 def _valid_updates(
-    ctx: RoundContext, result: Exchange, global_np: list[np.ndarray], max_update_norm: float
-) -> list[Message]:
-    """The replies whose updates pass :func:`validate_update`; the others recorded as rejected."""
-    valid: list[Message] = []
+    ctx: RoundContext, result: Exchange, arrays: ArrayRecord, max_update_norm: float
+) -> list[Checked]:
+    """The replies that pass :func:`checked_train_reply`; the others recorded as rejected."""
+    valid: list[Checked] = []
+    global_np = arrays.to_numpy_ndarrays()
     for node, msg in _replies_of(ctx, result, "train"):
         c = ctx.clients.get(node)
-        if "arrays" not in msg.content or "metrics" not in msg.content:
-            reason = "reply has no weights or metrics"
-        else:
-            ctx.record.bytes_received += record_bytes(msg.content["arrays"])
-            update = msg.content["arrays"].to_numpy_ndarrays()
-            reason = validate_update(global_np, update, max_update_norm)
-        if reason is not None:
-            ctx.clients.fail(node, "train", f"rejected: {reason}")
-            log(WARNING, "Round %d: update of client %s rejected: %s", ctx.rnd, c.name, reason)
+        received = msg.content.array_records.get("arrays")
+        if received is not None:
+            ctx.record.bytes_received += record_bytes(received)
+        try:
+            checked = checked_train_reply(node, msg, arrays, global_np, max_update_norm)
+        except Invalid as err:
+            ctx.clients.fail(node, "train", f"rejected: {err}")
+            log(WARNING, "Round %d: update of client %s rejected: %s", ctx.rnd, c.name, err)
             continue
-        m = msg.content["metrics"]
+        m = checked.metrics
         c.train_loss, c.train_accuracy = m.get("train_loss"), m.get("train_accuracy")
-        c.train_examples, c.fit_seconds = int(m[NUM_EXAMPLES_KEY]), m.get("fit_seconds")
-        valid.append(msg)
+        c.train_examples, c.fit_seconds = checked.examples, m.get("fit_seconds")
+        valid.append(checked)
     return valid
 
 
 def _aggregate_train(
-    ctx: RoundContext, valid: list[Message], sent: int, arrays: ArrayRecord
+    ctx: RoundContext, valid: list[Checked], sent: int, arrays: ArrayRecord
 ) -> ArrayRecord:
-    """The strategy's aggregate of ``valid`` (of ``sent`` messages), cast like ``arrays``."""
+    """The strategy's aggregate of ``valid`` (of ``sent`` messages), cast like ``arrays``.
+
+    The strategy sees only what :func:`to_strategy` leaves of each reply,
+    weighted by its :func:`capped` example count.
+    """
     rnd, failures = ctx.rnd, ctx.clients.failures
-    new_arrays, metrics = ctx.strategy.aggregate_train(rnd, valid)
+    to_strategy(valid, capped([r.examples for r in valid]), train=True)
+    new_arrays, metrics = ctx.strategy.aggregate_train(rnd, [r.msg for r in valid])
     if new_arrays is None and getattr(ctx.strategy, "accountant", None) is not None:
         raise PollenError(
             f"Round {rnd}: differential privacy needs every sampled client's update "
@@ -306,7 +322,7 @@ def _aggregate_train(
         ctx.record.train = {
             "loss": metrics.get("train_loss"),
             "accuracy": metrics.get("train_accuracy"),
-            "examples": sum(int(m.content["metrics"][NUM_EXAMPLES_KEY]) for m in valid),
+            "examples": sum(r.examples for r in valid),
         }
     return _cast_like(new_arrays, arrays)
 
@@ -316,7 +332,8 @@ def _cast_like(new: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
 
     Server-side optimizers (FedAdam, FedYogi, FedAdagrad) compute in float64;
     the global model keeps its own dtypes, so clients' float32 updates stay
-    valid (see :func:`validate_update`) and the payload does not double.
+    valid (see :func:`pollen.server.aggregation.validate_update`) and the
+    payload does not double.
     """
     out = {}
     for k, a in new.items():
@@ -330,12 +347,16 @@ def _cast_like(new: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
 
 # --- the evaluate phase --------------------------------------------------------------
 
+#: The model's BatchNorm moving mean and variance keys, in the order of its weights,
+#: asked for on first use (:func:`pollen.models.registry.batchnorm_stat_indices`).
+BatchNormKeys = Callable[[], Sequence[str]]
+
 
 def evaluate_phase(
     ctx: RoundContext,
     arrays: ArrayRecord,
     skip: Iterable[int] = (),
-    bn_stats: bool = True,
+    bn_keys: BatchNormKeys | None = None,
     held: HeldWeights | None = None,
 ) -> ArrayRecord:
     """Clients evaluate ``arrays``; return them with re-estimated BatchNorm statistics.
@@ -344,10 +365,18 @@ def evaluate_phase(
     (``ctx.clients.seed``, :func:`seeded_sampling`) they are the ones the
     round's train phase sampled, unless the connected clients changed
     meanwhile. Nodes in ``skip`` (those that sent no train reply this round:
-    dead or still busy) are not asked. With ``bn_stats=False`` (secure
-    aggregation: per-client statistics would reveal per-client data)
-    clients' BatchNorm statistics are ignored and ``arrays`` come back
-    unchanged. With ``held``, the clients are asked to keep ``arrays``
+    dead or still busy) are not asked. Every reply is checked before any is
+    used (:func:`pollen.server.replies.checked_evaluate_reply`); a rejected
+    one counts for nothing and is the client's error (``"evaluate:
+    rejected: ..."``).
+
+    Clients' BatchNorm statistics replace the global ones only for the keys
+    ``bn_keys`` names (the model's own statistics). Without ``bn_keys``
+    (secure aggregation, differential privacy: per-client statistics would
+    reveal per-client data), or under a strategy with a DP accountant, any
+    statistics sent are ignored and ``arrays`` come back unchanged. Under a
+    robust strategy they are combined by the coordinate-wise median. With
+    ``held``, the clients are asked to keep ``arrays``
     (:meth:`HeldWeights.keep`), and those that confirm it are noted.
     """
     skip, record, clients = set(skip), ctx.record, ctx.clients
@@ -363,38 +392,54 @@ def evaluate_phase(
     ok = _collect(ctx, messages, "evaluate")
     if held is not None:
         held.held_by(ok)
-    for node, msg in ok:
-        m, c = msg.content["metrics"], clients.get(node)
-        c.eval_loss, c.eval_accuracy = m.get("eval_loss"), m.get("eval_accuracy")
-        c.eval_examples, c.eval_seconds = int(m[NUM_EXAMPLES_KEY]), m.get("eval_seconds")
-    replies = [msg for _, msg in ok]
-    metrics = ctx.strategy.aggregate_evaluate(ctx.rnd, replies) if replies else None
+    private = getattr(ctx.strategy, "accountant", None) is not None
+    pairs = _pairs(ok, None if private else bn_keys)
+    valid = _valid_evaluations(ctx, ok, arrays, pairs)
+    to_strategy(valid, capped([r.examples for r in valid]), train=False)
+    metrics = ctx.strategy.aggregate_evaluate(ctx.rnd, [r.msg for r in valid]) if valid else None
     if metrics is not None:
         record.evaluate = {
             "loss": metrics.get("eval_loss"),
             "accuracy": metrics.get("eval_accuracy"),
-            "examples": sum(int(m.content["metrics"][NUM_EXAMPLES_KEY]) for m in replies),
+            "examples": sum(r.examples for r in valid),
         }
-    return _apply_batchnorm_stats(arrays, replies) if bn_stats else arrays
-
-
-def _apply_batchnorm_stats(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
-    """Replace averaged BatchNorm statistics by the clients' re-estimated ones."""
-    with_stats = [
-        m
-        for m in replies
-        if "bn-stats" in m.content
-        and all(np.isfinite(a.numpy()).all() for a in m.content["bn-stats"].values())
-    ]
-    if not with_stats:
+    if pairs is None:
         return arrays
-    stats = [{k: a.numpy() for k, a in m.content["bn-stats"].items()} for m in with_stats]
-    counts = [int(m.content["metrics"]["calibration-examples"]) for m in with_stats]
-    keys = list(stats[0])
-    if any(list(s) != keys for s in stats) or any(k not in arrays for k in keys):
-        log(WARNING, "Clients sent BatchNorm statistics that do not match; keeping averages")
+    merged = merged_batchnorm_stats(valid, pairs, robust=is_robust(ctx.strategy))
+    if not merged:
         return arrays
-    merged = merge_batchnorm_stats(stats, counts, keys[0::2])
     return ArrayRecord(
         array_dict={k: Array(merged[k]) if k in merged else v for k, v in arrays.items()}
     )
+
+
+def _pairs(
+    replies: list[tuple[int, Message]], bn_keys: BatchNormKeys | None
+) -> list[tuple[str, str]] | None:
+    """The model's BatchNorm key pairs, asked for only when a reply carries statistics."""
+    if bn_keys is None or not any("bn-stats" in m.content.array_records for _, m in replies):
+        return None
+    return pairs_of(bn_keys())
+
+
+def _valid_evaluations(
+    ctx: RoundContext,
+    replies: list[tuple[int, Message]],
+    arrays: ArrayRecord,
+    pairs: list[tuple[str, str]] | None,
+) -> list[Checked]:
+    """The replies that pass :func:`checked_evaluate_reply`; the others recorded as rejected."""
+    valid: list[Checked] = []
+    for node, msg in replies:
+        c = ctx.clients.get(node)
+        try:
+            checked = checked_evaluate_reply(node, msg, arrays, pairs)
+        except Invalid as err:
+            ctx.clients.fail(node, "evaluate", f"rejected: {err}")
+            log(WARNING, "Round %d: evaluation of client %s rejected: %s", ctx.rnd, c.name, err)
+            continue
+        m = checked.metrics
+        c.eval_loss, c.eval_accuracy = m.get("eval_loss"), m.get("eval_accuracy")
+        c.eval_examples, c.eval_seconds = checked.examples, m.get("eval_seconds")
+        valid.append(checked)
+    return valid

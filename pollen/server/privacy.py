@@ -45,13 +45,15 @@ MAX_NOISE_MULTIPLIER = 100.0
 #: The metric every client sends as its aggregation weight under DP (always 1):
 
 
-class PicklableRdpAccountant(RdpAccountant):
-    """Flower's RDP accountant, picklable for Pollen's checkpoints.
+class CopyableRdpAccountant(RdpAccountant):
+    """Flower's RDP accountant, copyable with :func:`copy.deepcopy`.
 
     Flower's accountant holds module objects of ``dp-accounting`` (flwr's
-    ``dp`` extra); its own ``state_dict``/``load_state_dict`` are the portable
-    state, so pickling goes through them (the strategy, accountant included,
-    is checkpointed after every round and restored by ``--resume``).
+    ``dp`` extra), which cannot be copied; the round loop deep-copies the
+    strategy, accountant included, to record a round's state beside the next
+    round (:mod:`pollen.server.rounds`). The copy goes through the accountant's
+    own ``state_dict``/``load_state_dict``, its portable state, which is also
+    what checkpoints keep (:func:`private_state`); nothing is unpickled.
     """
 
     def __getstate__(self) -> dict[str, Any]:
@@ -64,13 +66,13 @@ class PicklableRdpAccountant(RdpAccountant):
 
 def _accountant(
     delta: float, max_epsilon: float | None = None, population: int = 1
-) -> PicklableRdpAccountant:
+) -> CopyableRdpAccountant:
     """A fresh RDP accountant for per-round Gaussian releases (no amplification).
 
     With ``NO_AMPLIFICATION`` the population size does not enter the bound;
     Flower only checks that each round's sample fits in it.
     """
-    return PicklableRdpAccountant(
+    return CopyableRdpAccountant(
         PrivacyConfig(
             target_delta=delta,
             population_size=population,
@@ -175,6 +177,82 @@ def make_private(strategy: fl.FedAvg, cfg: RunConfig, connected: int) -> fl.Stra
         clipping_norm=cfg.dp_clip,
         num_sampled_clients=sample_size(cfg, connected),
         accountant=_accountant(cfg.dp_delta, cfg.dp_epsilon or None, max(connected, 1)),
+    )
+
+
+#: Most RDP orders an accountant's checkpointed state may list (Flower's default has 40-odd).
+MAX_ORDERS = 1000
+
+
+def private_state(strategy: Any) -> dict[str, Any] | None:
+    """What the DP wrapper keeps between rounds, as JSON; None for a strategy without DP.
+
+    The noise multiplier and clipping norm (checked against the run config on
+    resume), the sample size the noise is calibrated to and the accountant's
+    ``state_dict`` (its configuration and the ledger of releases).
+    """
+    if not isinstance(strategy, fl.DifferentialPrivacyServerSideFixedClipping):
+        return None
+    accountant = strategy.accountant
+    return {
+        "noise-multiplier": float(strategy.noise_multiplier),
+        "clipping-norm": float(strategy.clipping_norm),
+        "num-sampled-clients": int(strategy.num_sampled_clients),
+        "accountant": None if accountant is None else accountant.state_dict(),
+    }
+
+
+def restore_private(
+    strategy: fl.FedAvg, cfg: RunConfig, state: Any, max_releases: int
+) -> fl.DifferentialPrivacyServerSideFixedClipping:
+    """``strategy`` wrapped as :func:`make_private` did, with :func:`private_state`'s ``state``.
+
+    The noise multiplier and clipping norm come from ``cfg`` (as on a fresh
+    start) and must equal the saved ones; the sample size and the
+    accountant's population are the saved ones (they were fixed by the
+    clients connected when the run started).
+
+    Args:
+        strategy: The inner strategy, rebuilt from ``cfg``.
+        cfg: The resumed run's config.
+        state: Parsed JSON, unchecked.
+        max_releases: The rounds completed: the ledger cannot hold more releases.
+
+    Raises:
+        ValueError: ``state`` is not what :func:`private_state` writes for ``cfg``.
+    """
+    names = {"noise-multiplier", "clipping-norm", "num-sampled-clients", "accountant"}
+    if not isinstance(state, dict) or set(state) != names:
+        raise ValueError(f"it is not an object with exactly {', '.join(sorted(names))}")
+    noise = resolve_noise(cfg)
+    if state["noise-multiplier"] != noise or state["clipping-norm"] != cfg.dp_clip:
+        raise ValueError(
+            f"noise multiplier {state['noise-multiplier']!r} and clipping norm "
+            f"{state['clipping-norm']!r}, the run config gives {noise:g} and {cfg.dp_clip:g}"
+        )
+    sampled, ledger = state["num-sampled-clients"], state["accountant"]
+    if isinstance(sampled, bool) or not isinstance(sampled, int) or sampled < 1:
+        raise ValueError("num-sampled-clients is not a positive integer")
+    if not isinstance(ledger, dict) or not isinstance(ledger.get("config"), dict):
+        raise ValueError("the accountant's state is not an object with a config")
+    orders, releases = ledger.get("orders"), ledger.get("compositions")
+    if not isinstance(orders, list) or len(orders) > MAX_ORDERS:
+        raise ValueError(f"the accountant's orders are not a list of at most {MAX_ORDERS}")
+    if not isinstance(releases, list) or len(releases) > max_releases:
+        raise ValueError(f"the accountant's ledger holds more than {max_releases} releases")
+    population = ledger["config"].get("population_size")
+    if isinstance(population, bool) or not isinstance(population, int) or population < sampled:
+        raise ValueError("the accountant's population is not an integer >= num-sampled-clients")
+    accountant = _accountant(cfg.dp_delta, cfg.dp_epsilon or None, population)
+    accountant.load_state_dict(ledger)
+    if accountant.num_releases > max_releases:
+        raise ValueError(f"the accountant's ledger holds more than {max_releases} releases")
+    return fl.DifferentialPrivacyServerSideFixedClipping(
+        strategy,
+        noise_multiplier=noise,
+        clipping_norm=cfg.dp_clip,
+        num_sampled_clients=sampled,
+        accountant=accountant,
     )
 
 

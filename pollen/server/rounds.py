@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from pollen.server.exchange import wait_for_quorum
 from pollen.server.history import History, RoundRecord
 from pollen.server.phases import (
+    BatchNormKeys,
     RoundClients,
     RoundContext,
     TrainPhase,
@@ -76,7 +77,9 @@ class RoundSettings:
         max_update_norm: Bound on an update's L2 norm; 0: none.
         names: Client names by node id learned so far; filled in on the way.
         train: The train phase; None: :func:`train_phase`.
-        bn_stats: Use the clients' re-estimated BatchNorm statistics.
+        bn_keys: The model's BatchNorm moving mean and variance keys, asked for
+            when a client first sends statistics; only these take the
+            clients' re-estimated ones. None: clients' statistics are ignored.
         release: Tells the clients that the run is over.
         held_weights: Clients keep evaluated weights; train messages carry what changed.
         sampling_seed: Seed of each round's client sample; None: Flower's unseeded draw.
@@ -94,7 +97,7 @@ class RoundSettings:
     max_update_norm: float = 0.0
     names: dict[int, str] | None = None
     train: TrainPhase | None = None
-    bn_stats: bool = True
+    bn_keys: BatchNormKeys | None = None
     release: Callable[[], None] | None = None
     held_weights: bool = False
     sampling_seed: int | None = None
@@ -110,7 +113,8 @@ def run_rounds(
     and the valid ones aggregated; the strategy samples clients to evaluate
     the new global model (with ``sampling_seed``, those that trained:
     :func:`pollen.server.sampling.seeded_sampling`), and they return
-    re-estimated BatchNorm statistics, which replace the averaged ones; the
+    re-estimated BatchNorm statistics, which replace the averaged ones
+    (every reply is checked first: :mod:`pollen.server.replies`); the
     server evaluates centrally if ``evaluate_fn`` is given; the round is
     appended to ``history`` and ``observer.round_done`` is called.
 
@@ -133,8 +137,9 @@ def run_rounds(
 
     ``train`` replaces :func:`train_phase` (a :class:`TrainPhase`): secure
     aggregation passes ``pollen.server.secagg.SecureAggregation.train_phase``,
-    under which the server sees only the aggregate. ``bn_stats=False``
-    ignores the clients' BatchNorm statistics (per-client data statistics).
+    under which the server sees only the aggregate. ``bn_keys=None``
+    ignores the clients' BatchNorm statistics (per-client data statistics);
+    so does a strategy with a DP accountant.
 
     ``held_weights``: the clients keep the weights of each evaluate message,
     and the next round's train message to a client that evaluated carries
@@ -163,6 +168,7 @@ class _RoundLoop:
         use_held = settings.held_weights and settings.train is None
         self.held = HeldWeights() if use_held else None
         self.train: TrainPhase = settings.train or functools.partial(train_phase, held=self.held)
+        self.bn_keys = functools.cache(settings.bn_keys) if settings.bn_keys else None
 
     def run(self, arrays: ArrayRecord) -> ArrayRecord:
         s = self.settings
@@ -206,7 +212,7 @@ class _RoundLoop:
         record.phase_seconds["train"] = time.perf_counter() - start
         wait_for_quorum(self.grid, s.min_clients, s.timeout, rnd)
         ctx = dataclasses.replace(ctx, grid=self.grid)
-        arrays = evaluate_phase(ctx, arrays, failed, s.bn_stats, self.held)
+        arrays = evaluate_phase(ctx, arrays, failed, self.bn_keys, self.held)
         record.phase_seconds["evaluate"] = (
             time.perf_counter() - start - sum(record.phase_seconds.values())
         )

@@ -15,6 +15,18 @@ from typing import Any
 from flwr.serverapp import Grid
 
 
+def seeded_order(nodes: Iterable[int], seed: int) -> list[int]:
+    """``nodes`` in an order drawn from ``seed`` over their node ids alone.
+
+    The order in which clients are asked for the run's initial weights: a
+    client cannot get itself asked first by the name it chooses (names are
+    the clients' own; node ids are the SuperLink's). The same seed and node
+    ids give the same order.
+    """
+    ordered = sorted(set(nodes))
+    return random.Random(f"pollen-first-client:{seed}").sample(ordered, len(ordered))
+
+
 def by_name(nodes: Iterable[int], names: Mapping[int, str]) -> list[int]:
     """``nodes`` in the order of their clients' names; those not in ``names`` last, by id."""
     return sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))

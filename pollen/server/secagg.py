@@ -11,7 +11,7 @@ Server side (:class:`SecureAggregation`, :func:`secure_train_phase`):
 
 1. Pollen's own strategy (``pollen.server.strategies.make_strategy``, a new-style
    FedAvg) samples the round's clients, exactly as without SecAgg; that
-   strategy object is also what the checkpoint pickles.
+   strategy object is also what the checkpoint saves the state of.
 2. Each sampled client's training-example count is learned once (query
    ``request="train-examples"``); ``max_weight`` of the round is their
    maximum (the protocol scales each update by ``num_examples / max_weight``
@@ -85,6 +85,7 @@ from pollen.server.aggregation import validate_update
 from pollen.server.exchange import exchange, learn_names, readable_reason, record_bytes
 from pollen.server.history import RoundRecord
 from pollen.server.phases import RoundClients, RoundContext
+from pollen.server.replies import TRAIN_METRICS, Invalid, checked_values, example_count
 
 #: Quantization levels of SecAgg+ (Flower's default, 2**22).
 QUANTIZATION_RANGE = 2**22
@@ -314,7 +315,10 @@ def learn_train_examples(
     for node, reply in exchange(grid, messages, timeout).replies.items():
         info = reply.content.config_records.get("client") if reply.has_content() else None
         if info is not None and TRAIN_EXAMPLES_REQUEST in info:
-            counts[node] = int(info[TRAIN_EXAMPLES_REQUEST])
+            try:
+                counts[node] = example_count(info, TRAIN_EXAMPLES_REQUEST)
+            except Invalid as err:  # not counted: the others' maximum bounds the weights
+                log(WARNING, "Client %s: %s", node, err)
 
 
 @dataclass(frozen=True)
@@ -444,9 +448,17 @@ def _record_clients(
         c = clients.get(node)
         metrics = msg.content.config_records.get("fitres.metrics", ConfigRecord())
         count = msg.content.metric_records.get("fitres.num_examples")
-        n = int(count["num_examples"]) if count is not None else int(metrics[NUM_EXAMPLES_KEY])
-        c.train_loss, c.train_accuracy = metrics.get("train_loss"), metrics.get("train_accuracy")
-        c.train_examples, c.fit_seconds = n, metrics.get("fit_seconds")
+        try:  # the plaintext part is the client's word, checked as any reply's metrics
+            if count is not None:
+                n = example_count(count, "num_examples")
+            else:
+                n = example_count(metrics, NUM_EXAMPLES_KEY)
+            m = checked_values(metrics, TRAIN_METRICS)
+        except Invalid as err:  # its masked update is in the sum all the same
+            log(WARNING, "Client %s sent unusable train metrics: %s", c.name, err)
+            continue
+        c.train_loss, c.train_accuracy = m.get("train_loss"), m.get("train_accuracy")
+        c.train_examples, c.fit_seconds = n, m.get("fit_seconds")
         weights.append(n)
         losses.append(c.train_loss)
         accuracies.append(c.train_accuracy)

@@ -3,7 +3,9 @@ fixtures (never the real CIFAR-10)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import pickle
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -194,3 +196,109 @@ def test_offline_without_data(tmp_path: Path) -> None:
 
     with pytest.raises(PollenError, match="downloading is turned off"):
         load_dataset(None, cache_dir=cache, download=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile archives and folders
+# --------------------------------------------------------------------------------------------
+
+
+def _tar_with(path: Path, cifar: FakeCifar, extra: list[tuple[tarfile.TarInfo, bytes | None]]):
+    """The fake CIFAR-10 archive with ``extra`` entries first."""
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        tar.add(cifar.folder, arcname="cifar-10-batches-py")
+    return path
+
+
+def _gzip_bomb(path: Path, info: tarfile.TarInfo) -> Path:
+    """A .tar.gz of one entry ``info`` of zeros, ``info.size`` bytes inflated, ~1/1000 on disk.
+
+    Made quickly: gzip members concatenated (which gzip readers read as one stream), one
+    compressed mebibyte of zeros repeated.
+    """
+    block = gzip.compress(bytes(1 << 20))
+    with open(path, "wb") as out:
+        out.write(gzip.compress(info.tobuf(format=tarfile.GNU_FORMAT)))
+        for _ in range(info.size >> 20):
+            out.write(block)
+    return path
+
+
+def test_an_archive_entry_that_inflates_to_a_gigabyte_is_refused_unread(
+    cifar: FakeCifar, tmp_path: Path
+) -> None:
+    from pollen.data.cifar10 import MAX_BATCH_FILE_BYTES
+
+    info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+    info.size = 1 << 30
+    bomb = _gzip_bomb(tmp_path / "bomb.tar.gz", info)
+    assert bomb.stat().st_size < 2 << 20 and info.size > MAX_BATCH_FILE_BYTES
+
+    read = [0]
+    real_read = gzip.GzipFile.read
+
+    def counting_read(self, n=-1):
+        data = real_read(self, n)
+        read[0] += len(data)
+        return data
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gzip.GzipFile, "read", counting_read)
+        with pytest.raises(PollenError, match="larger than any CIFAR-10 batch file") as err:
+            load_dataset(bomb, cache_dir=tmp_path / "cache")
+    assert "data_batch_1 in the archive" in str(err.value) and str(bomb) in str(err.value)
+    assert read[0] < 1 << 20, f"{read[0]} bytes inflated"
+
+
+def test_an_archive_header_that_claims_a_gigabyte_is_refused(
+    cifar: FakeCifar, tmp_path: Path
+) -> None:
+    """Python's tarfile reads a long-name header whole, whatever size it claims."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, 1 << 30
+    bomb = _gzip_bomb(tmp_path / "longname.tar.gz", info)
+    with pytest.raises(PollenError, match="larger than any CIFAR-10 batch file"):
+        load_dataset(bomb, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["../evil/data_batch_1", "/etc/data_batch_1", "a/../../x"])
+def test_an_archive_entry_that_leads_outside_is_refused(
+    cifar: FakeCifar, tmp_path: Path, name: str
+) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = 3
+    archive = _tar_with(tmp_path / "evil.tar.gz", cifar, [(info, b"abc")])
+    with pytest.raises(PollenError, match="leads outside the archive's folder") as err:
+        load_dataset(archive, cache_dir=tmp_path / "cache")
+    assert repr(name) in str(err.value) and str(archive) in str(err.value)
+
+
+def test_an_archive_batch_file_that_is_a_link_is_refused(cifar: FakeCifar, tmp_path: Path) -> None:
+    info = tarfile.TarInfo("x/data_batch_1")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    archive = _tar_with(tmp_path / "link.tar", cifar, [(info, None)])
+    with pytest.raises(PollenError, match="is a link, not a file"):
+        load_dataset(archive, cache_dir=tmp_path / "cache")
+
+
+def test_an_extracted_folder_with_a_link_out_or_a_huge_file_is_refused(
+    cifar: FakeCifar, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar.folder, folder)
+    (folder / "data_batch_3").unlink()
+    (folder / "data_batch_3").symlink_to(cifar.folder / "data_batch_3")
+    with pytest.raises(PollenError, match="leads outside the data folder"):
+        load_dataset(folder, cache_dir=tmp_path / "cache")
+
+    (folder / "data_batch_3").unlink()
+    shutil.copy(cifar.folder / "data_batch_3", folder / "data_batch_3")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cifar10, "MAX_BATCH_FILE_BYTES", 1000)
+        with pytest.raises(PollenError, match="larger than any CIFAR-10 batch file"):
+            load_dataset(folder, cache_dir=tmp_path / "cache2")
+    cifar.check(load_dataset(folder, cache_dir=tmp_path / "cache3"))

@@ -65,3 +65,28 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     (empty / "test").mkdir()
     with pytest.raises(PollenError, match="has no images"):
         load_dataset(empty, cache_dir=cache)
+
+
+def test_links_that_lead_outside_the_image_folder_are_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "elsewhere" / "secret.png"
+    save(Image.new("RGB", (4, 4), (1, 2, 3)), secret)
+    root = image_folder(tmp_path / "images")
+    cache = tmp_path / "cache"
+
+    link = root / "train/cat/z_link.png"
+    link.symlink_to(secret)
+    with pytest.raises(PollenError, match="leads outside the data folder") as info:
+        load_dataset(root, cache_dir=cache)
+    assert str(link) in str(info.value) and str(secret) in str(info.value)
+
+    link.unlink()  # a class folder that is a link to a folder outside
+    (root / "train/bird").symlink_to(secret.parent, target_is_directory=True)
+    with pytest.raises(PollenError, match="train/bird is a link that leads outside"):
+        load_dataset(root, cache_dir=cache)
+
+    # A link to another file of the folder is fine, and so is a data folder that is a link.
+    (root / "train/bird").unlink()
+    (root / "train/cat/z_link.png").symlink_to(root / "train/cat/a_rgba.png")
+    (tmp_path / "images-link").symlink_to(root, target_is_directory=True)
+    ds = load_dataset(tmp_path / "images-link", cache_dir=cache)
+    assert ds.x_train.shape == (7, 32, 32, 3)

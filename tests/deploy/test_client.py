@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import pollen.deploy.processes as processes
 
 SAYS_SIGTERM = """
@@ -48,3 +50,96 @@ def test_a_client_whose_supernode_is_gone_stops_its_app_runner_without_sigterm(
     watch.stop()
     assert "got SIGTERM" in (tmp_path / "apps.log").read_text()
     assert "got SIGTERM" in (tmp_path / "node.log").read_text()
+
+
+# --- the SuperNode's Runtime API takes task requests from the client's own runner only ----------
+
+
+def _argv(tmp_path: Path, port: int = 9) -> list[str]:
+    import os
+
+    from pollen.deploy.client import _supernode_argv, write_secret
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    secret = home / "superexec-secret"
+    if not secret.exists():
+        write_secret(secret)
+    assert os.stat(secret).st_mode & 0o777 == 0o600
+    return _supernode_argv("127.0.0.1", port, {"threads": 0}, None, secret)
+
+
+def test_the_supernode_and_its_runner_share_a_private_secret(tmp_path: Path) -> None:
+    """Flower's SuperExec auth: the SuperNode hands tasks only to requests signed with it."""
+    from pollen.deploy.client import _runner_argv, write_secret
+
+    argv = _argv(tmp_path)
+    secret = Path(argv[argv.index("--superexec-auth-secret-file") + 1])
+    assert argv[argv.index("--isolation") + 1] == "process"  # never flwr-clientapp per task
+    assert len(secret.read_bytes()) >= 32
+    runner = _runner_argv(argv, 1234)
+    assert runner[runner.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert runner[runner.index("--runtime-api-address") + 1].endswith(
+        argv[argv.index("--port") + 1]
+    )
+    other = write_secret(tmp_path / "other")
+    assert other.read_bytes() != secret.read_bytes()  # random per client
+    with pytest.raises(FileExistsError):  # never written through a planted file or link
+        write_secret(other)
+
+
+ACQUIRE_TASK = "/v1/runtime/acquire-task"
+
+
+def test_another_local_process_cannot_take_the_clients_tasks(tmp_path: Path) -> None:
+    """A real SuperNode started as `pollen client` starts it: an unsigned request for a task
+    is refused (HTTP 401); one signed with the client's secret is served."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from pollen.deploy.processes import free_port, port_open
+    from pollen.deploy.runtime import flower_env
+
+    argv = _argv(tmp_path, free_port())  # nobody listens there: the SuperNode keeps retrying
+    port = int(argv[argv.index("--port") + 1])
+    node = processes.ManagedProcess(
+        "supernode", argv, flower_env(tmp_path / "home"), tmp_path / "node.log"
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_open("127.0.0.1", port):
+            assert node.alive() and time.monotonic() < deadline, node.tail()
+            time.sleep(0.2)
+        body = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]).SerializeToString()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{ACQUIRE_TASK}",
+            data=body,
+            headers={"content-type": "application/protobuf"},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=10)
+            status = 200
+        except urllib.error.HTTPError as refused:
+            status = refused.code
+        assert status == 401, f"an unsigned request for a task got HTTP {status}"
+        secret = Path(argv[argv.index("--superexec-auth-secret-file") + 1]).read_bytes()
+        signer = SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
+        )
+        client = RuntimeHttpClient.from_server_address(
+            server_address=f"127.0.0.1:{port}",
+            insecure=True,
+            root_certificates=None,
+            interceptors=[signer],
+            retry_invoker=None,
+        )
+        assert not client.AcquireTask(AcquireTaskRequest()).HasField("task")  # served: no task
+        client.close()
+    finally:
+        node.stop()

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import inspect
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -419,6 +420,395 @@ def test_body_limit_gives_413(upstream):
         r = httpx.post(url, content=iter([b"x" * 700, b"x" * 700]))  # chunked, no length
         assert r.status_code == 413
     assert len(fake.calls) == 1
+
+
+# --------------------------------------------------------------------------- limits (issue 27)
+# A stranger on the public port must not be able to make the relay buffer, hold or wait
+# without bound. Each test below failed on the proxy before the limits existed.
+
+_MIB = 1024 * 1024
+
+
+def _client_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def _signed(key, *, age: float = 0.0) -> dict[str, str]:
+    """The headers Flower's SuperNode signs every Fleet call with (NodeAuthHttpInterceptor)."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    stamp = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=age)).isoformat()
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    signature = key.sign(stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    return {
+        "flwr-public-key": base64.b64encode(pem).decode(),
+        "flwr-timestamp": stamp,
+        "flwr-signature": base64.b64encode(signature).decode(),
+    }
+
+
+@contextlib.contextmanager
+def _limited_proxy(up_port: int, **kwargs) -> Iterator[FleetProxy]:
+    with FleetProxy("127.0.0.1", 0, f"http://127.0.0.1:{up_port}", **kwargs) as p:
+        yield p
+
+
+def _head(
+    port: int, path: str, length: int | None, extra: dict[str, str] | None = None
+) -> socket.socket:
+    """Open a connection and send a request's line and headers only: no body byte."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines.append("Content-Type: application/protobuf")
+    if length is None:
+        lines.append("Transfer-Encoding: chunked")
+    else:
+        lines.append(f"Content-Length: {length}")
+    lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    return s
+
+
+def _status(s: socket.socket, timeout: float) -> int | None:
+    """The status of the answer on ``s`` within ``timeout`` s (None: closed or reset)."""
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+    except ConnectionResetError:
+        return None
+    return int(data.split(b" ", 2)[1])
+
+
+def _budget_used(proxy: FleetProxy, expected: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while proxy.app.state.budget.used != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proxy.app.state.budget.used
+
+
+def test_default_body_cap_is_far_below_512_mib():
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    limits = FleetLimits.from_env({})
+    assert limits.max_body_bytes == 64 * _MIB
+    assert limits.max_body_bytes <= limits.max_inflight_bytes <= 256 * _MIB
+    # Flower moves arrays as objects of at most this size: the cap leaves 12x margin.
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    assert FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE * 12 <= limits.max_body_bytes
+
+
+def test_limits_from_the_environment():
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    env = {"POLLEN_FLEET_MAX_BODY_MIB": "16", "POLLEN_FLEET_MAX_INFLIGHT_MIB": "48"}
+    limits = FleetLimits.from_env(env)
+    assert (limits.max_body_bytes, limits.max_inflight_bytes) == (16 * _MIB, 48 * _MIB)
+    assert FleetLimits.from_env({"POLLEN_FLEET_MAX_BODY_MIB": "512"}).max_inflight_bytes == (
+        512 * _MIB
+    )
+    for bad in ({"POLLEN_FLEET_MAX_BODY_MIB": "lots"}, {"POLLEN_FLEET_MAX_INFLIGHT_MIB": "0"}):
+        with pytest.raises(PollenError, match="positive whole number of MiB"):
+            FleetLimits.from_env(bad)
+    with pytest.raises(PollenError, match="at least as large"):
+        FleetLimits.from_env(env | {"POLLEN_FLEET_MAX_INFLIGHT_MIB": "8"})
+
+
+def test_signed_timestamp_window_is_flowers():
+    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+
+    from pollen.deploy import fleet_keys
+
+    assert fleet_keys._SIGNED_MAX_AGE == TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE
+    assert fleet_keys._SIGNED_MAX_AHEAD == SYSTEM_TIME_TOLERANCE
+
+
+@pytest.mark.timeout(60)
+def test_oversized_content_length_is_refused_before_the_body(upstream, proxy):
+    fake, _ = upstream
+    with _head(proxy.port, "/v1/fleet/push-object", 100 * _MIB) as s:
+        assert _status(s, timeout=5) == 413  # at once: not one body byte was sent
+    assert fake.calls == []
+    assert proxy.app.state.limited["too large"] >= 1
+    assert proxy.app.state.budget.used == 0
+
+
+@pytest.mark.timeout(60)
+def test_oversized_chunked_body_is_cut_off(upstream, proxy):
+    fake, _ = upstream
+    chunk = b"x" * _MIB
+    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    sent = 0
+    refused_before = getattr(proxy.app.state, "limited", {}).get("too large", 0)
+    with _head(proxy.port, "/v1/fleet/push-object", None) as s:
+        try:
+            while sent < 96 * _MIB:  # bounded: 1.5x the cap
+                s.sendall(frame)
+                sent += len(chunk)
+            s.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the proxy answered 413 and closed
+        status = _status(s, timeout=10)
+    assert status in (413, None)  # None: the close's reset overtook the answer
+    assert sent < 96 * _MIB, "the proxy read the whole oversized body"
+    assert fake.calls == []
+    assert proxy.app.state.limited["too large"] == refused_before + 1
+    assert _budget_used(proxy, 0) == 0
+
+
+def _asgi_post(
+    app, headers: dict[str, str], length: int, path: str = "/v1/fleet/push-object"
+) -> tuple[list[int], list[str]]:
+    """Call the app in-process; record the answer's status and every receive() it made."""
+    import asyncio
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        + [(b"content-length", str(length).encode())],
+        "client": ("203.0.113.9", 40000),
+        "server": ("127.0.0.1", 8080),
+    }
+    received: list[str] = []
+    statuses: list[int] = []
+
+    async def receive():
+        received.append("body")  # the test's body source: any call means the body was read
+        return {"type": "http.request", "body": b"x" * length, "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+
+    asyncio.run(run())
+    return statuses, received
+
+
+@pytest.mark.timeout(60)
+def test_unauthorized_key_is_refused_before_the_body_is_read(upstream, caplog):
+    fake, up_port = upstream
+    member, stranger = _client_key(), _client_key()
+    app = create_app(f"http://127.0.0.1:{up_port}", authorized_keys=[member.public_key()])
+    forged = _signed(stranger) | {"flwr-public-key": _signed(member)["flwr-public-key"]}
+    refused = {
+        "a stranger's key": _signed(stranger),
+        "no key": {},
+        "a member's key, signed by a stranger": forged,
+        "a member's key, stale signature": _signed(member, age=3600),
+        "a member's key, no signature": {
+            k: v for k, v in _signed(member).items() if k != "flwr-signature"
+        },
+    }
+    with caplog.at_level(logging.WARNING, logger="pollen.deploy.fleet_proxy"):
+        for what, headers in refused.items():
+            statuses, received = _asgi_post(app, headers, 10 * _MIB)
+            assert statuses == [401], what
+            assert received == [], f"{what}: the body was read before the key was checked"
+        # A stranger joining gets Flower's own refusal ("Failed to activate SuperNode").
+        for path, status in (("/v1/fleet/activate-node", 412), ("/v1/fleet/register-node", 412)):
+            statuses, received = _asgi_post(app, _signed(stranger), 10 * _MIB, path)
+            assert statuses == [status] and received == [], path
+    assert fake.calls == []
+    assert app.state.limited["unauthorized"] == len(refused) + 2
+    assert app.state.budget.used == 0
+    assert "not among the server's authorized clients" in caplog.text
+    assert "203.0.113.9" in caplog.text
+    # The member, signing as Flower does, passes.
+    statuses, received = _asgi_post(app, _signed(member), 1000)
+    assert statuses == [200] and received == ["body"]
+    assert [c["path"] for c in fake.calls] == ["/v1/fleet/push-object"]
+
+
+def test_refusals_are_flowers_own_answers():
+    """What the proxy answers a refused key is byte for byte what Flower 1.42 answers."""
+    import asyncio
+
+    from flwr.supercore.error import ApiErrorCode, FlowerError, http_error_translator
+    from flwr.supernode.fleet_http_connection import FlowerError as ClientSideError
+
+    from pollen.deploy import fleet_keys
+
+    answers = fleet_keys._flower_refusals()
+    codes = {
+        "/v1/fleet/activate-node": ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED,
+        "/v1/fleet/register-node": ApiErrorCode.FLEET_SUPERNODE_REGISTRATION_DISABLED,
+    }
+    for path, code in codes.items():
+
+        async def call_next(_request, code=code):
+            raise FlowerError(code, "refused")
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+        scope |= {"query_string": b"", "scheme": "http", "server": ("127.0.0.1", 1)}
+        response = asyncio.run(http_error_translator(Request(scope), call_next))
+        assert (response.status_code, bytes(response.body)) == answers[path], path
+    assert (
+        "Failed to activate SuperNode"
+        in ClientSideError.from_json(answers["/v1/fleet/activate-node"][1].decode()).message
+    )
+    assert json.loads(answers[""][1]) == {"detail": "Invalid SuperNode authentication"}
+
+
+@pytest.mark.timeout(60)
+def test_unauthorized_key_over_the_wire_gets_401_without_sending_a_body(upstream):
+    fake, up_port = upstream
+    member, stranger = _client_key(), _client_key()
+    with _limited_proxy(up_port, authorized_keys=[member.public_key()]) as p:
+        with _head(p.port, "/v1/fleet/push-object", 10 * _MIB, _signed(stranger)) as s:
+            assert _status(s, timeout=5) == 401
+    assert fake.calls == []
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_bodies_beyond_the_inflight_limit_get_503(upstream):
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    fake, up_port = upstream
+    limits = FleetLimits(max_body_bytes=_MIB, max_inflight_bytes=2 * _MIB, queue_timeout=0.5)
+    with _limited_proxy(up_port, limits=limits) as p:
+        holders = [_head(p.port, "/v1/fleet/push-object", _MIB) for _ in range(2)]
+        try:
+            for s in holders:
+                s.sendall(b"x" * (_MIB // 2))  # half a body each: both hold their room
+            assert _budget_used(p, 2 * _MIB) == 2 * _MIB
+            started = time.monotonic()
+            with _head(p.port, "/v1/fleet/push-object", _MIB) as third:
+                assert _status(third, timeout=5) == 503
+            assert time.monotonic() - started < 3  # waited its bounded time, no longer
+            assert p.app.state.limited["busy"] == 1
+            for s in holders:  # the two honest senders finish and pass
+                s.sendall(b"x" * (_MIB // 2))
+                assert _status(s, timeout=10) == 200
+        finally:
+            for s in holders:
+                s.close()
+        assert _budget_used(p, 0) == 0
+    assert len(fake.calls) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_request_waits_for_room_then_passes(upstream):
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    fake, up_port = upstream
+    limits = FleetLimits(max_body_bytes=_MIB, max_inflight_bytes=_MIB, queue_timeout=10)
+    with _limited_proxy(up_port, limits=limits) as p:
+        with _head(p.port, "/v1/fleet/push-object", _MIB) as first:
+            first.sendall(b"x" * 1000)
+            assert _budget_used(p, _MIB) == _MIB
+            with _head(p.port, "/v1/fleet/push-object", 1000) as second:
+                second.sendall(b"y" * 1000)
+                time.sleep(0.3)
+                first.sendall(b"x" * (_MIB - 1000))
+                assert _status(first, timeout=10) == 200
+                assert _status(second, timeout=10) == 200
+        assert _budget_used(p, 0) == 0
+    assert sorted(len(c["body"]) for c in fake.calls) == [1000, _MIB]
+
+
+@pytest.mark.timeout(60)
+def test_trickling_body_times_out(upstream):
+    import select
+
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    fake, up_port = upstream
+    with _limited_proxy(up_port, limits=FleetLimits(body_timeout=1.0)) as p:
+        started = time.monotonic()
+        with _head(p.port, "/v1/fleet/push-object", 1000) as s:
+            for _ in range(100):  # one byte every 0.05 s: 5 s at most
+                if select.select([s], [], [], 0.05)[0]:
+                    break
+                s.sendall(b"x")
+            assert _status(s, timeout=5) == 408
+        assert time.monotonic() - started < 4
+        assert p.app.state.limited["slow body"] == 1
+        assert _budget_used(p, 0) == 0
+    assert fake.calls == []
+
+
+@pytest.mark.timeout(60)
+def test_slow_or_idle_request_head_is_cut_off(upstream):
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    fake, up_port = upstream
+    with _limited_proxy(up_port, limits=FleetLimits(head_timeout=0.5)) as p:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as idle:
+            with socket.create_connection(("127.0.0.1", p.port), timeout=5) as slow:
+                slow.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\n")
+                assert slow.recv(100) == b""  # closed by the proxy, not the 5 s timeout
+            assert idle.recv(100) == b""
+    assert fake.calls == []
+
+
+@pytest.mark.timeout(60)
+def test_oversized_request_head_is_refused(upstream, proxy):
+    fake, _ = upstream
+    pad = {f"x-pad-{i}": "p" * 1000 for i in range(100)}  # 100 KB of headers
+    with _head(proxy.port, "/v1/fleet/push-object", 2, pad) as s:
+        s.sendall(b"ok")
+        assert _status(s, timeout=5) in (400, None)
+    assert fake.calls == []
+
+
+@pytest.mark.timeout(60)
+def test_honest_signed_client_pushes_and_pulls_a_9mb_object(upstream):
+    fake, up_port = upstream
+    member = _client_key()
+    body = os.urandom(9 * _MIB)  # MobileNetV2's packed weights, sent whole for margin
+    with _limited_proxy(up_port, authorized_keys=[member.public_key()]) as p:
+        url = f"http://127.0.0.1:{p.port}/v1/fleet"
+        headers = {"content-type": "application/protobuf"}
+        with httpx.Client(timeout=30) as client:
+            for path in ("push-object", "pull-object"):
+                r = client.post(f"{url}/{path}", content=body, headers=headers | _signed(member))
+                assert r.status_code == 200, path
+                assert hashlib.sha256(r.content).digest() == hashlib.sha256(body).digest()
+        assert not p.app.state.limited
+        assert _budget_used(p, 0) == 0
+    assert [len(c["body"]) for c in fake.calls] == [len(body)] * 2
+
+
+def test_server_front_passes_the_authorized_keys(tmp_path):
+    from pollen.deploy.certs import create_certs
+    from pollen.deploy.server import _front
+    from pollen.deploy.tls import load_client_certs, load_server_certs
+
+    bundle = create_certs(tmp_path / "certs", ["localhost"], clients=1)
+    server = load_server_certs(bundle.out / "server")
+    client = load_client_certs(bundle.out / "clients" / "client-0")
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_private_key(client.key.read_bytes(), password=None)
+    proxy, _, _ = _front("127.0.0.1", 0, _free_port(), tmp_path / "home", server)
+    statuses, _ = _asgi_post(proxy.app, _signed(_client_key()), 10)
+    assert statuses == [401]
+    statuses, _ = _asgi_post(proxy.app, _signed(key), 10)
+    assert statuses == [502]  # past the gate; nothing listens upstream
 
 
 def test_port_in_use_raises_pollen_error(proxy):

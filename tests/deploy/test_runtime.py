@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tempfile
 import tomllib
 from pathlib import Path
@@ -77,28 +79,88 @@ def test_generated_app_dir_matches_pyproject(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr(
         runtime, "__file__", str(tmp_path / "site" / "pollen" / "deploy" / "runtime.py")
     )
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    gen = runtime.app_dir()
-    assert gen.parent == tmp_path / "tmp"
+    gen = runtime.app_dir(tmp_path)
+    assert gen == tmp_path / "app"
     generated = tomllib.loads((gen / "pyproject.toml").read_text(encoding="utf-8"))
     real = _pyproject()
+    for key in ("name", "version"):
+        assert generated["project"][key] == real["project"][key]
+    assert generated["tool"]["flwr"]["app"]["publisher"] == real["tool"]["flwr"]["app"]["publisher"]
     assert (
         generated["tool"]["flwr"]["app"]["components"] == real["tool"]["flwr"]["app"]["components"]
     )
     assert generated["tool"]["flwr"]["app"]["config"] == real["tool"]["flwr"]["app"]["config"]
 
 
-def test_app_dir_holds_the_checkouts_pyproject_only(tmp_path: Path, monkeypatch) -> None:
+def test_app_dir_holds_the_checkouts_pyproject_only(tmp_path: Path) -> None:
     """From a checkout, flwr run gets its pyproject.toml alone (not a walk over .venv)."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gen = runtime.app_dir()
-    assert gen.parent == tmp_path
+    gen = runtime.app_dir(tmp_path)
     assert [p.name for p in gen.iterdir()] == ["pyproject.toml"]
     assert (gen / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
     assert "flwr" in _pyproject()["tool"]
-    assert runtime.app_dir() == gen  # reused, not rewritten
-    assert [p.name for p in tmp_path.iterdir()] == [gen.name]  # no temporary file left
+    assert runtime.app_dir(tmp_path) == gen  # reused, not rewritten
+    assert [p.name for p in gen.iterdir()] == ["pyproject.toml"]  # no temporary file left
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_app_folders_are_private(tmp_path: Path, monkeypatch) -> None:
+    """No /tmp/pollen-app-<hash> that any local user could create first or write into."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fresh = runtime.app_dir()
+    assert fresh.parent == tmp_path and _mode(fresh) == 0o700
+    again = runtime.app_dir()
+    assert again != fresh and _mode(again) == 0o700  # a new folder each time, never guessed
+    (tmp_path / "home").mkdir()
+    assert _mode(runtime.app_dir(tmp_path / "home")) == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o777, 0o770, 0o701])
+def test_an_app_folder_open_to_others_is_not_reused(tmp_path: Path, mode: int) -> None:
+    planted = tmp_path / "app"
+    planted.mkdir()
+    planted.chmod(mode)
+    (planted / "pyproject.toml").write_text("[tool.flwr.app.components]\nclientapp = 'evil:app'\n")
+    with pytest.raises(PollenError, match="not private"):
+        runtime.app_dir(tmp_path)
+    assert "evil" in (planted / "pyproject.toml").read_text()  # not used, not written
+
+
+def test_an_app_folder_of_another_user_or_a_link_is_not_reused(tmp_path: Path, monkeypatch) -> None:
+    planted = tmp_path / "app"
+    planted.mkdir(mode=0o700)
+    real_uid = os.getuid()
+    monkeypatch.setattr(runtime.os, "getuid", lambda: real_uid + 1)  # as seen by another user
+    with pytest.raises(PollenError, match="not private"):
+        runtime.app_dir(tmp_path)
+    monkeypatch.setattr(runtime.os, "getuid", lambda: real_uid)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    link_home = tmp_path / "home"
+    link_home.mkdir()
+    (link_home / "app").symlink_to(elsewhere)
+    with pytest.raises(PollenError, match="not private"):
+        runtime.app_dir(link_home)
+    assert not (elsewhere / "pyproject.toml").exists()
+
+
+def test_submit_run_uses_a_private_app_folder_in_its_home(tmp_path: Path, monkeypatch) -> None:
+    seen: list = []
+
+    class Popen:
+        def __init__(self, argv, **_):
+            seen.append(argv)
+
+    monkeypatch.setattr(runtime.subprocess, "Popen", Popen)
+    monkeypatch.setattr(runtime, "wait_interruptibly", lambda proc: 0)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    assert runtime.submit_run(home, {"num-rounds": 1}) == 0
+    app = Path(seen[0][2])
+    assert app == home / "app" and _mode(app) == 0o700
+    assert not str(app).startswith(tempfile.gettempdir() + "/pollen-app-")
 
 
 # --- addresses -----------------------------------------------------------------------------------

@@ -1,63 +1,89 @@
-"""Checkpoints: round trip, only the latest round, kills mid-write, run lock, strategies pickle."""
+"""Checkpoints: round trip, only the latest round, kills mid-write, run lock, strategy state.
+
+No pickle: a hostile run folder (crafted pickle, object array, wrong shapes, names
+or types, with a manifest whose hashes match) is refused and runs nothing; each
+strategy's kept state comes back exactly, and its next aggregate equals that of a
+strategy that was never checkpointed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from conftest import NodesGrid, train_reply
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg
 from server_fakes import _history
 
 from pollen.config import RunConfig
 from pollen.errors import PollenError
-from pollen.server.checkpoint import RunLock, load_checkpoint, read_manifest, save_checkpoint
-from pollen.server.strategies import STRATEGIES
+from pollen.server.checkpoint import (
+    KEPT,
+    RunLock,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
+from pollen.server.privacy import make_private, privacy_record
+from pollen.server.strategies import STRATEGIES, make_strategy
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+CNN = {"model": "cnn"}
 
 # --- checkpoints -------------------------------------------------------------------------------
 
 
 def _fedadam_with_state() -> FedAdam:
-    strategy = FedAdam()
-    strategy.current_arrays = ArrayRecord([np.ones(3, np.float32)])
-    strategy.m_t = {"0": np.full(3, 0.5)}
-    strategy.v_t = {"0": np.full(3, 0.25)}
+    strategy = make_strategy(RunConfig(model="cnn", strategy="fedadam"))
+    strategy.m_t = {"0": np.full((2, 3), 0.5, np.float32), "1": np.full(2, 0.1)}
+    strategy.v_t = {"0": np.full((2, 3), 0.25, np.float32), "1": np.full(2, 0.2)}
     return strategy
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     arrays = {"0": np.arange(6, dtype=np.float32).reshape(2, 3), "1": np.ones(2, np.float64)}
-    save_checkpoint(tmp_path, 2, arrays, _fedadam_with_state(), _history(2), {"model": "cnn"})
+    config = {"model": "cnn", "strategy": "fedadam"}
+    save_checkpoint(tmp_path, 2, arrays, _fedadam_with_state(), _history(2), config)
     ckpt = load_checkpoint(tmp_path)
-    assert ckpt.round == 2 and ckpt.config == {"model": "cnn"}
+    assert ckpt.round == 2 and ckpt.config == config
     assert list(ckpt.arrays) == ["0", "1"]
     for k, v in arrays.items():
         np.testing.assert_array_equal(ckpt.arrays[k], v)
         assert ckpt.arrays[k].dtype == v.dtype
     assert isinstance(ckpt.strategy, FedAdam)
-    np.testing.assert_array_equal(ckpt.strategy.m_t["0"], np.full(3, 0.5))
-    np.testing.assert_array_equal(ckpt.strategy.v_t["0"], np.full(3, 0.25))
-    np.testing.assert_array_equal(ckpt.strategy.current_arrays.to_numpy_ndarrays()[0], np.ones(3))
+    np.testing.assert_array_equal(ckpt.strategy.m_t["0"], np.full((2, 3), 0.5))
+    np.testing.assert_array_equal(ckpt.strategy.v_t["1"], np.full(2, 0.2))
+    assert ckpt.strategy.m_t["0"].dtype == np.float32
     assert ckpt.history.to_dict() == _history(2).to_dict()
 
 
 def test_checkpoint_keeps_only_the_latest_round(tmp_path: Path) -> None:
     for rnd in (1, 2, 3):
-        save_checkpoint(tmp_path, rnd, {"0": np.full(2, rnd)}, FedAvg(), _history(rnd), {})
+        save_checkpoint(tmp_path, rnd, {"0": np.full(2, rnd)}, FedAvg(), _history(rnd), CNN)
     names = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
-    assert names == ["arrays-0003.npz", "history-0003.json", "manifest.json", "strategy-0003.pkl"]
+    assert names == [
+        "arrays-0003.npz",
+        "history-0003.json",
+        "manifest.json",
+        "strategy-0003.json",
+        "strategy-0003.npz",
+    ]
     assert load_checkpoint(tmp_path).round == 3
 
 
-@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4, 5])
 def test_a_kill_mid_checkpoint_leaves_the_previous_one(
     tmp_path: Path, monkeypatch, fail_at
 ) -> None:
     """os.replace fails at the n-th file of round 2's checkpoint: round 1's still loads."""
-    save_checkpoint(tmp_path, 1, {"0": np.full(2, 1.0)}, FedAvg(), _history(1), {})
+    save_checkpoint(tmp_path, 1, {"0": np.full(2, 1.0)}, FedAvg(), _history(1), CNN)
     calls = {"n": 0}
     real_replace = os.replace
 
@@ -69,21 +95,21 @@ def test_a_kill_mid_checkpoint_leaves_the_previous_one(
 
     monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError, match="killed"):
-        save_checkpoint(tmp_path, 2, {"0": np.full(2, 2.0)}, FedAvg(), _history(2), {})
+        save_checkpoint(tmp_path, 2, {"0": np.full(2, 2.0)}, FedAvg(), _history(2), CNN)
     monkeypatch.setattr(os, "replace", real_replace)
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.round == 1
     np.testing.assert_array_equal(ckpt.arrays["0"], np.full(2, 1.0))
     assert len(ckpt.history.rounds) == 1
     # ... and the next checkpoint works and tidies up.
-    save_checkpoint(tmp_path, 2, {"0": np.full(2, 2.0)}, FedAvg(), _history(2), {})
+    save_checkpoint(tmp_path, 2, {"0": np.full(2, 2.0)}, FedAvg(), _history(2), CNN)
     assert load_checkpoint(tmp_path).round == 2
 
 
 def test_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PollenError, match="has no checkpoint"):
         load_checkpoint(tmp_path)
-    save_checkpoint(tmp_path, 1, {"0": np.zeros(2)}, FedAvg(), _history(1), {})
+    save_checkpoint(tmp_path, 1, {"0": np.zeros(2)}, FedAvg(), _history(1), CNN)
     manifest = read_manifest(tmp_path)
     (tmp_path / "checkpoint" / manifest["files"]["arrays"]["name"]).write_bytes(b"garbage")
     with pytest.raises(PollenError, match="damaged"):
@@ -91,9 +117,244 @@ def test_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_every_strategy_pickles(name: str) -> None:
-    strategy = STRATEGIES[name](RunConfig(model="cnn"))
-    assert type(pickle.loads(pickle.dumps(strategy))) is type(strategy)
+def test_every_strategy_says_what_it_keeps_and_round_trips(tmp_path: Path, name: str) -> None:
+    cfg = RunConfig(model="cnn", strategy=name)
+    strategy = make_strategy(cfg)
+    assert type(strategy) in KEPT
+    save_checkpoint(tmp_path, 1, {"0": np.zeros(2)}, strategy, _history(1), cfg.to_mapping())
+    assert type(load_checkpoint(tmp_path).strategy) is type(strategy)
+
+
+# --- a hostile run folder -----------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling it creates ``path``: proof that code from the run folder ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _rewrite(run: Path, manifest: dict, files: dict[str, tuple[str, bytes]]) -> None:
+    """Write ``files`` (part -> (name, content)) and a manifest whose hashes match them."""
+    folder = run / "checkpoint"
+    for part, (name, data) in files.items():
+        (folder / name).write_bytes(data)
+        manifest["files"][part] = {"name": name, "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _saved(run: Path, strategy: str = "fedadam") -> dict:
+    cfg = RunConfig(model="cnn", strategy=strategy)
+    arrays = {"0": np.zeros((2, 3), np.float32), "1": np.ones(2, np.float64)}
+    save_checkpoint(run, 1, arrays, _fedadam_with_state(), _history(1), cfg.to_mapping())
+    return json.loads((run / "checkpoint" / "manifest.json").read_text())
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # allow_pickle defaults to True on save: object arrays are pickled
+    return buf.getvalue()
+
+
+def test_an_old_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path: Path) -> None:
+    """A format-1 folder with a crafted strategy-0001.pkl and matching hashes runs nothing."""
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    manifest = _saved(tmp_path)
+    files = dict(manifest["files"])
+    manifest["format"] = 1
+    manifest["files"] = {k: v for k, v in files.items() if k in ("arrays", "history")}
+    _rewrite(tmp_path, manifest, {"strategy": ("strategy-0001.pkl", payload)})
+    with pytest.raises(PollenError, match="older Pollen.*cannot be resumed safely") as err:
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+    assert "strategy-NNNN.pkl" in str(err.value) and "\n" not in str(err.value)
+    # Named as the new format's strategy file, the pickle is refused just the same.
+    manifest.update(format=2, files=files)
+    (tmp_path / "checkpoint" / "strategy-0001.pkl").unlink()
+    _rewrite(tmp_path, manifest, {"strategy": ("strategy-0001.json", payload)})
+    with pytest.raises(PollenError, match="strategy-0001.json cannot be used"):
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("part", ["arrays", "strategy-arrays"])
+def test_an_object_array_in_a_checkpoint_is_refused_and_never_unpickled(
+    tmp_path: Path, part: str
+) -> None:
+    marker = tmp_path / "pwned"
+    manifest = _saved(tmp_path)
+    evil = np.array([_Payload(marker)], dtype=object)
+    name = manifest["files"][part]["name"]
+    key = "a0" if part == "arrays" else "m_t.0"
+    _rewrite(tmp_path, manifest, {part: (name, _npz_bytes(**{key: evil}))})
+    with pytest.raises(PollenError, match=f"{name} cannot be used: it is not a numpy archive"):
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+def _state_with(tmp_path: Path, state: dict | None = None, **arrays) -> None:
+    manifest = _saved(tmp_path)
+    folder = tmp_path / "checkpoint"
+    doc = json.loads((folder / "strategy-0001.json").read_text())
+    doc.update(state or {})
+    stored = dict(np.load(folder / "strategy-0001.npz", allow_pickle=False))
+    stored.update(arrays)
+    _rewrite(
+        tmp_path,
+        manifest,
+        {
+            "strategy": ("strategy-0001.json", json.dumps(doc).encode()),
+            "strategy-arrays": ("strategy-0001.npz", _npz_bytes(**stored)),
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "arrays", "message"),
+    [
+        ({}, {"m_t.0": np.zeros((3, 2), np.float32)}, "its m_t for '0' is float32 \\(3, 2\\)"),
+        ({}, {"v_t.1": np.zeros(2, np.int8)}, "its v_t for '1' is int8"),
+        ({}, {"m_t.2": np.zeros(2)}, "does not hold exactly"),
+        ({}, {"m_t.0": np.array(["x", "y"])}, "holds <U1, not numbers"),
+        ({"arrays": ["m_t", "v_t", "eta"]}, {"eta.0": np.zeros(1)}, "names more than FedAdam"),
+        ({"strategy": "FedAvgM"}, {}, "holds the state of 'FedAvgM'"),
+        ({"dp": {"noise-multiplier": 1.0}}, {}, "does not match the run config's --dp"),
+        ({"arrays": "m_t"}, {}, "not a list of names"),
+        ({"extra": 1}, {}, "exactly"),
+    ],
+)
+def test_a_crafted_strategy_state_is_refused(tmp_path: Path, state, arrays, message) -> None:
+    _state_with(tmp_path, state, **arrays)
+    with pytest.raises(PollenError, match=message) as err:
+        load_checkpoint(tmp_path)
+    assert "strategy-0001." in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["files"]["history"].update(name="../../history.json"), "history file is not"),
+        (lambda m: m.update(round="1"), "round is not a positive integer"),
+        (lambda m: m.update(keys=["0", "0"]), "keys repeat"),
+        (lambda m: m.update(format=3), "format is 3"),
+        (lambda m: m["files"].pop("strategy-arrays"), "does not name exactly"),
+        (lambda m: m.update(keys=["0"]), "arrays are not those the manifest's keys name"),
+    ],
+)
+def test_a_crafted_manifest_is_refused(tmp_path: Path, change, message) -> None:
+    manifest = _saved(tmp_path)
+    change(manifest)
+    (tmp_path / "checkpoint" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PollenError, match=message):
+        load_checkpoint(tmp_path)
+
+
+def test_a_crafted_dp_ledger_is_refused(tmp_path: Path) -> None:
+    cfg = RunConfig(model="cnn-gn", dp=True, dp_noise=1.0, min_clients=2)
+    strategy = make_private(make_strategy(cfg), cfg, 2)
+    save_checkpoint(tmp_path, 1, {"0": np.zeros(2)}, strategy, _history(1), cfg.to_mapping())
+    manifest = json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())
+    doc = json.loads((tmp_path / "checkpoint" / "strategy-0001.json").read_text())
+    for bad, message in [
+        ({"noise-multiplier": 0.01}, "the run config gives 1 and"),
+        ({"num-sampled-clients": True}, "not a positive integer"),
+        ({"accountant": {"config": {}, "orders": [2.0], "compositions": [{}, {}]}}, "more than 1"),
+        ({"accountant": {"config": {}, "orders": [2.0], "compositions": [{}]}}, "population"),
+    ]:
+        evil = {**doc, "dp": {**doc["dp"], **bad}}
+        files = {"strategy": ("strategy-0001.json", json.dumps(evil).encode())}
+        _rewrite(tmp_path, manifest, files)
+        with pytest.raises(PollenError, match=message):
+            load_checkpoint(tmp_path)
+
+
+# --- each strategy with state: saved after a round, the next aggregate is unchanged ------------
+
+
+def _round(strategy, rnd: int, arrays: list[np.ndarray], updates: list[list[np.ndarray]]):
+    """One round of ``strategy`` on ``arrays`` (seeded noise); its aggregate as numpy arrays."""
+    grid = NodesGrid(list(range(1, len(updates) + 1)))
+    list(strategy.configure_train(rnd, ArrayRecord(arrays), ConfigRecord({}), grid))
+    replies = [train_reply(i + 1, u, n=10 * (i + 1)) for i, u in enumerate(updates)]
+    np.random.seed(rnd)  # Flower's DP noise comes from numpy's global generator
+    new, _ = strategy.aggregate_train(rnd, replies)
+    return new.to_numpy_ndarrays()
+
+
+def _updates(rnd: int, base: list[np.ndarray]) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(rnd)
+    return [
+        [a + rng.normal(size=a.shape).astype(a.dtype) if a.dtype.kind == "f" else a for a in base]
+        for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"strategy": "fedadam"},
+        {"strategy": "fedyogi"},
+        {"strategy": "fedadagrad"},
+        {"strategy": "fedavgm", "server_momentum": 0.9, "server_lr": 0.5},
+        {"strategy": "fedavg", "dp": True, "dp_noise": 1.0, "dp_clip": 5.0, "min_clients": 3},
+    ],
+)
+def test_a_restored_strategy_aggregates_like_one_never_checkpointed(
+    tmp_path: Path, options: dict
+) -> None:
+    cfg = RunConfig(model="cnn-gn", **options)
+    keep, saved = make_strategy(cfg), make_strategy(cfg)
+    if cfg.dp:
+        keep, saved = make_private(keep, cfg, 3), make_private(saved, cfg, 3)
+    arrays = [np.zeros((3, 2), np.float32), np.ones(4, np.float32), np.arange(3, dtype=np.int64)]
+    for strategy in (keep, saved):
+        after_one = _round(strategy, 1, arrays, _updates(1, arrays))
+    # The round loop may change the global arrays after aggregation (BatchNorm statistics):
+    # FedAvgM's own current_arrays must come back, not be taken from the global arrays.
+    after_one[1] = after_one[1] + 0.5
+    global_arrays = {str(i): a for i, a in enumerate(after_one)}
+    save_checkpoint(tmp_path, 1, global_arrays, saved, _history(1), cfg.to_mapping())
+    ckpt = load_checkpoint(tmp_path)
+    restored = ckpt.strategy
+    assert type(restored) is type(keep)
+    inner_keep = keep.strategy if cfg.dp else keep
+    inner_restored = restored.strategy if cfg.dp else restored
+    for attr in KEPT[type(inner_keep)]:
+        _assert_same_state(getattr(inner_restored, attr), getattr(inner_keep, attr))
+    assert privacy_record(restored) == privacy_record(keep)
+    if cfg.dp:
+        assert isinstance(restored, DifferentialPrivacyServerSideFixedClipping)
+        assert restored.accountant.state_dict() == keep.accountant.state_dict()
+    loaded = [ckpt.arrays[str(i)] for i in range(len(after_one))]
+    expected = _round(keep, 2, after_one, _updates(2, after_one))
+    got = _round(restored, 2, loaded, _updates(2, loaded))
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert privacy_record(restored) == privacy_record(keep)
+
+
+def _assert_same_state(got, expected) -> None:
+    if isinstance(expected, ArrayRecord):
+        assert list(got.keys()) == list(expected.keys())
+        got, expected = got.to_numpy_ndarrays(), expected.to_numpy_ndarrays()
+    if isinstance(expected, dict):
+        assert list(got) == list(expected)
+        got, expected = list(got.values()), list(expected.values())
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+
+
+# --- the run lock -----------------------------------------------------------------------------
 
 
 def test_run_lock_is_exclusive_and_released(tmp_path: Path) -> None:

@@ -92,3 +92,28 @@ def test_flower_send_and_receive_would_hang_here() -> None:
     assert not done.wait(3.0)
     grid.release.set()
     assert done.wait(5.0)
+
+
+# --- what clients chose: names and error reasons -----------------------------------------------
+
+
+def test_client_names_are_printable_and_bounded() -> None:
+    from pollen.server.exchange import learn_names
+
+    def named(name):
+        return lambda msg: RecordDict({"client": ConfigRecord({"name": name})})
+
+    grid = FakeGrid(
+        {1: named("ok"), 2: named("\x1b[2Jevil\nname" + "x" * 500), 3: named("  "), 4: named(7)}
+    )
+    names: dict[int, str] = {}
+    learn_names(grid, [1, 2, 3, 4], names, 2.0)
+    assert names[1] == "ok" and names[3] == "node-3" and names[4] == "node-4"
+    assert names[2].startswith("?[2Jevil name") and len(names[2]) == 64
+    assert names[2].isprintable()
+
+
+def test_error_reasons_from_clients_are_printable_and_bounded() -> None:
+    reason = readable_reason("<class 'ValueError'>:<'\x1b[31mred\r\n" + "y" * 5000 + "'>")
+    assert reason.startswith("ValueError: ?[31mred") and reason.isprintable()
+    assert len(reason) == 500

@@ -231,7 +231,12 @@ def test_train_messages_carry_only_what_changed_since_the_clients_evaluated(
             _strategy(2),
             _bn_arrays(),
             RoundSettings(
-                num_rounds=3, history=history, timeout=5.0, min_clients=2, held_weights=held
+                num_rounds=3,
+                history=history,
+                timeout=5.0,
+                min_clients=2,
+                held_weights=held,
+                bn_keys=lambda: ["1", "2"],
             ),
         )
         assert all(c.error is None for r in history.rounds for c in r.clients)

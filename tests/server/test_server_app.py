@@ -1,4 +1,4 @@
-"""The ServerApp's federation: the first client by name starts it; resume equals no break."""
+"""The ServerApp's federation: a client the seed picks starts it; resume equals no break."""
 
 from __future__ import annotations
 
@@ -16,18 +16,19 @@ from pollen.errors import PollenError
 from pollen.server import app as server_app
 from pollen.server.checkpoint import load_checkpoint
 from pollen.server.model_files import ModelFiles
+from pollen.server.sampling import seeded_order
 
 
 @pytest.mark.parametrize("a_node", [1, 2])
-def test_the_first_client_by_name_starts_the_run_while_the_others_prepare(
+def test_the_client_the_seed_picks_starts_the_run_while_the_others_prepare(
     tmp_path: Path, monkeypatch, a_node: int
 ) -> None:
-    """Whichever node id it has, client "a" gives the initial weights; "b" prepares meanwhile."""
+    """The seed picks a node id, whatever names the clients chose; the other prepares meanwhile."""
     monkeypatch.setattr(ModelFiles, "save", lambda self, run_dir, arrays: None)
     b_node = 3 - a_node
-    # "b" is listed first: the node Flower lists first is not the one chosen.
     grid = FakeGrid({b_node: _deterministic_client("b", 1), a_node: _deterministic_client("a", 0)})
     cfg = RunConfig(model="cnn", server_eval=False, min_clients=2, round_timeout=5, num_rounds=1)
+    first = seeded_order([1, 2], cfg.seed)[0]
     server_app.run_federation(grid, cfg.replace(out=str(tmp_path)), tmp_path)
     queries = [
         (m.metadata.dst_node_id, m.content["config"].get("request"))
@@ -35,11 +36,11 @@ def test_the_first_client_by_name_starts_the_run_while_the_others_prepare(
         if m.metadata.message_type == MessageType.QUERY
     ]
     assert sorted(q for q in queries if q[1] != "hello") == sorted(
-        [(a_node, "initial-arrays"), (b_node, "prepare")]
+        [(first, "initial-arrays"), (3 - first, "prepare")]
     )
-    assert queries.index((a_node, "initial-arrays")) > max(
+    assert queries.index((first, "initial-arrays")) > max(
         queries.index((n, "hello")) for n in (1, 2)
-    )  # names first, so the choice can be made
+    )  # names first: round 1's sample is drawn by name
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch) -> None:
