@@ -114,3 +114,16 @@ def train_reply(node: int, arrays: list, n: int = 100):
 def pytest_collection_modifyitems(config, items) -> None:
     """Fast unit tests first, then the end-to-end tests (marked ``e2e``)."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+def bn_layers(model) -> list:
+    """All BatchNormalization layers of a Keras model, including those inside nested models."""
+    import keras
+
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found += bn_layers(layer)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+    return found

@@ -1,7 +1,7 @@
 """Each private Flower/Keras internal in pollen.compat: still there, same shape, same behaviour.
 
 A failure names the internal and the release range it was checked against: check the
-internal in the installed release and update pollen/compat.py (and its range) together.
+internal in the installed release and update pollen/compat/ (and its range) together.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _require(checked: compat.Checked, internal: str) -> None:
     installed = checked.installed()
     assert checked.covers(installed), (
         f"{internal} was checked against {checked}, but {checked.package} {installed} is "
-        f"installed: check it in {installed}, then update pollen/compat.py and its range."
+        f"installed: check it in {installed}, then update pollen/compat/ and its range."
     )
 
 
@@ -44,7 +44,7 @@ def _has_params(obj, names, internal: str, checked: compat.Checked) -> None:
     missing = [name for name in names if name not in params]
     assert not missing, (
         f"{internal} no longer takes {missing} (checked against {checked}); it takes {params}. "
-        "Update pollen/compat.py."
+        "Update pollen/compat/."
     )
 
 
@@ -117,7 +117,7 @@ def test_seed_keras_without_tensorflow() -> None:
     _has_params(rng_utils.set_random_seed, ["seed"], internal, compat.KERAS)
     assert hasattr(rng_utils, "tf") and hasattr(rng_utils.tf, "available"), (
         f"{internal}: the module global `tf` with `.available` is gone "
-        f"(checked against {compat.KERAS}); pollen.compat_keras.seed_keras_without_tensorflow "
+        f"(checked against {compat.KERAS}); pollen.compat.keras.seed_keras_without_tensorflow "
         "no longer keeps TensorFlow out."
     )
     source = inspect.getsource(rng_utils.set_random_seed)

@@ -43,14 +43,19 @@ What a stranger can cost:
     authorized client key (:mod:`pollen.deploy.fleet_keys`, refused with the
     answer Flower would give), and its declared length must fit the body cap.
     Its body is then read within :class:`~pollen.deploy.fleet_limits.FleetLimits`
-    (:mod:`pollen.deploy.fleet_limits`: body and in-flight byte caps, which the
-    operator can set with ``POLLEN_FLEET_MAX_BODY_MIB`` and
-    ``POLLEN_FLEET_MAX_INFLIGHT_MIB``; body and head deadlines; a connection
-    cap). Calls to the SuperLink keep bounded timeouts.
+    (:mod:`pollen.deploy.fleet_limits`: body caps, 6 MiB for ``push-object``;
+    an in-flight byte budget booked as bytes arrive; a minimum pace for bodies
+    and for answers, whose client is cut off below it; head size counted in raw
+    bytes; deadlines; a connection cap; the operator sets them with
+    ``POLLEN_FLEET_*`` variables). A ``push-messages`` body is parsed and refused
+    when its object trees list more than ``max_objects`` objects, so one message
+    cannot make the SuperLink store without bound. Calls to the SuperLink keep
+    bounded timeouts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -88,7 +93,9 @@ from pollen.deploy.fleet_limits import (
     ByteBudget,
     FleetLimits,
     Intake,
+    Pace,
     bounded_http,
+    count_declared_objects,
     declared_length,
     send_text,
 )
@@ -125,6 +132,7 @@ REFUSAL_TEXT = "pollen: this port serves federation clients only\n"
 UNREACHABLE_TEXT = "pollen: the federation server behind this port is not reachable\n"
 TIMEOUT_TEXT = "pollen: the federation server behind this port did not answer in time\n"
 BAD_REQUEST_TEXT = "pollen: malformed request\n"
+TOO_MANY_OBJECTS_TEXT = "pollen: the message declares more objects than this server accepts\n"
 
 # RFC 9110 section 7.6.1 hop-by-hop headers, plus the ones the proxy recomputes.
 _HOP_BY_HOP = frozenset(
@@ -156,6 +164,8 @@ _REQUEST_DROP = _HOP_BY_HOP | {
     b"x-real-ip",
 }
 
+# The Fleet call whose body declares a message's objects (its object tree).
+_MESSAGES_PATH = "/v1/fleet/push-messages"
 # Fleet calls with which a SuperNode joins; an error answer means Flower refused it.
 _JOIN_PATHS = frozenset({"/v1/fleet/register-node", "/v1/fleet/activate-node"})
 
@@ -382,8 +392,8 @@ class _FleetGate:
         Returns:
             Whether it may go on (False once a refusal was sent: 401 for a key
             that is not authorized, 400 for a malformed length, 413 for a body
-            declared larger than the cap), and its declared body length (None:
-            chunked).
+            declared larger than the path's cap), and its declared body length
+            (None: chunked).
         """
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self.keys is not None:
@@ -402,7 +412,7 @@ class _FleetGate:
         except ValueError:
             await send_text(send, 400, BAD_REQUEST_TEXT, close=True)
             return False, None
-        if declared is not None and declared > self.limits.max_body_bytes:
+        if declared is not None and declared > self.limits.body_cap(path):
             self.state.limited["too large"] += 1
             await send_text(send, 413, TOO_LARGE_TEXT, close=True)
             return False, None
@@ -415,12 +425,39 @@ class _FleetGate:
         intake = Intake(self.limits, self.budget, self.state)
         body: bytes | None = None
         try:
-            body = await intake.read(receive, send, declared)
-            if body is not None:
+            body = await intake.read(receive, send, declared, self.limits.body_cap(path))
+            if body is not None and await self._objects_fit(scope, send, path, body):
                 await self._pass_on(scope, send, path, body)
         finally:
             del body  # no reference may outlive its room in the budget
             intake.release()
+
+    async def _objects_fit(self, scope: Scope, send: Send, path: str, body: bytes) -> bool:
+        """Whether a ``push-messages`` call declares at most ``max_objects`` objects.
+
+        Flower 1.42's SuperLink stores every object a message's tree lists, each
+        up to the object cap: the tree is the one place that bounds a message.
+        False once a refusal was sent (413; 400 for a body that is no such call).
+        """
+        if path != _MESSAGES_PATH:
+            return True
+        bound = self.limits.max_objects
+        try:
+            count = count_declared_objects(body, bound)
+        except ValueError:
+            await send_text(send, 400, BAD_REQUEST_TEXT, close=True)
+            return False
+        if count <= bound:
+            return True
+        self.state.limited["too many objects"] += 1
+        self.log.warning(
+            "pollen: refused a message from %s: it declares more than %d objects "
+            "(POLLEN_FLEET_MAX_OBJECTS)",
+            _peer(scope),
+            bound,
+        )
+        await send_text(send, 413, TOO_MANY_OBJECTS_TEXT, close=True)
+        return False
 
     async def _pass_on(self, scope: Scope, send: Send, path: str, body: bytes) -> None:
         """Send the call upstream and relay the answer."""
@@ -438,12 +475,28 @@ class _FleetGate:
                 path in _JOIN_PATHS and 400 <= response.status_code < 500
             ):
                 self.refusals.client(scope, path, response.status_code)
-            await _relay(response, send)
+            try:
+                await _relay(response, send, Pace(self.limits))
+            except TimeoutError:
+                await self._abandon(scope, path)
         finally:
             await response.aclose()
             # httpx's response stream points back at the response: break that cycle, so
             # the request and its body go now, not at the next garbage collection.
             response.stream = httpx.ByteStream(b"")
+
+    async def _abandon(self, scope: Scope, path: str) -> None:
+        """Drop the connection of a client that did not read its answer at the minimum pace."""
+        self.state.limited["slow reader"] += 1
+        self.log.warning(
+            "pollen: abandoned the answer to %s for %s: it was not read in time",
+            path.rsplit("/", 1)[-1],
+            _peer(scope),
+        )
+        abort = scope.get("extensions", {}).get("pollen.abort")
+        if abort is not None:
+            abort["abort"]()  # not close(): that would wait for the client to read
+            await asyncio.sleep(0)  # the server sees the connection gone, not an unended answer
 
     async def _send_upstream(
         self, request: httpx.Request, send: Send, path: str
@@ -474,22 +527,34 @@ class _FleetGate:
         return None
 
 
-async def _relay(response: httpx.Response, send: Send) -> None:
-    """Stream the SuperLink's answer back, without its hop-by-hop headers."""
+async def _relay(response: httpx.Response, send: Send, pace: Pace) -> None:
+    """Stream the SuperLink's answer back, without its hop-by-hop headers.
+
+    Raises:
+        TimeoutError: The client did not read it at ``pace`` (only the time spent
+            waiting for the client counts, not the SuperLink's).
+    """
     up_headers = response.headers.raw
     drop = _HOP_BY_HOP | _connection_tokens(up_headers)
     out_headers = [(n.lower(), v) for n, v in up_headers if n.lower() not in drop]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": out_headers,
-        }
-    )
-    async for chunk in response.aiter_raw():
-        if chunk:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    async with pace:
+        pace.arm()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": out_headers,
+            }
+        )
+        pace.disarm()
+        async for chunk in response.aiter_raw():
+            if chunk:
+                pace.arm(len(chunk))
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                pace.disarm()
+        pace.arm()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        pace.disarm()
 
 
 def create_app(
@@ -522,7 +587,8 @@ def create_app(
         an error answer to register-node/activate-node) by key fingerprint, each
         also logged as a WARNING with the peer address; ``app.state.limited``
         counts calls refused by the limits (``"unauthorized"``, ``"too large"``,
-        ``"busy"``, ``"slow body"``); ``app.state.budget.used`` is the body bytes
+        ``"busy"``, ``"slow body"``, ``"too many objects"``, ``"slow reader"``);
+        ``app.state.budget.used`` is the body bytes
         held right now.
     """
     target = _Upstream(upstream, upstream_verify)

@@ -8,11 +8,11 @@ benchmark's).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["merge_batchnorm_stats", "validate_update", "weighted_mean"]
+__all__ = ["batchnorm_stats_problem", "merge_batchnorm_stats", "validate_update", "weighted_mean"]
 
 
 def weighted_mean(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -54,7 +54,8 @@ def merge_batchnorm_stats(
             ``stats[0]``'s order is the matching moving variance.
 
     Returns:
-        Combined arrays, same keys as ``stats[0]``.
+        Combined arrays, same keys as ``stats[0]``, in their dtypes: a value
+        beyond the dtype's range becomes inf (see :func:`batchnorm_stats_problem`).
     """
     keys = list(stats[0])
     out: dict[str, np.ndarray] = {}
@@ -64,8 +65,9 @@ def merge_batchnorm_stats(
         variances = [s[var_key].astype(np.float64) for s in stats]
         m = weighted_mean(means, counts)
         second = weighted_mean([v + mi**2 for v, mi in zip(variances, means, strict=True)], counts)
-        out[mean_key] = m.astype(stats[0][mean_key].dtype)
-        out[var_key] = np.maximum(second - m**2, 0.0).astype(stats[0][var_key].dtype)
+        with np.errstate(over="ignore"):  # inf where it overflows: the caller checks
+            out[mean_key] = m.astype(stats[0][mean_key].dtype)
+            out[var_key] = np.maximum(second - m**2, 0.0).astype(stats[0][var_key].dtype)
     return out
 
 
@@ -108,4 +110,50 @@ def validate_update(
     norm = float(np.sqrt(squared))
     if max_norm > 0 and not norm <= max_norm:
         return f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}"
+    return None
+
+
+def batchnorm_stats_problem(
+    stats: Mapping[str, np.ndarray],
+    global_stats: Mapping[str, np.ndarray],
+    variance_keys: Collection[str],
+    max_norm: float,
+) -> str | None:
+    """Check BatchNorm statistics (a client's, or the round's merged ones) before they are used.
+
+    The moving means and variances are arrays of the model like any other:
+    replacing the global ones is an update of those arrays, and it is
+    bounded like one. Every array must hold finite values (in its own
+    dtype: a merge computed in float64 that overflows float32 is caught
+    here), variances must be >= 0, and (if ``max_norm > 0``) the statistics
+    may differ from the global ones by at most ``max_norm`` in L2 norm over
+    all arrays in ``stats`` together (``--max-update-norm``). Honest
+    statistics stay far inside the default bound (calibrated on random
+    images, MobileNetV2's 34,112 statistics lie about 110 from a fresh
+    initialisation's means 0 and variances 1, the small CNN's about 14).
+
+    Args:
+        stats: Statistics by key, each shaped like its global array.
+        global_stats: The global model's statistics by key (a superset of ``stats``'s keys).
+        variance_keys: The keys in ``stats`` that hold moving variances.
+        max_norm: Bound on ``||stats - global||_2``; 0 = no bound.
+
+    Returns:
+        ``None`` if they are acceptable, else the reason, phrased for the
+        history (for example ``"3 has negative variances"``).
+    """
+    squared = 0.0
+    for key, a in stats.items():
+        if not np.isfinite(a).all():
+            return f"{key} has NaN/inf values"
+        if key in variance_keys and (a < 0).any():
+            return f"{key} has negative variances"
+        diff = a.astype(np.float64) - np.asarray(global_stats[key], dtype=np.float64)
+        squared += float(np.dot(diff.ravel(), diff.ravel()))
+    distance = float(np.sqrt(squared))
+    if max_norm > 0 and not distance <= max_norm:
+        return (
+            f"distance {distance:.4g} from the global statistics exceeds "
+            f"max-update-norm {max_norm:g}"
+        )
     return None

@@ -47,7 +47,7 @@ from pollen.server.history import (
 from pollen.server.model_files import ModelFiles
 from pollen.server.phases import TrainPhase
 from pollen.server.privacy import make_private, sample_size
-from pollen.server.replies import class_names
+from pollen.server.replies import ModelReference, class_names
 from pollen.server.rounds import RoundSettings, run_rounds
 from pollen.server.sampling import by_name, seeded_order, seeded_sample
 from pollen.server.secagg import SecureAggregation
@@ -319,23 +319,38 @@ def _start(
             strategy.num_sampled_clients,
             cfg.dp_delta,
         )
-    prepared = None
-    if cfg.server_eval:
-        # Load the test split and build the evaluation model while the client builds
-        # its own: a broken test set still fails before round 1, and the server's
-        # start-up overlaps the client's. The freshly initialised model itself is
-        # not evaluated (chance level).
-        pool = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
-        prepared = pool.submit(files.prepare)
-        pool.shutdown(wait=False)  # the thread ends with prepare()
-    arrays = _initial_arrays(grid, cfg, run_dir, nodes, names)
+    # Build the model the initial weights are checked against (and, with server-eval,
+    # load the test split) while the client builds its own: the server's start-up
+    # overlaps the client's, and a broken test set still fails before round 1. The
+    # model is the one model.keras (or the central evaluation) needs anyway; the
+    # freshly initialised model itself is not evaluated (chance level).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
+    reference = pool.submit(_model_reference, files)
+    prepared = pool.submit(files.prepare) if cfg.server_eval else None
+    pool.shutdown(wait=False)  # the thread ends with prepare()
+    arrays = _initial_arrays(grid, cfg, run_dir, nodes, names, reference.result)
     if prepared is not None:
         prepared.result()  # raises here what went wrong (e.g. a broken test set)
     return _Start(strategy, history, arrays, 1)
 
 
+def _model_reference(files: ModelFiles) -> ModelReference:
+    """The model the run config names, freshly initialised: what initial weights must be.
+
+    Built from the model the server builds anyway (the one :func:`_batchnorm_keys`
+    reads), before any weights are set on it.
+    """
+    model = files.eval_model if files.cfg.server_eval else files.model
+    return ModelReference.of(model.get_weights())
+
+
 def _initial_arrays(
-    grid: Grid, cfg: RunConfig, run_dir: Path, nodes: list[int], names: dict[int, str]
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    nodes: list[int],
+    names: dict[int, str],
+    reference: Callable[[], ModelReference],
 ) -> ArrayRecord:
     """Initial weights from a client the seed picks, while round 1's clients prepare.
 
@@ -346,7 +361,9 @@ def _initial_arrays(
     is by name, :func:`by_name`, so a simulation starts from the same
     client's weights every time.) The first client in that order gives the initial weights
     (fastnet's first layer is whitened on its images); weights that are not
-    usable (:func:`pollen.server.replies.initial_arrays_problem`), an error
+    those of the model the run config names (``reference``: keys, shapes,
+    dtypes, finite values within a bound,
+    :func:`pollen.server.replies.initial_arrays_problem`), an error
     or no reply send the request on to the next one, up to
     :data:`INITIAL_ARRAYS_TRIES` clients. The clients round 1 will sample
     (all, unless fraction-train < 1) meanwhile load their data and build
@@ -363,7 +380,9 @@ def _initial_arrays(
     for first in order[:INITIAL_ARRAYS_TRIES]:
         prepare = round_one if not failures else ()
         try:
-            arrays, info = request_initial_arrays(grid, first, cfg.round_timeout, prepare=prepare)
+            arrays, info = request_initial_arrays(
+                grid, first, cfg.round_timeout, reference=reference, prepare=prepare
+            )
         except PollenError as err:
             log(WARNING, "%s Asking another client.", err)
             failures.append(str(err))

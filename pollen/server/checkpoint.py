@@ -20,7 +20,13 @@ round: a crash at any moment leaves a loadable checkpoint. Files no manifest
 names are removed after the manifest is written.
 
 Nothing here is unpickled: arrays are read with ``allow_pickle=False``,
-everything else is JSON. ``--resume`` rebuilds the strategy from the run
+everything else is JSON. Every file is opened without following a symbolic
+link and must be a regular file no larger than its part's cap
+(:data:`MAX_BYTES`), so a link to ``/dev/zero``, a FIFO or a huge sparse
+file is refused before anything is read; the ``checkpoint`` folder itself
+must not be a link; every member of an ``.npz`` must be a ``.npy`` array whose
+header claims no more than the member holds; JSON may nest no deeper than
+:data:`MAX_JSON_DEPTH`. ``--resume`` rebuilds the strategy from the run
 config as a fresh run does and gives it back only the allowed state, after
 checking its names, shapes, dtypes and types against the global arrays; a
 run folder from someone else may hold wrong numbers, but cannot run code.
@@ -31,18 +37,23 @@ refused, never unpickled.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 import time
 import zipfile
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.common.logger import log
 from flwr.serverapp import strategy as fl
 
 from pollen.config import RunConfig
@@ -58,6 +69,30 @@ MANIFEST = "manifest.json"
 FORMAT = 2
 #: Largest manifest read, in bytes (a run config and four file names).
 MAX_MANIFEST_BYTES = 4 << 20
+#: Largest file of each part read, in bytes: a cap against a hostile run folder
+#: only. The arrays cap is far above any model Pollen builds (MobileNetV2, its
+#: largest, is 2.27M parameters: about 9 MB of float32); the strategy keeps at
+#: most two arrays per global array. A history grows by about 350 bytes per
+#: client per round (256 MiB: 1,000 clients for 700 rounds); the strategy JSON
+#: holds a few numbers per round.
+MAX_BYTES: dict[str, int] = {
+    "arrays": 4 << 30,
+    "strategy": 64 << 20,
+    "strategy-arrays": 8 << 30,
+    "history": 256 << 20,
+}
+#: Deepest nesting of lists and objects read in a checkpoint's JSON (Pollen's own is
+#: under 10 deep); deeper documents are refused before they reach code that recurses.
+MAX_JSON_DEPTH = 64
+#: How checkpoint files are opened: never through a symbolic link, and without
+#: blocking on a FIFO (it is then refused as not a regular file).
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
 
 #: A round's files: manifest part -> (file name prefix, suffix).
 PARTS: dict[str, tuple[str, str]] = {
@@ -140,6 +175,7 @@ def save_checkpoint(
     """
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    _check_folder(folder)  # never write (nor tidy up) through a link
     # Arrays are stored by position ("a0", "m_t.0"): any ArrayRecord key stays legal.
     keys = list(arrays)
     state, state_arrays = strategy_state(strategy, keys)
@@ -150,7 +186,16 @@ def save_checkpoint(
         "history": (json.dumps(history.to_dict(), indent=1) + "\n").encode(),
     }
     payloads = {part: (_file_name(part, rnd), data) for part, data in contents.items()}
-    for name, data in payloads.values():
+    for part, (name, data) in payloads.items():
+        if len(data) > MAX_BYTES[part]:
+            log(
+                WARNING,
+                "The checkpoint file %s is %d bytes, more than the %d --resume reads "
+                "(pollen.server.checkpoint.MAX_BYTES): this run cannot be resumed.",
+                name,
+                len(data),
+                MAX_BYTES[part],
+            )
         atomic_write(folder / name, data)
     manifest = {
         "format": FORMAT,
@@ -249,6 +294,89 @@ def _old_format(folder: Path, fmt: object) -> PollenError:
     )
 
 
+def _check_folder(folder: Path) -> bool:
+    """Whether the checkpoint folder exists (``False``: it does not).
+
+    Raises:
+        PollenError: It is a symbolic link or not a folder.
+    """
+    try:
+        mode = os.lstat(folder).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+        raise PollenError(
+            f"The checkpoint folder {folder} is {what}. Pollen reads and writes a run's "
+            "checkpoint only in a real folder inside the run folder, never through a link, "
+            "so this run cannot be resumed from it (nor write its checkpoints there). "
+            "Start a new run (another --out); if this run folder came from someone else, "
+            "do not trust its other files either."
+        )
+    return True
+
+
+def _read_file(path: Path, cap: int) -> bytes:
+    """All of ``path``: a regular file of at most ``cap`` bytes, not reached through a link.
+
+    Opened with ``O_NOFOLLOW`` and ``O_NONBLOCK``, and checked with ``fstat``
+    before a byte is read: a link (to ``/dev/zero``, say), a FIFO, a device
+    or a file larger than ``cap`` is refused at once.
+
+    Raises:
+        FileNotFoundError: It does not exist.
+        OSError: It cannot be opened or read.
+        PollenError: It is a link, not a regular file, or too large.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise _refuse(path, "it is a symbolic link, not a file Pollen wrote") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _refuse(path, "it is not a regular file (a FIFO, device or folder)")
+        if info.st_size > cap:
+            raise _refuse(path, f"it is {info.st_size} bytes, more than the {cap} allowed")
+        data = f.read(info.st_size + 1)
+    if len(data) != info.st_size:
+        raise _refuse(path, "it changed while it was read")
+    return data
+
+
+def _json(data: bytes, path: Path) -> Any:
+    """``data`` parsed as JSON no deeper than :data:`MAX_JSON_DEPTH`.
+
+    Raises:
+        PollenError: It is not JSON (any error of the parser, its recursion
+            limit included), or nests too deeply.
+    """
+    too_deep = f"its JSON nests deeper than {MAX_JSON_DEPTH} levels"
+    try:
+        doc = json.loads(data)
+    except RecursionError:
+        raise _refuse(path, too_deep) from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise _refuse(path, f"it is not JSON ({err})") from None
+    if _too_deep(doc):
+        raise _refuse(path, too_deep)
+    return doc
+
+
+def _too_deep(doc: Any) -> bool:
+    """Whether lists and objects nest in ``doc`` deeper than :data:`MAX_JSON_DEPTH`."""
+    todo = [(doc, 1)] if isinstance(doc, (list, dict)) else []
+    while todo:
+        value, depth = todo.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > MAX_JSON_DEPTH:
+            return True
+        todo.extend((v, depth + 1) for v in children if isinstance(v, (list, dict)))
+    return False
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     """The checkpoint manifest of ``run_dir``, checked, or ``None`` if it has none.
 
@@ -259,19 +387,18 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     """
     folder = checkpoint_dir(run_dir)
     path = folder / MANIFEST
+    if not _check_folder(folder):
+        return None
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ValueError(f"it is larger than {MAX_MANIFEST_BYTES} bytes")
-        manifest = json.loads(raw)
+        raw = _read_file(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise PollenError(
             f"The checkpoint manifest in {folder} cannot be read ({err}). "
             "The run cannot be resumed from it; start a new run."
         ) from None
+    manifest = _json(raw, path)
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt == 1 or any(p.suffix == ".pkl" for p in folder.iterdir()):
         raise _old_format(folder, fmt)
@@ -340,8 +467,9 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig | None = None) -> Checkpoint:
     if set(stored) != {f"a{i}" for i in range(len(keys))}:
         raise _refuse(paths["arrays"], "its arrays are not those the manifest's keys name")
     arrays = {k: stored[f"a{i}"] for i, k in enumerate(keys)}
+    history_doc = _json(data["history"], paths["history"])
     try:
-        history = History.from_dict(json.loads(data["history"]))
+        history = History.from_dict(history_doc)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise _refuse(paths["history"], f"it is not a run history ({err})") from None
     if cfg is None:
@@ -363,7 +491,7 @@ def _read_files(folder: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
     for part, entry in manifest["files"].items():
         path = folder / entry["name"]
         try:
-            content = path.read_bytes()
+            content = _read_file(path, MAX_BYTES[part])
         except OSError as err:
             raise PollenError(
                 f"The checkpoint in {folder} is incomplete: {path.name} cannot be read ({err}). "
@@ -381,21 +509,47 @@ def _read_files(folder: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
 def _read_npz(data: bytes, path: Path) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file Pollen wrote: plain numbers, never objects.
 
+    Every member must be a ``.npy`` array (``np.load`` would hand any other
+    member back as raw bytes) whose header claims no more bytes than the
+    member holds, and is read with ``allow_pickle=False``.
+
     Raises:
         PollenError: It is not an uncompressed numpy archive of numeric arrays.
     """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            if sum(info.file_size for info in zf.infolist()) > len(data):
+            members = zf.infolist()
+            if sum(info.file_size for info in members) > len(data):
                 raise _refuse(path, "it unpacks to more than it holds (Pollen never compresses)")
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
+            names = [info.filename for info in members]
+            if len(set(names)) != len(names):
+                raise _refuse(path, "it holds a member twice")
+            arrays = {info.filename[: -len(".npy")]: _npy(zf, info, path) for info in members}
     except (ValueError, OSError, EOFError, KeyError, MemoryError, zipfile.BadZipFile) as err:
         raise _refuse(path, f"it is not a numpy archive of plain arrays ({err})") from None
     for name, a in arrays.items():
         if a.dtype.kind not in "biuf":
             raise _refuse(path, f"its array {name!r} holds {a.dtype}, not numbers")
     return arrays
+
+
+def _npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
+    """The ``.npy`` member ``info`` of ``zf``, its header checked before its data is read."""
+    if not info.filename.endswith(".npy"):
+        raise _refuse(path, f"its member {info.filename!r} is not a numpy array (.npy)")
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"numpy array format {version} is not one Pollen writes")
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=object)) * dtype.itemsize > (
+        info.file_size
+    ):
+        raise _refuse(path, f"its array {info.filename!r} claims more data than it holds")
+    with zf.open(info) as f:
+        return fmt.read_array(f, allow_pickle=False)
 
 
 def _rebuild_strategy(
@@ -407,10 +561,7 @@ def _rebuild_strategy(
 ) -> Any:
     """The strategy ``cfg`` builds, given back the checked state of the checkpoint."""
     path = paths["strategy"]
-    try:
-        state = json.loads(data["strategy"])
-    except ValueError as err:
-        raise _refuse(path, f"it is not JSON ({err})") from None
+    state = _json(data["strategy"], path)
     inner = make_strategy(cfg)
     kept = KEPT[type(inner)]
     problem = _state_problem(state, type(inner).__name__, kept, cfg.dp)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from pollen.errors import PollenError
 from pollen.protocol import PREPARE_REQUEST, RUN_OVER_REQUEST
 from pollen.server.history import MAX_REASON_CHARS, printable
-from pollen.server.replies import initial_arrays_problem
+from pollen.server.replies import ModelReference, initial_arrays_problem
 from pollen.wire import pack_content, unpack_reply
 
 
@@ -227,17 +227,24 @@ def _query(node: int, request: str) -> Message:
 
 
 def request_initial_arrays(
-    grid: Grid, node_id: int, timeout: float, *, prepare: Iterable[int] = ()
+    grid: Grid,
+    node_id: int,
+    timeout: float,
+    *,
+    reference: Callable[[], ModelReference],
+    prepare: Iterable[int] = (),
 ) -> tuple[ArrayRecord, ConfigRecord]:
-    """Ask one client for freshly initialised weights (the server has no model).
+    """Ask one client for freshly initialised weights (the server aggregates without a model).
 
     The clients in ``prepare`` are asked at the same time to load their data
     and build their model (:data:`PREPARE_REQUEST`), so that round 1 does not
     wait for their start-up. A client that fails to prepare is only logged
     here; round 1 records what becomes of it.
 
-    The weights are checked as far as they can be without a model
-    (:func:`pollen.server.replies.initial_arrays_problem`).
+    The weights are checked against the run's model, freshly initialised
+    (:func:`pollen.server.replies.initial_arrays_problem`); ``reference``
+    gives it, asked once the reply is in (the server builds the model
+    meanwhile).
 
     Returns:
         The weights, and what the client says about itself (``name``, ``classes``).
@@ -265,7 +272,7 @@ def request_initial_arrays(
             "Check that client's console for the error."
         )
     arrays = reply.content.array_records.get("arrays")
-    problem = initial_arrays_problem(arrays)
+    problem = initial_arrays_problem(arrays, reference())
     if problem is not None:
         raise PollenError(
             f"Client {node_id} sent unusable initial model weights ({problem}). "

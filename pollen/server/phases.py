@@ -42,7 +42,9 @@ from pollen.server.replies import (
     capped,
     checked_evaluate_reply,
     checked_train_reply,
+    global_batchnorm_stats,
     is_robust,
+    merged_batchnorm_problem,
     merged_batchnorm_stats,
     pairs_of,
     to_strategy,
@@ -358,6 +360,8 @@ def evaluate_phase(
     skip: Iterable[int] = (),
     bn_keys: BatchNormKeys | None = None,
     held: HeldWeights | None = None,
+    *,
+    max_update_norm: float = 0.0,
 ) -> ArrayRecord:
     """Clients evaluate ``arrays``; return them with re-estimated BatchNorm statistics.
 
@@ -375,9 +379,14 @@ def evaluate_phase(
     (secure aggregation, differential privacy: per-client statistics would
     reveal per-client data), or under a strategy with a DP accountant, any
     statistics sent are ignored and ``arrays`` come back unchanged. Under a
-    robust strategy they are combined by the coordinate-wise median. With
-    ``held``, the clients are asked to keep ``arrays``
-    (:meth:`HeldWeights.keep`), and those that confirm it are noted.
+    robust strategy they are combined by the coordinate-wise median. A
+    client's statistics, and then the merged ones, must lie within
+    ``max_update_norm`` (0 = no bound) of the global ones, like an update
+    (:func:`pollen.server.replies.checked_batchnorm_stats`); merged
+    statistics that fail a check are not installed
+    (:func:`_with_merged_stats`). With ``held``, the clients are asked to
+    keep ``arrays`` (:meth:`HeldWeights.keep`), and those that confirm it
+    are noted.
     """
     skip, record, clients = set(skip), ctx.record, ctx.clients
     with clients.sampling(ctx.grid, ctx.rnd, ctx.timeout) as sampled:
@@ -394,7 +403,8 @@ def evaluate_phase(
         held.held_by(ok)
     private = getattr(ctx.strategy, "accountant", None) is not None
     pairs = _pairs(ok, None if private else bn_keys)
-    valid = _valid_evaluations(ctx, ok, arrays, pairs)
+    global_stats = global_batchnorm_stats(arrays, pairs) if pairs is not None else None
+    valid = _valid_evaluations(ctx, ok, global_stats, pairs, max_update_norm)
     to_strategy(valid, capped([r.examples for r in valid]), train=False)
     metrics = ctx.strategy.aggregate_evaluate(ctx.rnd, [r.msg for r in valid]) if valid else None
     if metrics is not None:
@@ -403,10 +413,35 @@ def evaluate_phase(
             "accuracy": metrics.get("eval_accuracy"),
             "examples": sum(r.examples for r in valid),
         }
-    if pairs is None:
+    if pairs is None or global_stats is None:
         return arrays
+    return _with_merged_stats(ctx, arrays, valid, pairs, global_stats, max_update_norm)
+
+
+def _with_merged_stats(
+    ctx: RoundContext,
+    arrays: ArrayRecord,
+    valid: list[Checked],
+    pairs: list[tuple[str, str]],
+    global_stats: dict[str, np.ndarray],
+    max_norm: float,
+) -> ArrayRecord:
+    """``arrays`` with the statistics merged from ``valid``, if the merge passes its checks.
+
+    Merged statistics that are not finite in their dtype, hold a negative
+    variance or lie farther than ``max_norm`` from ``global_stats``
+    (:func:`pollen.server.replies.merged_batchnorm_problem`) are not
+    installed: ``arrays`` come back with their previous statistics, and the
+    reason goes to the round's record (``evaluate["batchnorm"]``) and the log.
+    """
     merged = merged_batchnorm_stats(valid, pairs, robust=is_robust(ctx.strategy))
     if not merged:
+        return arrays
+    problem = merged_batchnorm_problem(merged, global_stats, pairs, max_norm)
+    if problem is not None:
+        reason = f"kept the previous statistics: merged {problem}"
+        ctx.record.evaluate["batchnorm"] = reason
+        log(WARNING, "Round %d: BatchNorm statistics %s", ctx.rnd, reason)
         return arrays
     return ArrayRecord(
         array_dict={k: Array(merged[k]) if k in merged else v for k, v in arrays.items()}
@@ -425,15 +460,16 @@ def _pairs(
 def _valid_evaluations(
     ctx: RoundContext,
     replies: list[tuple[int, Message]],
-    arrays: ArrayRecord,
+    global_stats: dict[str, np.ndarray] | None,
     pairs: list[tuple[str, str]] | None,
+    max_norm: float,
 ) -> list[Checked]:
     """The replies that pass :func:`checked_evaluate_reply`; the others recorded as rejected."""
     valid: list[Checked] = []
     for node, msg in replies:
         c = ctx.clients.get(node)
         try:
-            checked = checked_evaluate_reply(node, msg, arrays, pairs)
+            checked = checked_evaluate_reply(node, msg, global_stats, pairs, max_norm)
         except Invalid as err:
             ctx.clients.fail(node, "evaluate", f"rejected: {err}")
             log(WARNING, "Round %d: evaluation of client %s rejected: %s", ctx.rnd, c.name, err)

@@ -19,19 +19,30 @@ What a reply must be (Pollen's own client, :mod:`pollen.client.app`, always is):
   weights stay positive, so the weighted mean stays among the validated
   updates.
 - Metrics: only the keys Pollen's client sends pass on to the strategy
-  (:data:`TRAIN_METRICS`, :data:`EVALUATE_METRICS`), each a finite number;
-  others are dropped. Flower's aggregation needs every reply to carry the
-  same keys (else ``InconsistentMessageReplies`` ends the run), so the
-  strategy gets the keys all valid replies share (:func:`shared_metrics`):
-  a client that leaves out an optional metric leaves it out of the round's
-  aggregate, not the run.
+  (:data:`TRAIN_METRICS`, :data:`EVALUATE_METRICS`), each a finite number
+  in its range (:data:`METRIC_RANGES`: accuracies in [0, 1], losses and
+  seconds in [0, :data:`MAX_METRIC`]); others are dropped. A value that is
+  no number, not finite or out of its range rejects the reply, like any
+  other impossible content: a client that sends it is broken or hostile,
+  and its weights are not to be trusted either. Flower's aggregation needs
+  every reply to carry the same keys (else ``InconsistentMessageReplies``
+  ends the run), so the strategy gets the keys all valid replies share
+  (:func:`shared_metrics`): a client that leaves out an optional metric
+  leaves it out of the round's aggregate, not the run.
 - BatchNorm statistics (``bn-stats`` of evaluate replies): keys among the
   model's own moving means and variances, whole pairs, the global arrays'
-  shapes and dtypes, finite, variances >= 0 (:func:`checked_batchnorm_stats`).
-  Under a robust strategy (:data:`ROBUST_STRATEGIES`) they are combined by
-  the coordinate-wise median, not weighted by counts the clients chose.
-- Initial weights (:func:`initial_arrays_problem`) and class names
-  (:func:`class_names`) from the client that starts the run.
+  shapes and dtypes, finite, variances >= 0, and within
+  ``--max-update-norm`` of the global statistics in L2 norm, like an update
+  of those arrays (:func:`checked_batchnorm_stats`). Under a robust strategy
+  (:func:`is_robust`: a :class:`pollen.server.strategies.StrategyEntry`
+  marked ``robust``) they are combined by the coordinate-wise median, not
+  weighted by counts the clients chose. The merged statistics are checked
+  the same way before they replace the global ones
+  (:func:`merged_batchnorm_problem`).
+- Initial weights (:func:`initial_arrays_problem`: the keys, shapes and
+  dtypes of the model the run config names, finite values within
+  :data:`INITIAL_VALUE_FACTOR` times a fresh initialisation's) and class
+  names (:func:`class_names`) from the client that starts the run.
 """
 
 from __future__ import annotations
@@ -42,11 +53,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import strategy as fl
 
 from pollen.protocol import NUM_EXAMPLES_KEY, UNIT_WEIGHT_KEY
-from pollen.server.aggregation import merge_batchnorm_stats, validate_update
+from pollen.server.aggregation import (
+    batchnorm_stats_problem,
+    merge_batchnorm_stats,
+    validate_update,
+)
 from pollen.server.history import printable
+from pollen.server.strategies import STRATEGIES
 
 #: Largest example count a reply may state (``num-examples``, ``calibration-examples``).
 MAX_EXAMPLES = 10**9
@@ -63,13 +78,25 @@ TRAIN_METRICS = ("train_loss", "train_accuracy", "fit_seconds")
 #: Optional metrics of an evaluate reply that pass on to the strategy (besides the weights).
 EVALUATE_METRICS = ("eval_loss", "eval_accuracy", "eval_seconds")
 
-#: Strategies built to withstand malicious clients; BatchNorm statistics then by median.
-ROBUST_STRATEGIES = (fl.FedMedian, fl.FedTrimmedAvg, fl.Krum, fl.MultiKrum, fl.Bulyan)
+#: Largest loss or duration (seconds) a metric may state: far above any real one.
+MAX_METRIC = 1e6
 
-#: Bounds of the initial weights (there is no global model yet to compare them with).
-MAX_INITIAL_ARRAYS = 100_000
-MAX_INITIAL_BYTES = 1 << 30
-MAX_INITIAL_DIMS = 8
+#: The range of each metric that passes on to the strategy, ends included.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "train_loss": (0.0, MAX_METRIC),
+    "train_accuracy": (0.0, 1.0),
+    "fit_seconds": (0.0, MAX_METRIC),
+    "eval_loss": (0.0, MAX_METRIC),
+    "eval_accuracy": (0.0, 1.0),
+    "eval_seconds": (0.0, MAX_METRIC),
+}
+
+#: No value of an initial floating-point array may exceed this many times the
+#: largest magnitude of the same array freshly initialised (or of 1, whichever is
+#: larger). Twice what an honest client can send: a whitened first convolution
+#: (:func:`pollen.models.whitening.whitening_kernel`) holds unit vectors divided by
+#: ``sqrt(variance + 5e-4)``, at most ``1 / sqrt(5e-4)`` ~= 44.7 (images of one colour).
+INITIAL_VALUE_FACTOR = 100.0
 
 #: Bounds of the class names of the client that starts the run.
 MAX_CLASSES = 100_000
@@ -139,7 +166,9 @@ def checked_metrics(content: RecordDict, allowed: Sequence[str]) -> tuple[int, d
 
 
 def checked_values(record: Mapping, allowed: Sequence[str]) -> dict[str, float]:
-    """The ``allowed`` keys ``record`` has, each a finite number; the others dropped.
+    """The ``allowed`` keys ``record`` has, each a finite number in range; the others dropped.
+
+    A key of :data:`METRIC_RANGES` must lie in its range.
 
     Raises:
         Invalid: An allowed key holds something else.
@@ -153,6 +182,9 @@ def checked_values(record: Mapping, allowed: Sequence[str]) -> dict[str, float]:
             raise Invalid(f"metric {key} is not a number")
         if not math.isfinite(value):
             raise Invalid(f"metric {key} is {value}")
+        low, high = METRIC_RANGES.get(key, (-math.inf, math.inf))
+        if not low <= value <= high:
+            raise Invalid(f"metric {key} {value:.4g} is outside {low:g}..{high:g}")
         metrics[key] = value
     return metrics
 
@@ -249,17 +281,21 @@ def _decoded(arrays: ArrayRecord) -> list[np.ndarray]:
 def checked_evaluate_reply(
     node: int,
     msg: Message,
-    arrays: ArrayRecord | None,
+    global_stats: Mapping[str, np.ndarray] | None,
     pairs: Sequence[tuple[str, str]] | None,
+    max_norm: float = 0.0,
 ) -> Checked:
     """An evaluate reply's metrics and (with ``pairs``) BatchNorm statistics, checked.
 
     Args:
         node: The node that sent it.
         msg: The reply.
-        arrays: The global arrays the client evaluated.
+        global_stats: The BatchNorm statistics of the global arrays the
+            client evaluated, by key (:func:`global_batchnorm_stats`).
         pairs: The model's ``(moving mean, moving variance)`` keys; None:
             statistics are not used (any sent are ignored).
+        max_norm: ``--max-update-norm``: bound on the statistics' L2
+            distance from ``global_stats``; 0 = none.
 
     Raises:
         Invalid: Bad metrics, or bad statistics (:func:`checked_batchnorm_stats`).
@@ -267,21 +303,36 @@ def checked_evaluate_reply(
     examples, metrics = checked_metrics(msg.content, EVALUATE_METRICS)
     checked = Checked(node, msg, examples, metrics)
     sent = msg.content.array_records.get("bn-stats")
-    if pairs is None or arrays is None or sent is None or len(sent) == 0:
+    if pairs is None or global_stats is None or sent is None or len(sent) == 0:
         return checked
     checked.calibration = example_count(msg.content["metrics"], CALIBRATION_KEY)
-    checked.bn_stats = checked_batchnorm_stats(sent, arrays, pairs)
+    checked.bn_stats = checked_batchnorm_stats(sent, global_stats, pairs, max_norm)
     return checked
 
 
-def checked_batchnorm_stats(
-    sent: ArrayRecord, arrays: ArrayRecord, pairs: Sequence[tuple[str, str]]
+def global_batchnorm_stats(
+    arrays: ArrayRecord, pairs: Sequence[tuple[str, str]]
 ) -> dict[str, np.ndarray]:
-    """A client's BatchNorm statistics, checked against the model's and the global arrays.
+    """The BatchNorm statistics of the global ``arrays``, by key (decoded once a round)."""
+    return {key: arrays[key].numpy() for pair in pairs for key in pair}
+
+
+def checked_batchnorm_stats(
+    sent: ArrayRecord,
+    global_stats: Mapping[str, np.ndarray],
+    pairs: Sequence[tuple[str, str]],
+    max_norm: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """A client's BatchNorm statistics, checked against the model's and the global ones.
 
     Every key must be a moving mean or variance of the model (``pairs``),
     with its partner; each array has the global array's shape and dtype and
-    finite values, and variances are >= 0.
+    finite values, variances are >= 0, and all of them together lie within
+    ``max_norm`` (``--max-update-norm``; 0 = no bound) of the global
+    statistics in L2 norm, as an update of those arrays must
+    (:func:`pollen.server.aggregation.batchnorm_stats_problem`). Without
+    that bound a client could send means of 1e20, finite in float32, whose
+    merged variance overflows to inf.
 
     Returns:
         The statistics by key, in the order of ``pairs``.
@@ -302,18 +353,37 @@ def checked_batchnorm_stats(
         if mean_key not in keys:
             continue
         for key in (mean_key, var_key):
-            a, g = _decoded(ArrayRecord(array_dict={key: sent[key]}))[0], arrays[key]
-            if a.shape != tuple(g.shape) or a.dtype != np.dtype(g.dtype):
+            a, g = _decoded(ArrayRecord(array_dict={key: sent[key]}))[0], global_stats[key]
+            if a.shape != g.shape or a.dtype != g.dtype:
                 raise Invalid(
                     f"bn-stats {key} is {a.dtype}{list(a.shape)}, "
                     f"the global array is {g.dtype}{list(g.shape)}"
                 )
             out[key] = a
-            if not np.isfinite(a).all():
-                raise Invalid(f"bn-stats {key} has NaN/inf values")
-        if (out[var_key] < 0).any():
-            raise Invalid(f"bn-stats {var_key} has negative variances")
+    reason = batchnorm_stats_problem(out, global_stats, _variances(pairs), max_norm)
+    if reason is not None:
+        raise Invalid(f"bn-stats {reason}")
     return out
+
+
+def _variances(pairs: Sequence[tuple[str, str]]) -> set[str]:
+    return {var_key for _, var_key in pairs}
+
+
+def merged_batchnorm_problem(
+    merged: Mapping[str, np.ndarray],
+    global_stats: Mapping[str, np.ndarray],
+    pairs: Sequence[tuple[str, str]],
+    max_norm: float,
+) -> str | None:
+    """What is wrong with the round's merged statistics, or None.
+
+    The checks of a client's statistics, on the merged ones in their own
+    dtype: a merge in float64 of valid statistics may still overflow
+    float32, or (the spread of the clients' means adds to the merged
+    variance) land farther from the global statistics than ``max_norm``.
+    """
+    return batchnorm_stats_problem(merged, global_stats, _variances(pairs), max_norm)
 
 
 def merged_batchnorm_stats(
@@ -345,9 +415,14 @@ def merged_batchnorm_stats(
 
 
 def is_robust(strategy: object) -> bool:
-    """Whether ``strategy`` (or the one a DP wrapper holds) is one of :data:`ROBUST_STRATEGIES`."""
+    """Whether ``strategy`` (or the one a DP wrapper holds) is robust.
+
+    Robust: an instance of the Flower class of a
+    :data:`pollen.server.strategies.STRATEGIES` entry marked ``robust``.
+    """
+    robust = tuple(entry.flower for entry in STRATEGIES.values() if entry.robust)
     inner = getattr(strategy, "strategy", strategy)
-    return isinstance(strategy, ROBUST_STRATEGIES) or isinstance(inner, ROBUST_STRATEGIES)
+    return bool(robust) and (isinstance(strategy, robust) or isinstance(inner, robust))
 
 
 def pairs_of(keys: Iterable[str]) -> list[tuple[str, str]]:
@@ -364,40 +439,74 @@ def pairs_of(keys: Iterable[str]) -> list[tuple[str, str]]:
 # --- the client that starts the run ------------------------------------------------------
 
 
-def initial_arrays_problem(arrays: object) -> str | None:
+@dataclass(frozen=True)
+class ModelReference:
+    """The run's model freshly initialised, as the initial weights are checked against it.
+
+    Attributes:
+        shapes: Each array's shape, in the order of the model's weights.
+        dtypes: Each array's dtype.
+        bounds: Largest magnitude each array may hold (infinite for
+            non-floating arrays): :data:`INITIAL_VALUE_FACTOR` times the
+            larger of 1 and the fresh array's largest magnitude.
+    """
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    bounds: tuple[float, ...]
+
+    @classmethod
+    def of(cls, weights: Sequence[np.ndarray]) -> ModelReference:
+        """The reference of a freshly initialised model's ``weights`` (``get_weights()``)."""
+        weights = [np.asarray(w) for w in weights]
+        return cls(
+            shapes=tuple(w.shape for w in weights),
+            dtypes=tuple(w.dtype for w in weights),
+            bounds=tuple(
+                INITIAL_VALUE_FACTOR * max(1.0, float(np.abs(w).max(initial=0.0)))
+                if np.issubdtype(w.dtype, np.floating)
+                else math.inf
+                for w in weights
+            ),
+        )
+
+
+def initial_arrays_problem(arrays: object, reference: ModelReference) -> str | None:
     """What is wrong with a client's initial weights, or None.
 
-    There is no global model to compare them with: they must be an
-    ArrayRecord keyed ``"0"``, ``"1"``, ... of at most
-    :data:`MAX_INITIAL_ARRAYS` numeric arrays (floating point or integer) of
-    at most :data:`MAX_INITIAL_DIMS` dimensions, :data:`MAX_INITIAL_BYTES`
-    in all, with finite values, and at least one floating-point array.
+    They must be what the run's model (``reference``) is: an ArrayRecord
+    keyed ``"0"``, ``"1"``, ... with its number of arrays, each of its shape
+    and dtype, with finite values and none beyond its bound
+    (:class:`ModelReference`). There is no global model yet to bound the
+    distance from, as an update's is; the value bound keeps a start whose
+    first forward pass overflows out, while every client can still start
+    the run from the weights it initialised and whitened itself.
     """
     if not isinstance(arrays, ArrayRecord) or len(arrays) == 0:
         return "no weights"
-    if len(arrays) > MAX_INITIAL_ARRAYS:
-        return f"{len(arrays)} arrays, more than {MAX_INITIAL_ARRAYS}"
+    if len(arrays) != len(reference.shapes):
+        return f"{len(arrays)} arrays, the run's model has {len(reference.shapes)}"
     if list(arrays.keys()) != [str(i) for i in range(len(arrays))]:
         return 'arrays are not keyed "0", "1", ...'
-    total, floating = 0, 0
-    for key, a in arrays.items():
-        if len(a.shape) > MAX_INITIAL_DIMS or any(d < 0 for d in a.shape):
-            return f"array {key} has shape {list(a.shape)}"
-        total += len(a.data)
-        if total > MAX_INITIAL_BYTES:
-            return f"the weights hold more than {MAX_INITIAL_BYTES} bytes"
-    for key, a in arrays.items():
+    for i, a in enumerate(arrays.values()):
+        shape, dtype = reference.shapes[i], reference.dtypes[i]
+        if tuple(a.shape) != shape or a.dtype != str(dtype):
+            return f"array {i} is {a.dtype}{list(a.shape)}, the model's is {dtype}{list(shape)}"
+    for i, a in enumerate(arrays.values()):
         try:
             value = a.numpy()
         except Exception:  # noqa: BLE001 - a record that does not decode is a bad one
-            return f"array {key} does not decode"
-        if np.issubdtype(value.dtype, np.floating):
-            floating += 1
-            if not np.isfinite(value).all():
-                return f"array {key} has NaN/inf values"
-        elif not np.issubdtype(value.dtype, np.integer):
-            return f"array {key} has dtype {value.dtype}"
-    return None if floating else "no floating-point array"
+            return f"array {i} does not decode"
+        if value.shape != reference.shapes[i] or value.dtype != reference.dtypes[i]:
+            return f"array {i} does not decode as the model's {reference.dtypes[i]}"
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        if not np.isfinite(value).all():
+            return f"array {i} has NaN/inf values"
+        largest = float(np.abs(value).max(initial=0.0))
+        if largest > reference.bounds[i]:
+            return f"array {i} holds {largest:.4g}, beyond its bound {reference.bounds[i]:.4g}"
+    return None
 
 
 def class_names(value: object) -> list[str] | None:

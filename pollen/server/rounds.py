@@ -74,7 +74,9 @@ class RoundSettings:
         target_accuracy: Stop once the central accuracy reaches it; 0: never.
         first_round: The first round to run (a resumed run's next one).
         min_clients: Quorum to start a round, and valid updates a round needs.
-        max_update_norm: Bound on an update's L2 norm; 0: none.
+        max_update_norm: Bound on an update's L2 norm, and on the L2 distance
+            of clients' (and the merged) BatchNorm statistics from the global
+            ones; 0: none.
         names: Client names by node id learned so far; filled in on the way.
         train: The train phase; None: :func:`train_phase`.
         bn_keys: The model's BatchNorm moving mean and variance keys, asked for
@@ -212,7 +214,9 @@ class _RoundLoop:
         record.phase_seconds["train"] = time.perf_counter() - start
         wait_for_quorum(self.grid, s.min_clients, s.timeout, rnd)
         ctx = dataclasses.replace(ctx, grid=self.grid)
-        arrays = evaluate_phase(ctx, arrays, failed, self.bn_keys, self.held)
+        arrays = evaluate_phase(
+            ctx, arrays, failed, self.bn_keys, self.held, max_update_norm=s.max_update_norm
+        )
         record.phase_seconds["evaluate"] = (
             time.perf_counter() - start - sum(record.phase_seconds.values())
         )

@@ -19,7 +19,11 @@ Server side (:class:`SecureAggregation`, :func:`secure_train_phase`):
 3. The workflow runs its four stages (setup, share keys, collect masked
    vectors, unmask) through a grid wrapper that gives every exchange
    Pollen's hard deadline (:func:`pollen.server.exchange.exchange`) and records
-   failures, bytes and the per-client metrics for the history.
+   failures, bytes and the per-client metrics for the history. Each reply is
+   checked against what its stage must carry (:func:`stage_problems`) before
+   the workflow reads it: one that fails is that client's ``rejected:
+   <reason>`` and a dropout, which SecAgg+ recovers from while enough clients
+   remain (:class:`EarlyDropoutSecAggPlus` also before the masked vectors).
 4. What comes back is the weighted average of the clients' *updates*
    (trained minus global weights); the new global model is the old one plus
    that average, checked for shapes and finite values (individual updates
@@ -46,10 +50,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -86,9 +93,18 @@ from pollen.server.exchange import exchange, learn_names, readable_reason, recor
 from pollen.server.history import RoundRecord
 from pollen.server.phases import RoundClients, RoundContext
 from pollen.server.replies import TRAIN_METRICS, Invalid, checked_values, example_count
+from pollen.wire import WireFormatError, wire_array
 
 #: Quantization levels of SecAgg+ (Flower's default, 2**22).
 QUANTIZATION_RANGE = 2**22
+#: Longest public key a setup reply may carry (a PEM SECP384R1 key is 215 bytes).
+MAX_KEY_BYTES = 4096
+#: Longest ciphertext or key share a reply may carry (Flower's are under 1 KiB).
+MAX_SECRET_BYTES = 1 << 16
+#: The curve of SecAgg+'s keys (Flower 1.42's ``generate_key_pairs``).
+KEY_CURVE = ec.SECP384R1.name
+#: The dtype of every array of a masked vector (quantized values plus int64 masks, mod 2**32).
+MASKED_DTYPE = "int64"
 
 
 # --- thresholds -------------------------------------------------------------------
@@ -248,8 +264,166 @@ def _stage(msg: Message) -> str:
     return str(cfg.get(Key.STAGE, "?")) if cfg is not None else "?"
 
 
+# --- what each stage's reply must carry ----------------------------------------------
+
+
+def _config(reply: Message) -> ConfigRecord:
+    cfg = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    if cfg is None:
+        raise Invalid("its reply has no SecAgg+ record")
+    return cfg
+
+
+def _list_of(cfg: ConfigRecord, key: str, kind: type, what: str) -> list:
+    """``cfg[key]``, a list of ``kind`` values (never booleans)."""
+    value = cfg.get(key)
+    if not isinstance(value, list) or not all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value
+    ):
+        raise Invalid(f"its {what} is not a list of {kind.__name__}")
+    return value
+
+
+def _check_public_key(key: object) -> bytes:
+    """``key``: a PEM public key on SecAgg+'s curve, at most :data:`MAX_KEY_BYTES`."""
+    if not isinstance(key, bytes) or len(key) > MAX_KEY_BYTES:
+        raise Invalid(f"its public keys are not two byte strings of at most {MAX_KEY_BYTES} bytes")
+    try:
+        loaded = serialization.load_pem_public_key(key)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise Invalid("a public key it sent is not a PEM public key") from None
+    if not isinstance(loaded, ec.EllipticCurvePublicKey) or loaded.curve.name != KEY_CURVE:
+        raise Invalid(f"a public key it sent is not a {KEY_CURVE} key")
+    return key
+
+
+def _check_setup(reply: Message, request: Message, shapes: Sequence[tuple]) -> None:
+    """Setup: two different public keys."""
+    cfg = _config(reply)
+    pk1 = _check_public_key(cfg.get(Key.PUBLIC_KEY_1))
+    if pk1 == _check_public_key(cfg.get(Key.PUBLIC_KEY_2)):
+        raise Invalid("its two public keys are the same")
+
+
+def _check_share_keys(reply: Message, request: Message, shapes: Sequence[tuple]) -> None:
+    """Share keys: one ciphertext for each neighbour it was sent the keys of, itself aside."""
+    cfg = _config(reply)
+    dsts = _list_of(cfg, Key.DESTINATION_LIST, int, "destination list")
+    ciphertexts = _list_of(cfg, Key.CIPHERTEXT_LIST, bytes, "ciphertext list")
+    sent = request.content.config_records[RECORD_KEY_CONFIGS]
+    node = request.metadata.dst_node_id
+    neighbours = sorted(int(k) for k in sent if k != Key.STAGE and int(k) != node)
+    if len(ciphertexts) != len(dsts) or sorted(dsts) != neighbours:
+        raise Invalid("its key shares are not one ciphertext for each of its neighbours")
+    if any(len(c) > MAX_SECRET_BYTES for c in ciphertexts):
+        raise Invalid(f"a ciphertext it sent is over {MAX_SECRET_BYTES} bytes")
+
+
+def plaintext_part(reply: Message) -> tuple[int, dict[str, float]]:
+    """The clear part of a collect-stage reply: its example count and train metrics.
+
+    Raises:
+        Invalid: Either is not what Pollen's client sends.
+    """
+    metrics = reply.content.config_records.get("fitres.metrics", ConfigRecord())
+    count = reply.content.metric_records.get("fitres.num_examples")
+    if count is not None:
+        n = example_count(count, "num_examples")
+    else:
+        n = example_count(metrics, NUM_EXAMPLES_KEY)
+    return n, checked_values(metrics, TRAIN_METRICS)
+
+
+def _check_collect(reply: Message, request: Message, shapes: Sequence[tuple]) -> None:
+    """Collect masked vectors: one int64 array per shape, nothing in the clear but metrics.
+
+    Each ``.npy`` entry is read by :func:`pollen.wire.wire_array` (the header matched,
+    never :func:`numpy.load`, no copy), against ``shapes``: the weight factor's
+    ``(1,)`` and the global model's arrays.
+    """
+    vectors = _list_of(_config(reply), Key.MASKED_PARAMETERS, bytes, "masked vector")
+    if len(vectors) != len(shapes):
+        raise Invalid(
+            f"its masked vector has {len(vectors)} arrays, not {len(shapes)} (a weight "
+            "factor and one per model array)"
+        )
+    for i, (data, shape) in enumerate(zip(vectors, shapes, strict=True)):
+        array = Array(dtype=MASKED_DTYPE, shape=tuple(shape), stype="numpy.ndarray", data=data)
+        try:
+            wire_array(array, f"array {i} of a masked vector")
+        except WireFormatError:
+            raise Invalid(
+                f"array {i} of its masked vector is not an {MASKED_DTYPE} .npy array of "
+                f"shape {tuple(shape)}"
+            ) from None
+    if any(len(record) for record in reply.content.array_records.values()):
+        raise Invalid("it sent arrays in the clear beside its masked vector")
+    try:  # what the workflow reads of it (its legacy FitRes)
+        compat.recorddict_to_fitres(reply.content, keep_input=True)
+    except (KeyError, TypeError, ValueError):
+        raise Invalid("its reply has no legacy fit result (status, metrics, count)") from None
+    plaintext_part(reply)
+
+
+def _check_unmask(reply: Message, request: Message, shapes: Sequence[tuple]) -> None:
+    """Unmask: one Shamir share for each neighbour it was asked about."""
+    cfg = _config(reply)
+    nids = _list_of(cfg, Key.NODE_ID_LIST, int, "node id list")
+    shares = _list_of(cfg, Key.SHARE_LIST, bytes, "share list")
+    sent = request.content.config_records[RECORD_KEY_CONFIGS]
+    asked = [*sent[Key.ACTIVE_NODE_ID_LIST], *sent[Key.DEAD_NODE_ID_LIST]]  # type: ignore[misc]
+    if len(shares) != len(nids) or sorted(nids) != sorted(asked):
+        raise Invalid("its key shares are not one for each neighbour it was asked about")
+    if any(len(s) < 20 or (len(s) - 4) % 16 or len(s) > MAX_SECRET_BYTES for s in shares):
+        raise Invalid("a key share it sent is not a Shamir share (4 + 16k bytes)")
+
+
+_STAGE_CHECKS = {
+    Stage.SETUP: _check_setup,
+    Stage.SHARE_KEYS: _check_share_keys,
+    Stage.COLLECT_MASKED_VECTORS: _check_collect,
+    Stage.UNMASK: _check_unmask,
+}
+
+
+def stage_problems(
+    stage: str, replies: dict[int, Message], sent: dict[int, Message], shapes: Sequence[tuple]
+) -> dict[int, str]:
+    """Node -> why its reply does not carry what ``stage`` needs, for the replies that do not.
+
+    What the workflow reads of a reply is checked before it reads it: its
+    types and counts, the public keys, the masked vector's arrays against
+    ``shapes``. A setup key that two clients sent is rejected for both. What
+    is encrypted for, or secret-shared with, other clients cannot be checked
+    here.
+    """
+    check = _STAGE_CHECKS.get(stage)  # type: ignore[call-overload]
+    problems: dict[int, str] = {}
+    if check is None:
+        return problems
+    for node, reply in replies.items():
+        if reply.metadata.src_node_id != node:
+            problems[node] = "its reply names another node as its sender"
+            continue
+        try:
+            check(reply, sent[node], shapes)
+        except Invalid as err:
+            problems[node] = str(err)
+    if stage == Stage.SETUP:
+        holders: dict[object, list[int]] = {}
+        for node, reply in replies.items():
+            if node not in problems:
+                cfg = _config(reply)
+                for key in (cfg[Key.PUBLIC_KEY_1], cfg[Key.PUBLIC_KEY_2]):
+                    holders.setdefault(key, []).append(node)
+        for nodes in holders.values():
+            for node in nodes if len(nodes) > 1 else ():
+                problems[node] = "it sent a public key another client sent too"
+    return problems
+
+
 class DeadlineGrid:
-    """A Grid for the workflow: hard deadlines, failure and byte bookkeeping.
+    """A Grid for the workflow: hard deadlines, reply checks, failure and byte bookkeeping.
 
     ``SecAggPlusWorkflow`` talks to clients with ``grid.send_and_receive``
     only; that call can hang in Flower 1.42 when a node dies mid-push. Here
@@ -257,15 +431,27 @@ class DeadlineGrid:
     replies and missing replies are recorded as the client's ``train``
     failure, payload bytes in ``ctx.record``, and the collect-stage replies
     (masked vectors plus plaintext metrics) kept in :attr:`collected`.
+    Every reply is checked against what its stage must carry
+    (:func:`stage_problems`) before the workflow reads it; one that fails is
+    that client's ``rejected: <reason>`` and is not handed on, so the
+    workflow sees a dropout and SecAgg+ recovers from it as from any other.
     Everything else is delegated to ``ctx.grid``.
+
+    Args:
+        ctx: The round.
+        shapes: Shapes of the masked vector's arrays: ``(1,)`` (the weight
+            factor), then the global model's.
     """
 
-    def __init__(self, ctx: RoundContext) -> None:
+    def __init__(self, ctx: RoundContext, shapes: Sequence[tuple]) -> None:
         self.grid = ctx.grid
         self.timeout = ctx.timeout
         self.rnd = ctx.rnd
         self.record = ctx.record
         self.clients = ctx.clients
+        self.shapes = list(shapes)
+        #: The stage of the last exchange (for errors).
+        self.stage = "?"
         #: Node id -> its reply in the collect-masked-vectors stage.
         self.collected: dict[int, Message] = {}
 
@@ -275,15 +461,16 @@ class DeadlineGrid:
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        """Exchange ``messages`` within ``min(timeout, self.timeout)``; return the replies."""
+        """Exchange ``messages`` within ``min(timeout, self.timeout)``; return the good replies."""
         messages = list(messages)
         if not messages:
             return []
-        stage = _stage(messages[0])
+        stage = self.stage = _stage(messages[0])
         self.record.bytes_sent += sum(payload_bytes(m.content) for m in messages)
         limit = self.timeout if timeout is None else min(timeout, self.timeout)
         result = exchange(self.grid, messages, limit, pack=False)
         phase = f"train (secagg {stage})"
+        answered: dict[int, Message] = {}
         for node, msg in result.replies.items():
             if msg.has_error():
                 c = self.clients.fail(node, phase, readable_reason(msg.error.reason))
@@ -291,12 +478,45 @@ class DeadlineGrid:
                 continue
             self.clients(msg, node)
             self.record.bytes_received += payload_bytes(msg.content)
-            if stage == Stage.COLLECT_MASKED_VECTORS:
-                self.collected[node] = msg
+            answered[node] = msg
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        for node, reason in stage_problems(stage, answered, sent, self.shapes).items():
+            c = self.clients.fail(node, phase, f"rejected: {reason}")
+            log(WARNING, "Round %d: %s reply of client %s rejected: %s", self.rnd, stage,
+                c.name, reason)  # fmt: skip
+            del answered[node]
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            self.collected.update(answered)
         for node in result.missing:
             c = self.clients.fail(node, phase, f"no reply within round-timeout ({limit:g} s)")
             log(WARNING, "Round %d: client %s sent no %s reply", self.rnd, c.name, phase)
-        return list(result.replies.values())
+        errors = [m for m in result.replies.values() if m.has_error()]
+        return errors + list(answered.values())
+
+
+class EarlyDropoutSecAggPlus(SecAggPlusWorkflow):
+    """Flower 1.42's SecAgg+ workflow, recovering from dropouts before the masked vectors too.
+
+    Flower's workflow counts a client that dropped out in the setup or share
+    keys stage (it sent no reply, or :class:`DeadlineGrid` rejected it) among
+    the dead of the unmask stage: it asks the others for key shares they
+    never received (each of them fails) and itself needs shares of that
+    client to unmask, so the round halts. Such a client's secrets were never
+    shared and no one masked a vector with its keys, so here it is removed
+    from the round before the masked vectors are collected: the sampled
+    clients and every neighbourhood, as if it had never been sampled.
+    """
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        """Drop the clients lost before this stage from the round, then collect."""
+        early = state.sampled_node_ids - state.active_node_ids
+        if early:
+            state.sampled_node_ids = set(state.active_node_ids)
+            for nid in early:
+                state.nid_to_neighbours.pop(nid, None)
+            for neighbours in state.nid_to_neighbours.values():
+                neighbours -= early
+        return super().collect_masked_vectors_stage(grid, context, state)
 
 
 def learn_train_examples(
@@ -386,7 +606,7 @@ def secure_train_phase(
             "sampled. Raise --min-clients or --fraction-train, or drop --secagg."
         )
     shares, thr = workflow_counts(num_shares, threshold)
-    workflow = SecAggPlusWorkflow(
+    workflow = EarlyDropoutSecAggPlus(
         shares,
         thr,
         max_weight=float(max_weight),
@@ -396,8 +616,20 @@ def secure_train_phase(
     )
     context = make_legacy_context(ctx.grid, nodes, rnd, arrays, config)
     before = context.state.array_records[MAIN_PARAMS_RECORD]
-    wrapped = DeadlineGrid(ctx)
-    workflow(wrapped, context)  # type: ignore[arg-type]
+    wrapped = DeadlineGrid(ctx, [(1,), *(tuple(a.shape) for a in arrays.values())])
+    try:
+        workflow(wrapped, context)  # type: ignore[arg-type]
+    except (ArithmeticError, IndexError, KeyError, TypeError, ValueError) as err:
+        log(DEBUG, "SecAgg+ workflow failed", exc_info=True)
+        raise PollenError(
+            f"Round {rnd}: secure aggregation failed in its {wrapped.stage} stage "
+            f"({type(err).__name__}: {str(err)[:200]}). Every reply had the form its stage "
+            "needs, so a client sent secret material (a key share or ciphertext meant for "
+            "another client) it did not compute honestly, which the server cannot read to "
+            f"check; failed: {clients.failures()}. The last completed round is "
+            "checkpointed: continue with --resume RUN_DIR, leaving out clients you do not "
+            "trust, or drop --secagg to have every update checked."
+        ) from None
     after = context.state.array_records[MAIN_PARAMS_RECORD]
     if after is before:
         raise PollenError(
@@ -435,7 +667,14 @@ def _add_mean_update(arrays: ArrayRecord, mean_update: list[np.ndarray], rnd: in
     # it must have the global model's shapes and dtypes and finite values.
     reason = validate_update(start, new, 0.0) if len(new) == len(start) else "wrong array count"
     if reason is not None:
-        raise PollenError(f"Round {rnd}: the secure aggregate is unusable: {reason}.")
+        raise PollenError(
+            f"Round {rnd}: the secure aggregate is unusable: {reason}. Every client's "
+            "masked vector had the model's form, so one of them masked an update or weight "
+            "it did not compute honestly (which one, the server cannot tell: single "
+            "updates are masked). The last completed round is checkpointed: continue with "
+            "--resume RUN_DIR, leaving out clients you do not trust, or drop --secagg to "
+            "have every update checked."
+        )
     return ArrayRecord(array_dict={k: Array(a) for k, a in zip(arrays, new, strict=True)})
 
 
@@ -446,15 +685,9 @@ def _record_clients(
     weights, losses, accuracies = [], [], []
     for node, msg in collected.items():
         c = clients.get(node)
-        metrics = msg.content.config_records.get("fitres.metrics", ConfigRecord())
-        count = msg.content.metric_records.get("fitres.num_examples")
-        try:  # the plaintext part is the client's word, checked as any reply's metrics
-            if count is not None:
-                n = example_count(count, "num_examples")
-            else:
-                n = example_count(metrics, NUM_EXAMPLES_KEY)
-            m = checked_values(metrics, TRAIN_METRICS)
-        except Invalid as err:  # its masked update is in the sum all the same
+        try:  # checked when it arrived (stage_problems); a reply that fails is not collected
+            n, m = plaintext_part(msg)
+        except Invalid as err:
             log(WARNING, "Client %s sent unusable train metrics: %s", c.name, err)
             continue
         c.train_loss, c.train_accuracy = m.get("train_loss"), m.get("train_accuracy")

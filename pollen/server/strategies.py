@@ -54,6 +54,10 @@ class StrategyEntry:
             malicious clients; None: no such bound.
         secagg: Works under secure aggregation (needs only the sum of updates).
         dp: Covered by Flower's DP accountant (plain FedAvg aggregation).
+        robust: Built to withstand malicious clients: their BatchNorm
+            statistics are then combined by the coordinate-wise median, not
+            weighted by the counts clients state
+            (:func:`pollen.server.replies.merged_batchnorm_stats`).
     """
 
     flower: Callable[..., fl.Strategy]
@@ -61,6 +65,7 @@ class StrategyEntry:
     min_updates: Callable[[int], int] | None = None
     secagg: bool = False
     dp: bool = False
+    robust: bool = False
 
     def __call__(self, cfg: RunConfig) -> fl.Strategy:
         """The configured Flower strategy for ``cfg``."""
@@ -85,10 +90,15 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fedadam": StrategyEntry(fl.FedAdam, lambda cfg: {"eta": 0.1 * cfg.server_lr}),
     "fedyogi": StrategyEntry(fl.FedYogi, lambda cfg: {"eta": 0.01 * cfg.server_lr}),
     "fedadagrad": StrategyEntry(fl.FedAdagrad, lambda cfg: {"eta": 0.1 * cfg.server_lr}),
-    "fedmedian": StrategyEntry(fl.FedMedian),
-    "trimmedmean": StrategyEntry(fl.FedTrimmedAvg, lambda cfg: {"beta": cfg.trim_beta}),
+    "fedmedian": StrategyEntry(fl.FedMedian, robust=True),
+    "trimmedmean": StrategyEntry(
+        fl.FedTrimmedAvg, lambda cfg: {"beta": cfg.trim_beta}, robust=True
+    ),
     "krum": StrategyEntry(
-        fl.Krum, lambda cfg: {"num_malicious_nodes": cfg.num_malicious_nodes}, _byzantine
+        fl.Krum,
+        lambda cfg: {"num_malicious_nodes": cfg.num_malicious_nodes},
+        _byzantine,
+        robust=True,
     ),
     "multikrum": StrategyEntry(
         fl.MultiKrum,
@@ -97,11 +107,13 @@ STRATEGIES: dict[str, StrategyEntry] = {
             "num_nodes_to_select": cfg.num_nodes_to_select,
         },
         _byzantine,
+        robust=True,
     ),
     "bulyan": StrategyEntry(
         fl.Bulyan,
         lambda cfg: {"num_malicious_nodes": cfg.num_malicious_nodes},
         lambda f: 4 * f + 3,
+        robust=True,
     ),
 }
 

@@ -102,6 +102,9 @@ class FakeSuperLink:
         if path == "/v1/fleet/get-fab":  # an error answer, like Flower's node-auth failure
             return JSONResponse({"detail": "Invalid SuperNode authentication"}, status_code=401)
         if path == "/v1/fleet/pull-object":  # a chunked (streamed) answer
+            if body.startswith(b"repeat:"):  # a large answer to a small call
+                size = int(body.removeprefix(b"repeat:"))
+                body = bytes(size)
 
             async def chunks():
                 for i in range(0, len(body), 65536):
@@ -776,21 +779,252 @@ def test_oversized_request_head_is_refused(upstream, proxy):
 
 
 @pytest.mark.timeout(60)
-def test_honest_signed_client_pushes_and_pulls_a_9mb_object(upstream):
+def test_honest_signed_client_pushes_and_pulls_large_bodies(upstream):
     fake, up_port = upstream
     member = _client_key()
-    body = os.urandom(9 * _MIB)  # MobileNetV2's packed weights, sent whole for margin
+    # A whole Flower chunk as one object, and MobileNetV2's packed weights sent whole.
+    bodies = {"push-object": os.urandom(5 * _MIB + 4096), "pull-object": os.urandom(9 * _MIB)}
     with _limited_proxy(up_port, authorized_keys=[member.public_key()]) as p:
         url = f"http://127.0.0.1:{p.port}/v1/fleet"
         headers = {"content-type": "application/protobuf"}
         with httpx.Client(timeout=30) as client:
-            for path in ("push-object", "pull-object"):
+            for path, body in bodies.items():
                 r = client.post(f"{url}/{path}", content=body, headers=headers | _signed(member))
                 assert r.status_code == 200, path
                 assert hashlib.sha256(r.content).digest() == hashlib.sha256(body).digest()
         assert not p.app.state.limited
         assert _budget_used(p, 0) == 0
-    assert [len(c["body"]) for c in fake.calls] == [len(body)] * 2
+    assert [len(c["body"]) for c in fake.calls] == [len(b) for b in bodies.values()]
+
+
+# --------------------------------------------------------------------------- review of issue 27
+# Each test below failed on the relay of commit 86b8b21.
+
+
+def _send_until_cut(s: socket.socket, piece: bytes, total: int) -> int:
+    """Send ``piece`` until ``total`` bytes went or the peer cut us off; the bytes sent."""
+    sent = 0
+    try:
+        while sent < total:
+            s.sendall(piece)
+            sent += len(piece)
+            if sent % (16 * 1024) == 0:
+                time.sleep(0.002)  # let the proxy read what arrived
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
+@pytest.mark.timeout(60)
+def test_a_header_streamed_in_pieces_is_cut_at_the_head_cap(upstream, proxy):
+    # httptools hands a header over only once its value is complete: counting parsed
+    # headers let one connection stream a single header for the whole head timeout.
+    fake, _ = upstream
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        sent = _send_until_cut(s, b"p" * 1024, 4 * _MIB)
+        assert sent < _MIB, f"the proxy took {sent} bytes of one header (cap 64 KiB)"
+        assert _status(s, timeout=5) in (431, None)
+    assert fake.calls == []
+
+
+@pytest.mark.timeout(60)
+def test_a_long_request_line_in_pieces_is_cut_at_the_head_cap(upstream, proxy):
+    fake, _ = upstream
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"POST /v1/fleet/pull-messages?")
+        assert _send_until_cut(s, b"q" * 1024, 4 * _MIB) < _MIB
+    assert fake.calls == []
+
+
+@pytest.mark.timeout(60)
+def test_keep_alive_requests_with_large_bodies_are_not_taken_for_heads(upstream, proxy):
+    fake, _ = upstream
+    body = os.urandom(3 * _MIB)
+    with httpx.Client(timeout=30) as client:  # one connection: bodies end inside big reads
+        for _ in range(3):
+            r = client.post(f"http://127.0.0.1:{proxy.port}/v1/fleet/push-object", content=body)
+            assert r.status_code == 200
+    assert len(fake.calls) == 3
+
+
+@pytest.mark.timeout(60)
+def test_trickling_bodies_do_not_hold_room_they_have_not_sent(upstream):
+    # Four callers declare 64 MiB each and trickle: they once booked the whole 256 MiB
+    # budget up front, and an honest fifth caller got 503.
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    fake, up_port = upstream
+    limits = FleetLimits(queue_timeout=3.0, rate_grace=60.0)  # the pace rule stays out
+    with _limited_proxy(up_port, limits=limits) as p:
+        holders = [_head(p.port, "/v1/fleet/pull-object", 64 * _MIB) for _ in range(4)]
+        try:
+            for s in holders:
+                s.sendall(b"x" * 1024)
+            time.sleep(0.3)
+            assert p.app.state.budget.used <= 4 * limits.max_object_bytes
+            body = os.urandom(8 * _MIB)
+            r = httpx.post(
+                f"http://127.0.0.1:{p.port}/v1/fleet/pull-object", content=body, timeout=30
+            )
+            assert r.status_code == 200
+            assert hashlib.sha256(r.content).digest() == hashlib.sha256(body).digest()
+        finally:
+            for s in holders:
+                s.close()
+        assert _budget_used(p, 0) == 0
+        assert not p.app.state.limited["busy"]
+    assert [len(c["body"]) for c in fake.calls] == [8 * _MIB]
+
+
+@pytest.mark.timeout(60)
+def test_a_body_below_the_minimum_pace_is_cut_before_the_body_timeout(upstream):
+    import select
+
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    fake, up_port = upstream
+    limits = FleetLimits(rate_grace=0.5, min_rate=64 * 1024)  # body_timeout stays 120 s
+    with _limited_proxy(up_port, limits=limits) as p:
+        started = time.monotonic()
+        with _head(p.port, "/v1/fleet/push-object", 100_000) as s:
+            for _ in range(100):  # one byte every 0.05 s: 5 s at most
+                if select.select([s], [], [], 0.05)[0]:
+                    break
+                s.sendall(b"x")
+            assert _status(s, timeout=5) == 408
+        assert time.monotonic() - started < 4
+        assert p.app.state.limited["slow body"] == 1
+        assert _budget_used(p, 0) == 0
+    assert fake.calls == []
+
+
+@pytest.mark.timeout(60)
+def test_an_answer_the_client_never_reads_is_abandoned(upstream):
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    fake, up_port = upstream
+    size = 48 * _MIB  # far beyond what the loopback socket buffers hold
+    limits = FleetLimits(rate_grace=0.5, min_rate=64 * 1024)
+    with _limited_proxy(up_port, limits=limits) as p:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        with s:
+            s.connect(("127.0.0.1", p.port))
+            call = f"repeat:{size}".encode()
+            s.sendall(
+                b"POST /v1/fleet/pull-object HTTP/1.1\r\nHost: x\r\n"
+                + f"Content-Length: {len(call)}\r\n\r\n".encode()
+                + call
+            )
+            deadline = time.monotonic() + 10
+            while not p.app.state.limited["slow reader"] and time.monotonic() < deadline:
+                time.sleep(0.05)  # never read: the proxy must give up by itself
+            assert p.app.state.limited["slow reader"] == 1
+            received = 0
+            s.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(1 << 20):  # what was buffered, then the close
+                    received += len(chunk)
+            assert received < size
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.timeout(60)
+def test_push_object_beyond_one_flower_chunk_gets_413(upstream, proxy):
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+    from flwr.proto.message_pb2 import PushObjectRequest
+    from flwr.proto.node_pb2 import Node
+
+    fake, _ = upstream
+    refused_before = proxy.app.state.limited["too large"]
+    cap = proxy.app.state.limits.max_object_bytes
+    assert cap == 6 * _MIB
+    # The largest object Flower sends (a whole chunk, its header, the call's fields) fits.
+    largest = PushObjectRequest(
+        node=Node(node_id=2**63 - 1),
+        run_id=2**63 - 1,
+        object_id="f" * 64,
+        object_content=b"x" * (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE + 1024),
+        session_id="s" * 64,
+    )
+    assert largest.ByteSize() < cap
+    with _head(proxy.port, "/v1/fleet/push-object", cap + 1) as s:
+        assert _status(s, timeout=5) == 413  # at once, from the declared length
+    r = httpx.post(  # chunked: cut when it passes the cap
+        f"http://127.0.0.1:{proxy.port}/v1/fleet/push-object",
+        content=iter([b"x" * _MIB] * 7),
+        timeout=30,
+    )
+    assert r.status_code == 413
+    # Other calls keep the general cap.
+    with _head(proxy.port, "/v1/fleet/pull-object", cap + 1) as s:
+        s.sendall(b"x" * (cap + 1))
+        assert _status(s, timeout=10) == 200
+    assert [c["path"] for c in fake.calls] == ["/v1/fleet/pull-object"]
+    assert proxy.app.state.limited["too large"] == refused_before + 2
+
+
+def _push_messages(children: int) -> bytes:
+    """A push-messages body whose one message declares ``children`` + 1 objects."""
+    from flwr.proto.fleet_pb2 import PushMessagesRequest
+    from flwr.proto.message_pb2 import Message, Metadata, ObjectTree
+
+    leaves = [ObjectTree(object_id=f"{i:064x}") for i in range(children)]
+    tree = ObjectTree(object_id="e" * 64, children=leaves)
+    message = Message(metadata=Metadata(message_id="e" * 64))
+    request = PushMessagesRequest(messages_list=[message], message_object_trees=[tree])
+    return request.SerializeToString()
+
+
+@pytest.mark.timeout(60)
+def test_push_messages_declaring_too_many_objects_is_refused(upstream, proxy, caplog):
+    fake, _ = upstream
+    refused_before = proxy.app.state.limited["too many objects"]
+    url = f"http://127.0.0.1:{proxy.port}/v1/fleet/push-messages"
+    bound = proxy.app.state.limits.max_objects
+    assert bound == 512
+    assert httpx.post(url, content=_push_messages(bound - 1)).status_code == 200
+    with caplog.at_level(logging.WARNING, logger="pollen.deploy.fleet_proxy"):
+        r = httpx.post(url, content=_push_messages(bound))  # one over
+        assert r.status_code == 413
+        assert "more objects" in r.text
+        assert httpx.post(url, content=_push_messages(200_000)).status_code == 413
+    assert "declares more than 512 objects" in caplog.text
+    assert httpx.post(url, content=b"\xff\xff\xff").status_code == 400  # no such call
+    assert len(fake.calls) == 1
+    assert proxy.app.state.limited["too many objects"] == refused_before + 2
+
+
+def test_count_declared_objects_is_bounded():
+    from pollen.deploy.fleet_limits import count_declared_objects
+
+    assert count_declared_objects(_push_messages(3), 10) == 4
+    assert count_declared_objects(b"", 10) == 0  # no tree: Flower refuses it itself
+    assert count_declared_objects(_push_messages(10**5), 10) == 11
+    with pytest.raises(ValueError):
+        count_declared_objects(b"\x0a\xff", 10)
+
+
+def test_object_limits_from_the_environment():
+    from pollen.deploy.fleet_limits import FleetLimits
+
+    env = {
+        "POLLEN_FLEET_MAX_OBJECT_MIB": "8",
+        "POLLEN_FLEET_MAX_OBJECTS": "64",
+        "POLLEN_FLEET_MIN_RATE_KIB": "16",
+    }
+    limits = FleetLimits.from_env(env)
+    assert (limits.max_object_bytes, limits.max_objects, limits.min_rate) == (
+        8 * _MIB,
+        64,
+        16 * 1024,
+    )
+    assert limits.body_cap("/v1/fleet/push-object") == 8 * _MIB
+    assert limits.body_cap("/v1/fleet/pull-object") == 64 * _MIB
+    for name in env:
+        with pytest.raises(PollenError, match="positive whole number"):
+            FleetLimits.from_env({name: "0"})
 
 
 def test_server_front_passes_the_authorized_keys(tmp_path):

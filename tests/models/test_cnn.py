@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import keras
 import pytest
+from conftest import bn_layers as _bn_layers
 
 from pollen.models.registry import batchnorm_stat_indices, build_model
-
-
-def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    """All BatchNormalization layers, including those inside nested models."""
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found += _bn_layers(layer)
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-    return found
 
 
 @pytest.fixture(scope="module")

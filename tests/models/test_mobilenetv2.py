@@ -5,19 +5,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from conftest import bn_layers as _bn_layers
 
 from pollen.models.registry import build_model
-
-
-def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    """All BatchNormalization layers, including those inside nested models."""
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found += _bn_layers(layer)
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,21 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
+@pytest.fixture
+def fake_model(monkeypatch):
+    """The server's model is :func:`_arrays`' (the fakes' initial weights), not the config's.
+
+    A test module that runs ``run_federation`` with the fake clients imports it
+    (``from server_fakes import fake_model as fake_model``) and marks its tests
+    ``@pytest.mark.usefixtures("fake_model")``.
+    """
+    from pollen.server import app as server_app
+    from pollen.server.replies import ModelReference
+
+    reference = ModelReference.of(_arrays().to_numpy_ndarrays())
+    monkeypatch.setattr(server_app, "_model_reference", lambda files: reference)
+
+
 def _global() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [

@@ -21,7 +21,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from server_fakes import _global
 
-from pollen.server.aggregation import merge_batchnorm_stats, validate_update, weighted_mean
+from pollen.server.aggregation import (
+    batchnorm_stats_problem,
+    merge_batchnorm_stats,
+    validate_update,
+    weighted_mean,
+)
 from pollen.server.exchange import record_bytes
 from pollen.server.history import ClientRound, RoundRecord
 from pollen.server.rounds import progress_line
@@ -214,6 +219,32 @@ def test_merge_batchnorm_stats_single_client_is_identity() -> None:
     merged = merge_batchnorm_stats([s], [17], mean_keys=["a"])
     np.testing.assert_allclose(merged["a"], s["a"], rtol=1e-6)
     np.testing.assert_allclose(merged["b"], s["b"], rtol=1e-5)
+
+
+def test_merged_statistics_of_huge_means_overflow_float32_and_are_caught() -> None:
+    """The reported attack: means of 1e20, finite in float32, merge to an infinite variance."""
+    honest = {"m": np.ones(4, np.float32), "v": np.ones(4, np.float32)}
+    hostile = {"m": np.full(4, 1e20, np.float32), "v": np.zeros(4, np.float32)}
+    merged = merge_batchnorm_stats([honest, hostile], [10, 10], mean_keys=["m"])
+    assert np.isfinite(merged["m"]).all() and np.isinf(merged["v"]).all()
+    global_stats = {"m": np.zeros(4, np.float32), "v": np.ones(4, np.float32)}
+    assert batchnorm_stats_problem(merged, global_stats, {"v"}, 0.0) == "v has NaN/inf values"
+    assert batchnorm_stats_problem(hostile, global_stats, {"v"}, 0.0) is None  # no bound
+    assert batchnorm_stats_problem(hostile, global_stats, {"v"}, 3000.0) == (
+        "distance 2e+20 from the global statistics exceeds max-update-norm 3000"
+    )
+
+
+def test_batchnorm_stats_problem_bounds_the_distance_of_all_arrays_together() -> None:
+    global_stats = {"m": np.zeros(3, np.float32), "v": np.ones(3, np.float32)}
+    stats = {"m": np.full(3, 3.0, np.float32), "v": np.full(3, 5.0, np.float32)}
+    distance = np.sqrt(3 * 9 + 3 * 16)  # 8.66
+    assert batchnorm_stats_problem(stats, global_stats, {"v"}, distance + 1e-3) is None
+    assert "distance 8.66 " in batchnorm_stats_problem(stats, global_stats, {"v"}, 8.6)
+    negative = {**stats, "v": np.full(3, -1.0, np.float32)}
+    assert batchnorm_stats_problem(negative, global_stats, {"v"}, 0) == "v has negative variances"
+    nan = {**stats, "m": np.full(3, np.nan, np.float32)}
+    assert batchnorm_stats_problem(nan, global_stats, {"v"}, 0) == "m has NaN/inf values"
 
 
 # --- record_bytes, progress_line ---------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Checkpoints: round trip, only the latest round, kills mid-write, run lock, strategy state.
 
 No pickle: a hostile run folder (crafted pickle, object array, wrong shapes, names
-or types, with a manifest whose hashes match) is refused and runs nothing; each
+or types, with a manifest whose hashes match) is refused and runs nothing; nor
+does one with files that are links, FIFOs, huge or deeply nested read anything
+(links to /dev/zero, FIFOs and huge sparse files are loaded in a child process
+with a memory limit and a timeout, so the old reader fails there, not here); each
 strategy's kept state comes back exactly, and its next aggregate equals that of a
 strategy that was never checkpointed.
 """
@@ -273,6 +276,201 @@ def test_a_crafted_dp_ledger_is_refused(tmp_path: Path) -> None:
         _rewrite(tmp_path, manifest, files)
         with pytest.raises(PollenError, match=message):
             load_checkpoint(tmp_path)
+
+
+# --- a hostile run folder: files that are no files, too large, too deep -------------------------
+
+#: Loads a checkpoint in a child process whose address space may grow by only 512 MiB: a load
+#: that reads /dev/zero or a huge sparse file dies there (MemoryError), not in pytest.
+_GUARDED_LOAD = r"""
+import json, resource, sys, time
+from pathlib import Path
+from pollen.errors import PollenError
+from pollen.server.checkpoint import load_checkpoint
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), hard))
+start, out = time.monotonic(), {"error": None}
+try:
+    load_checkpoint(Path(sys.argv[1]))
+except PollenError as err:
+    out["error"] = str(err)
+except BaseException as err:
+    out["crash"] = repr(err)[:300]
+out["seconds"] = time.monotonic() - start
+print(json.dumps(out))
+"""
+
+
+def _guarded_load(run: Path, timeout: float = 30.0) -> dict:
+    """``load_checkpoint(run)`` in a child: its error, any crash and how long it took."""
+    import subprocess
+    import sys
+
+    import pollen
+
+    env = {**os.environ, "PYTHONPATH": str(Path(pollen.__file__).parents[1])}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _GUARDED_LOAD, str(run)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"loading the checkpoint hung for {timeout:g} s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _replace_with(path: Path, kind: str | int) -> None:
+    path.unlink()
+    if kind == "link-to-dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:  # a sparse file of ``kind`` bytes: nothing on disk, but too large to read
+        with path.open("wb") as f:
+            f.truncate(kind)
+
+
+@pytest.mark.skipif(
+    not (hasattr(os, "mkfifo") and Path("/proc/self/statm").exists()),
+    reason="needs Linux (FIFOs, /dev/zero, /proc)",
+)
+@pytest.mark.parametrize(
+    ("part", "kind", "message"),
+    [
+        ("arrays", "link-to-dev-zero", "arrays-0001.npz cannot be used: it is a symbolic link"),
+        ("manifest", "link-to-dev-zero", "manifest.json cannot be used: it is a symbolic link"),
+        ("arrays", "fifo", "arrays-0001.npz cannot be used: it is not a regular file"),
+        ("manifest", "fifo", "manifest.json cannot be used: it is not a regular file"),
+        # Sparse files one byte over their part's cap (MAX_BYTES):
+        ("arrays", (4 << 30) + 1, "arrays-0001.npz cannot be used: it is 4294967297 bytes, more"),
+        ("history", (256 << 20) + 1, "history-0001.json cannot be used: it is 268435457 bytes"),
+        ("strategy", (64 << 20) + 1, "strategy-0001.json cannot be used: it is 67108865 bytes"),
+    ],
+)
+def test_a_checkpoint_file_that_is_no_plain_file_or_too_large_is_refused_unread(
+    tmp_path: Path, part: str, kind: str | int, message: str
+) -> None:
+    """A link to /dev/zero, a FIFO or a huge sparse file: refused at once, nothing read."""
+    manifest = _saved(tmp_path)
+    name = "manifest.json" if part == "manifest" else manifest["files"][part]["name"]
+    _replace_with(tmp_path / "checkpoint" / name, kind)
+    got = _guarded_load(tmp_path)
+    assert "crash" not in got, got
+    assert got["error"] is not None and message in got["error"], got
+    assert "\n" not in got["error"]
+    assert got["seconds"] < 2.0, got
+
+
+def test_the_sparse_files_above_are_one_byte_over_the_caps() -> None:
+    from pollen.server.checkpoint import MAX_BYTES
+
+    assert MAX_BYTES == {
+        "arrays": 4 << 30,
+        "strategy": 64 << 20,
+        "strategy-arrays": 8 << 30,
+        "history": 256 << 20,
+    }
+
+
+def test_a_linked_checkpoint_folder_is_neither_read_nor_written(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    run = tmp_path / "run"
+    _saved(run)
+    (run / "checkpoint").rename(elsewhere)
+    (elsewhere / "precious.txt").write_text("keep me")
+    (run / "checkpoint").symlink_to(elsewhere)
+    for attempt in (
+        lambda: read_manifest(run),
+        lambda: load_checkpoint(run),
+        lambda: save_checkpoint(run, 2, {"0": np.zeros(2)}, FedAvg(), _history(2), CNN),
+    ):
+        with pytest.raises(PollenError, match="checkpoint folder .* is a symbolic link"):
+            attempt()
+    assert (elsewhere / "precious.txt").read_text() == "keep me"
+    assert not (elsewhere / "arrays-0002.npz").exists()
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _lying_npy() -> bytes:
+    """A .npy whose header claims 2**28 float32 (1 GiB) and holds one."""
+    data = _npy_bytes(np.zeros(1, np.float32))
+    lie = data.replace(b"(1,), }" + b" " * 8, b"(268435456,), }", 1)  # same header length
+    assert lie != data and len(lie) == len(data)
+    return lie
+
+
+@pytest.mark.parametrize(
+    ("part", "members", "message"),
+    [
+        ("arrays", {"a0.npy": None, "a1": b"raw bytes"}, "its member 'a1' is not a numpy array"),
+        ("strategy-arrays", {"m_t.0": b"\x93NUMPY"}, "its member 'm_t.0' is not a numpy array"),
+        ("arrays", {"a0.npy": None, "a1.npy": "lying"}, "its array 'a1.npy' claims more data"),
+    ],
+)
+def test_an_npz_member_that_is_no_plain_npy_array_is_refused(
+    tmp_path: Path, part: str, members: dict, message: str
+) -> None:
+    manifest = _saved(tmp_path)
+    built = {
+        k: _npy_bytes(np.zeros((2, 3), np.float32))
+        if v is None
+        else (_lying_npy() if v == "lying" else v)
+        for k, v in members.items()
+    }
+    name = manifest["files"][part]["name"]
+    _rewrite(tmp_path, manifest, {part: (name, _zip_bytes(built))})
+    with pytest.raises(PollenError, match=f"{name} cannot be used: {message}"):
+        load_checkpoint(tmp_path)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("part", "text"),
+    [
+        ("strategy", _nested(100_000)),
+        ("history", _nested(100_000)),
+        ("manifest", _nested(100_000)),
+        ("history", '{"config": ' + _nested(500) + ', "rounds": []}'),
+    ],
+)
+def test_deeply_nested_checkpoint_json_is_refused(tmp_path: Path, part: str, text: str) -> None:
+    """100,000 nested lists exceed the parser's recursion limit; 500 exceed Pollen's."""
+    manifest = _saved(tmp_path)
+    if part == "manifest":
+        (tmp_path / "checkpoint" / "manifest.json").write_text(text)
+        name = "manifest.json"
+    else:
+        name = manifest["files"][part]["name"]
+        _rewrite(tmp_path, manifest, {part: (name, text.encode())})
+    with pytest.raises(PollenError, match=f"{name} cannot be used: its JSON nests deeper than"):
+        load_checkpoint(tmp_path)
 
 
 # --- each strategy with state: saved after a round, the next aggregate is unchanged ------------

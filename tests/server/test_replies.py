@@ -25,6 +25,7 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg, FedMedian
 from server_fakes import FakeGrid, _arrays, _deterministic_client, _strategy, _trainer
+from server_fakes import fake_model as fake_model  # noqa: F401 - a fixture
 from server_fakes import task_identity as task_identity  # noqa: F401 - an autouse fixture
 
 from pollen.config import RunConfig
@@ -91,6 +92,12 @@ TRAIN_ATTACKS = {
     "non-integer num-examples": (_set("num-examples", 2.5), "num-examples 2.5 is not an integer"),
     "NaN train loss": (_set("train_loss", math.nan), "metric train_loss is nan"),
     "inf fit seconds": (_set("fit_seconds", math.inf), "metric fit_seconds is inf"),
+    "accuracy above 1": (_set("train_accuracy", 1.5), "metric train_accuracy 1.5 is outside 0..1"),
+    "negative accuracy": (_set("train_accuracy", -0.1), "train_accuracy -0.1 is outside 0..1"),
+    "negative loss": (_set("train_loss", -2.0), "metric train_loss -2 is outside 0..1e+06"),
+    "huge loss": (_set("train_loss", 1e300), "metric train_loss 1e+300 is outside 0..1e+06"),
+    "negative fit seconds": (_set("fit_seconds", -1), "metric fit_seconds -1 is outside 0.."),
+    "endless fit seconds": (_set("fit_seconds", 1e7), "fit_seconds 1e+07 is outside 0..1e+06"),
     "no metrics": (lambda m: None, "reply has no metrics"),
 }
 
@@ -235,6 +242,16 @@ BN_ATTACKS = {
         10,
         "bn-stats 2 has negative variances",
     ),
+    "huge means": (
+        _stats_with("1", np.full(10, 1e20, np.float32)),
+        10,
+        "bn-stats distance 3.162e+20 from the global statistics exceeds max-update-norm 100",
+    ),
+    "huge variances": (
+        _stats_with("2", np.full(10, 3e38, np.float32)),
+        10,
+        "exceeds max-update-norm 100",
+    ),
     "huge calibration count": (None, 10**12, "calibration-examples 1000000000000 is outside"),
     "zero calibration count": (None, 0, "calibration-examples 0 is outside"),
     "no calibration count": (None, None, "metrics have no calibration-examples"),
@@ -257,7 +274,12 @@ def test_hostile_batchnorm_statistics_are_rejected_and_the_honest_ones_kept(atta
         _strategy(2),
         _bn_arrays(),
         RoundSettings(
-            num_rounds=1, history=history, timeout=5.0, min_clients=1, bn_keys=lambda: BN_KEYS
+            num_rounds=1,
+            history=history,
+            timeout=5.0,
+            min_clients=1,
+            max_update_norm=100.0,
+            bn_keys=lambda: BN_KEYS,
         ),
     ).to_numpy_ndarrays()
     errors = _errors(history)[0]
@@ -269,6 +291,99 @@ def test_hostile_batchnorm_statistics_are_rejected_and_the_honest_ones_kept(atta
     np.testing.assert_array_equal(final[1], expected["1"])
     np.testing.assert_array_equal(final[2], expected["2"])
     assert history.rounds[0].evaluate["examples"] == 10  # the hostile evaluation counts nothing
+
+
+def _bn_run(grid: FakeGrid, strategy, rounds: int = 2, max_update_norm: float = 100.0):
+    history = History(config={})
+    final = run_rounds(
+        grid,
+        strategy,
+        _bn_arrays(),
+        RoundSettings(
+            num_rounds=rounds,
+            history=history,
+            timeout=5.0,
+            min_clients=1,
+            max_update_norm=max_update_norm,
+            bn_keys=lambda: BN_KEYS,
+        ),
+    ).to_numpy_ndarrays()
+    return history, final
+
+
+HUGE_MEANS = {"1": np.full(10, 1e20, np.float32), "2": np.zeros(10, np.float32)}
+
+
+@pytest.mark.parametrize("median", [False, True])
+def test_batchnorm_means_of_1e20_cannot_stop_the_run(median: bool) -> None:
+    """The reported attack: merged, the variances overflowed float32 and every next update was NaN.
+
+    Under FedMedian with 2 clients the median is the mean of the two: no defence either.
+    """
+    grid = FakeGrid(
+        {1: _calibrating("honest", HONEST_SHIFT), 2: _calibrating("hostile", 0.1, HUGE_MEANS)}
+    )
+    strategy = FedMedian(min_evaluate_nodes=2, min_available_nodes=2) if median else _strategy(2)
+    history, final = _bn_run(grid, strategy)
+    assert [r.round for r in history.rounds] == [1, 2]
+    for errors in _errors(history):
+        assert errors["honest"] is None
+        assert "exceeds max-update-norm 100" in errors["hostile"]
+    assert all(np.isfinite(a).all() for a in final)
+    np.testing.assert_array_equal(final[1], _honest_stats(HONEST_SHIFT)["1"])
+    np.testing.assert_array_equal(final[2], _honest_stats(HONEST_SHIFT)["2"])
+
+
+def test_merged_statistics_that_overflow_are_not_installed_and_the_run_goes_on() -> None:
+    """Without --max-update-norm each client's statistics pass; their merge must still be finite."""
+    grid = FakeGrid(
+        {1: _calibrating("honest", HONEST_SHIFT), 2: _calibrating("hostile", 0.1, HUGE_MEANS)}
+    )
+    history, final = _bn_run(grid, _strategy(2), max_update_norm=0.0)
+    assert [r.round for r in history.rounds] == [1, 2]
+    assert all(e == {"honest": None, "hostile": None} for e in _errors(history))
+    for r in history.rounds:
+        assert r.evaluate["batchnorm"] == (
+            "kept the previous statistics: merged 2 has NaN/inf values"
+        )
+    # Each round only the training moved the statistics: by the mean shift 0.1.
+    np.testing.assert_allclose(final[1], np.full(10, 0.2), rtol=1e-6)
+    np.testing.assert_allclose(final[2], np.full(10, 1.2), rtol=1e-6)
+
+
+def test_merged_statistics_farther_than_the_bound_are_not_installed() -> None:
+    """Each client within the bound, their means apart: the spread adds to the merged variance."""
+    apart = [
+        {"1": np.full(10, sign * 9.0, np.float32), "2": np.ones(10, np.float32)} for sign in (-1, 1)
+    ]
+    grid = FakeGrid({1: _calibrating("a", 0.0, apart[0]), 2: _calibrating("b", 0.0, apart[1])})
+    history, final = _bn_run(grid, _strategy(2), rounds=1, max_update_norm=30.0)
+    assert _errors(history) == [{"a": None, "b": None}]  # each lies 28.5 from the global ones
+    reason = history.rounds[0].evaluate["batchnorm"]
+    assert reason.startswith("kept the previous statistics: merged distance 256.1 ")
+    np.testing.assert_array_equal(final[2], np.ones(10, np.float32))
+
+
+@pytest.mark.parametrize("name", ["cnn", "mobilenetv2"])
+def test_honest_calibrated_statistics_lie_far_inside_the_default_bound(name: str) -> None:
+    """Real calibration magnitudes against the global statistics of a fresh model (round 1)."""
+    from pollen.server.aggregation import batchnorm_stats_problem
+    from pollen.server.replies import checked_batchnorm_stats, pairs_of
+    from pollen.training.compile import build_client_model
+    from pollen.training.evaluate import calibrate_batchnorm
+
+    model = build_client_model(name, 10, 0)
+    fresh = model.get_weights()
+    images = np.random.default_rng(0).integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
+    indices, stats, _ = calibrate_batchnorm(model, images, max_examples=128)
+    pairs = pairs_of(str(i) for i in indices)
+    global_stats = {str(i): fresh[i] for i in indices}
+    sent = ArrayRecord(array_dict={str(i): Array(a) for i, a in zip(indices, stats, strict=True)})
+    bound = RunConfig().max_update_norm
+    checked = checked_batchnorm_stats(sent, global_stats, pairs, bound)
+    assert list(checked) == [str(i) for i in indices]
+    variances = {v for _, v in pairs}
+    assert batchnorm_stats_problem(checked, global_stats, variances, bound / 10) is None
 
 
 def test_an_evaluate_reply_without_metrics_is_rejected_not_the_run() -> None:
@@ -292,6 +407,30 @@ def test_an_evaluate_reply_without_metrics_is_rejected_not_the_run() -> None:
         assert errors["mute"] == "evaluate: rejected: reply has no metrics"
     np.testing.assert_array_equal(final[1], _honest_stats(HONEST_SHIFT)["1"])
     assert history.rounds[1].evaluate["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("eval_accuracy", 2.0, "metric eval_accuracy 2 is outside 0..1"),
+        ("eval_loss", -0.5, "metric eval_loss -0.5 is outside 0..1e+06"),
+        ("eval_seconds", 1e9, "metric eval_seconds 1e+09 is outside 0..1e+06"),
+    ],
+)
+def test_evaluation_metrics_out_of_range_are_rejected(key: str, value: float, reason: str) -> None:
+    hostile = _calibrating("hostile", HOSTILE_SHIFT)
+
+    def lying(msg: Message) -> RecordDict:
+        content = hostile(msg)
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            content["metrics"][key] = value
+        return content
+
+    grid = FakeGrid({1: _calibrating("honest", HONEST_SHIFT), 2: lying})
+    history, _ = _bn_run(grid, _strategy(2))
+    for errors in _errors(history):
+        assert errors == {"honest": None, "hostile": f"evaluate: rejected: {reason}"}
+    assert history.rounds[0].evaluate == {"loss": 1.0, "accuracy": 0.5, "examples": 10}
 
 
 def _evaluate(strategy, grid: FakeGrid, bn_keys) -> tuple[list[np.ndarray], RoundClients]:
@@ -391,6 +530,7 @@ def _asked_first(grid: FakeGrid) -> list[int]:
     ]
 
 
+@pytest.mark.usefixtures("fake_model")
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_the_first_client_is_chosen_by_the_seed_over_node_ids_not_by_name(
     tmp_path: Path, monkeypatch, seed: int
@@ -401,6 +541,7 @@ def test_the_first_client_is_chosen_by_the_seed_over_node_ids_not_by_name(
     assert _asked_first(grid) == [seeded_order([5, 9], seed)[0]]
 
 
+@pytest.mark.usefixtures("fake_model")
 def test_a_name_like_a_formula_lands_neutralised_in_history_csv(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -416,12 +557,25 @@ def test_a_name_like_a_formula_lands_neutralised_in_history_csv(
     assert all(n.isprintable() and len(n) <= 64 for n in names)
 
 
+UNUSABLE_INITIAL = {
+    "NaN": [np.full((2, 3), np.nan, np.float32), np.ones(3, np.float32)],
+    "huge values": [np.full((2, 3), 1e30, np.float32), np.ones(3, np.float32)],
+    "another model": [np.zeros((4, 4), np.float32)],
+    "a wider array": [np.zeros((2, 4), np.float32), np.ones(3, np.float32)],
+    "float64": [np.zeros((2, 3), np.float64), np.ones(3, np.float32)],
+    "an extra array": [np.zeros((2, 3), np.float32), np.ones(3, np.float32), np.ones(1)],
+}
+
+
+@pytest.mark.usefixtures("fake_model")
+@pytest.mark.parametrize("weights", sorted(UNUSABLE_INITIAL))
 def test_unusable_initial_weights_are_refused_and_the_next_client_asked(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, weights: str
 ) -> None:
-    nan = ArrayRecord([np.full((2, 3), np.nan, np.float32), np.ones(3, np.float32)])
+    """Weights that are not the run's model's (the fake one here: _arrays') start nothing."""
+    unusable = ArrayRecord(UNUSABLE_INITIAL[weights])
     first = seeded_order([5, 9], 0)[0]
-    behaviours = {first: _named("hostile", 1, initial=nan), 14 - first: _named("honest", 0)}
+    behaviours = {first: _named("hostile", 1, initial=unusable), 14 - first: _named("honest", 0)}
     grid = FakeGrid(behaviours)
     history = _federation(tmp_path, monkeypatch, grid, seed=0)
     assert _asked_first(grid) == [first, 14 - first]
@@ -429,6 +583,7 @@ def test_unusable_initial_weights_are_refused_and_the_next_client_asked(
     assert json.loads((tmp_path / "classes.json").read_text()) == ["a", "b"]
 
 
+@pytest.mark.usefixtures("fake_model")
 def test_class_names_are_made_printable_and_bounded(tmp_path: Path, monkeypatch) -> None:
     def sneaky(msg: Message) -> RecordDict:
         content = _named("c", 0)(msg)
@@ -445,18 +600,82 @@ def test_class_names_are_made_printable_and_bounded(tmp_path: Path, monkeypatch)
 
 
 def test_initial_arrays_problems() -> None:
-    from pollen.server.replies import initial_arrays_problem
+    from pollen.server.replies import ModelReference, initial_arrays_problem
 
-    good = ArrayRecord([np.zeros((2, 3), np.float32), np.arange(3)])
-    assert initial_arrays_problem(good) is None
-    assert "NaN/inf" in initial_arrays_problem(ArrayRecord([np.full(3, np.inf, np.float32)]))
-    assert "dtype" in initial_arrays_problem(ArrayRecord([np.zeros(3, np.complex64)]))
-    assert "no floating-point" in initial_arrays_problem(ArrayRecord([np.arange(3)]))
-    assert "keyed" in initial_arrays_problem(
-        ArrayRecord(array_dict={"w": Array(np.zeros(3, np.float32))})
+    fresh = [np.full((2, 3), 0.5, np.float32), np.arange(3), np.zeros(2, np.float32)]
+    ref = ModelReference.of(fresh)
+    assert ref.bounds == (100.0, math.inf, 100.0)
+
+    def problem(*arrays):
+        return initial_arrays_problem(ArrayRecord(list(arrays)), ref)
+
+    assert problem(*fresh) is None
+    assert problem(np.full((2, 3), -99.0, np.float32), np.arange(3) * 10**6, fresh[2]) is None
+    assert problem(fresh[0], fresh[1], np.full(2, 101, np.float32)) == (
+        "array 2 holds 101, beyond its bound 100"
     )
-    assert initial_arrays_problem(ArrayRecord()) == "no weights"
-    assert initial_arrays_problem(None) == "no weights"
+    assert problem(fresh[0], fresh[1], np.full(2, np.inf, np.float32)) == (
+        "array 2 has NaN/inf values"
+    )
+    assert problem(fresh[0], fresh[1], np.zeros(2, np.complex64)) == (
+        "array 2 is complex64[2], the model's is float32[2]"
+    )
+    transposed = problem(fresh[0].T, *fresh[1:])
+    assert transposed == "array 0 is float32[3, 2], the model's is float32[2, 3]"
+    assert problem(*fresh[:2]) == "2 arrays, the run's model has 3"
+    keyed = ArrayRecord(array_dict={f"w{i}": Array(a) for i, a in enumerate(fresh)})
+    assert "keyed" in initial_arrays_problem(keyed, ref)
+    assert initial_arrays_problem(ArrayRecord(), ref) == "no weights"
+    assert initial_arrays_problem(None, ref) == "no weights"
+
+
+@pytest.mark.parametrize("server_eval", [False, True])
+def test_an_honest_clients_initial_weights_pass_the_servers_model(server_eval: bool) -> None:
+    """The server's reference is the model the client builds; a whitened first layer passes.
+
+    Images of one colour give the largest whitened kernel there is (1 / sqrt(5e-4) ~= 44.7).
+    """
+    from pollen.models.registry import MODELS
+    from pollen.models.whitening import whiten_first_conv
+    from pollen.server.replies import initial_arrays_problem
+    from pollen.training.compile import build_client_model
+
+    cfg = RunConfig(model="fastnet", num_classes=10, server_eval=server_eval)
+    reference = server_app._model_reference(ModelFiles(cfg))
+    for images in (
+        np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+        np.full((8, 32, 32, 3), 128, np.uint8),
+    ):
+        client = build_client_model("fastnet", 10, 7)
+        whiten_first_conv(client, MODELS["fastnet"].whiten, images)
+        weights = client.get_weights()
+        assert max(np.abs(w).max() for w in weights) > 1  # whitened: beyond a fresh init
+        assert initial_arrays_problem(ArrayRecord(weights), reference) is None
+        k = int(np.argmax([np.abs(w).max() for w in weights]))  # the whitened kernel
+        weights[k] *= np.float32(2.5 / np.sqrt(5e-4) / np.abs(weights[k]).max())
+        reason = initial_arrays_problem(ArrayRecord(weights), reference)  # 2.5x the largest
+        assert reason is not None and reason.startswith(f"array {k} holds 111.8, beyond")
+
+
+def test_robust_is_a_field_of_the_strategy_entry(monkeypatch) -> None:
+    """A new robust strategy is one registry entry: the reply checks read its ``robust`` flag."""
+    from flwr.serverapp import strategy as fl
+
+    from pollen.server.replies import is_robust
+    from pollen.server.strategies import STRATEGIES, StrategyEntry, make_strategy
+
+    robust = {name for name, entry in STRATEGIES.items() if entry.robust}
+    assert robust == {"fedmedian", "trimmedmean", "krum", "multikrum", "bulyan"}
+    for name in STRATEGIES:
+        strategy = make_strategy(RunConfig(strategy=name, min_clients=7))
+        assert is_robust(strategy) == (name in robust), name
+
+    class Careful(fl.FedAvg):
+        pass
+
+    assert not is_robust(Careful())
+    monkeypatch.setitem(STRATEGIES, "careful", StrategyEntry(Careful, robust=True))
+    assert is_robust(Careful()) and not is_robust(fl.FedAvg())
 
 
 def test_capped_counts() -> None:

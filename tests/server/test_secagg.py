@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import subprocess
 import time
 
@@ -116,16 +117,19 @@ class AppGrid:
 
     Messages are deep-copied on the way in and out (a real Grid serializes
     them). ``silent`` holds ``(node, stage)`` pairs that get no reply;
-    ``log`` keeps ``(stage, node, reply)`` of every reply.
+    ``tamper`` maps ``(node, stage)`` to a function that rewrites that reply's
+    SecAgg+ record in place (an attacker client); ``log`` keeps ``(stage,
+    node, reply)`` of every reply.
     """
 
-    def __init__(self, app: ClientApp, nodes, silent=()) -> None:
+    def __init__(self, app: ClientApp, nodes, silent=(), tamper=None) -> None:
         self.app = app
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
             for n in nodes
         }
         self.silent = set(silent)
+        self.tamper = dict(tamper or {})
         self.replies: dict[str, Message] = {}
         self.log: list[tuple[str, int, Message]] = []
         self.count = 0
@@ -160,6 +164,8 @@ class AppGrid:
             )
             reply = self.app(incoming, self.contexts[node])
             reply = copy.deepcopy(reply)
+            if (node, stage) in self.tamper and not reply.has_error():
+                self.tamper[node, stage](reply.content.config_records[RECORD_KEY_CONFIGS])
             self.log.append((stage, node, reply))
             self.replies[mid] = reply
         return ids
@@ -309,6 +315,182 @@ def test_secure_round_fails_clearly_with_too_many_dropouts():
     grid = AppGrid(demo_app, list(EXAMPLES), silent=silent)
     with pytest.raises(PollenError, match="secure aggregation halted"):
         run_secure_round(grid, timeout=1.0)
+
+
+# --- attacker clients: replies that do not carry what their stage needs ---------------------
+
+
+def _masked(edit):
+    """A tamper function applying ``edit`` to the list of masked-vector entries."""
+
+    def tamper(cfg: ConfigRecord) -> None:
+        vectors = list(cfg[Key.MASKED_PARAMETERS])
+        cfg[Key.MASKED_PARAMETERS] = edit(vectors)
+
+    return tamper
+
+
+def _npy(array: np.ndarray, *, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def _reshaped(vectors: list[bytes]) -> list[bytes]:
+    vectors[1] = _npy(bytes_to_ndarray(vectors[1]).reshape(-1))  # (4, 5) -> (20,)
+    return vectors
+
+
+def _as_float(vectors: list[bytes]) -> list[bytes]:
+    vectors[2] = _npy(bytes_to_ndarray(vectors[2]).astype(np.float64))
+    return vectors
+
+
+def _pickled(vectors: list[bytes]) -> list[bytes]:
+    vectors[1] = _npy(np.array([{"x": 1}] * 20, dtype=object).reshape(4, 5), allow_pickle=True)
+    return vectors
+
+
+def _huge_header(vectors: list[bytes]) -> list[bytes]:
+    # A header that claims 2**60 elements: numpy.load would try to allocate them.
+    header = b"{'descr': '<i8', 'fortran_order': False, 'shape': (1073741824, 1073741824), }"
+    header += b" " * (118 - len(header)) + b"\n"
+    vectors[1] = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 8
+    return vectors
+
+
+BAD_MASKED_VECTORS = {
+    "one array short": lambda v: v[:-1],
+    "one array too many": lambda v: [*v, v[-1]],
+    "wrong shape": _reshaped,
+    "wrong dtype": _as_float,
+    "garbage bytes": lambda v: [v[0], b"\x00garbage" * 9, *v[2:]],
+    "pickled objects": _pickled,
+    "a header claiming 2**60 elements": _huge_header,
+}
+
+
+def _assert_round_of_the_others(grid, arrays, new, record, clients, reason: str) -> None:
+    """The round completed on 11 and 33; client-22 is rejected for ``reason``, alone."""
+    remaining = [11, 33]
+    bound = quantization_bound(remaining, arrays)
+    for g, want in zip(new.to_numpy_ndarrays(), fedavg(arrays, remaining), strict=True):
+        assert np.max(np.abs(g - want)) <= bound
+    failed = {c.name: c.error for c in clients.sorted() if c.error}
+    assert list(failed) == ["client-22"], failed
+    assert "rejected: " in failed["client-22"] and reason in failed["client-22"]
+    assert record.train["examples"] == 50
+
+
+@pytest.mark.parametrize("bad", list(BAD_MASKED_VECTORS))
+def test_a_bad_masked_vector_is_that_clients_dropout(bad):
+    # Flower reads masked vectors with bytes_to_ndarray from a ConfigRecord, unchecked by
+    # the wire decoder: a wrong count or shape once raised inside the workflow and ended
+    # the run. Now the reply is that client's rejection and SecAgg+ recovers as from a
+    # dropout (3 clients tolerate 1).
+    tamper = {(22, Stage.COLLECT_MASKED_VECTORS): _masked(BAD_MASKED_VECTORS[bad])}
+    grid = AppGrid(demo_app, list(EXAMPLES), tamper=tamper)
+    arrays, new, record, clients = run_secure_round(grid)
+    _assert_round_of_the_others(grid, arrays, new, record, clients, "masked vector")
+    assert "collect_masked_vectors" in clients.failures()
+
+
+def _bad_public_key(cfg: ConfigRecord) -> None:
+    cfg[Key.PUBLIC_KEY_2] = b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n"
+
+
+def _short_of_one_destination(cfg: ConfigRecord) -> None:
+    cfg[Key.DESTINATION_LIST] = list(cfg[Key.DESTINATION_LIST])[:-1]
+    cfg[Key.CIPHERTEXT_LIST] = list(cfg[Key.CIPHERTEXT_LIST])[:-1]
+
+
+@pytest.mark.parametrize(
+    ("stage", "tamper", "reason"),
+    [
+        (Stage.SETUP, _bad_public_key, "public key"),
+        (Stage.SHARE_KEYS, _short_of_one_destination, "one ciphertext for each"),
+    ],
+)
+def test_a_bad_key_stage_reply_is_that_clients_dropout(stage, tamper, reason):
+    grid = AppGrid(demo_app, list(EXAMPLES), tamper={(22, stage): tamper})
+    arrays, new, record, clients = run_secure_round(grid)
+    _assert_round_of_the_others(grid, arrays, new, record, clients, reason)
+
+
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS])
+def test_secure_round_survives_a_dropout_before_the_masked_vectors(stage):
+    # Flower 1.42 counts such a client among the dead of the unmask stage and halts (its
+    # key shares were never sent); EarlyDropoutSecAggPlus drops it from the round instead.
+    grid = AppGrid(demo_app, list(EXAMPLES), silent={(22, stage)})
+    arrays, new, record, clients = run_secure_round(grid, timeout=1.5)
+    bound = quantization_bound([11, 33], arrays)
+    for g, want in zip(new.to_numpy_ndarrays(), fedavg(arrays, [11, 33]), strict=True):
+        assert np.max(np.abs(g - want)) <= bound
+    assert [c.name for c in clients.sorted() if c.error] == ["client-22"]
+    assert record.train["examples"] == 50
+
+
+def test_a_bad_unmask_reply_is_rejected_and_the_round_completes():
+    def mismatched(cfg: ConfigRecord) -> None:
+        cfg[Key.SHARE_LIST] = list(cfg[Key.SHARE_LIST])[:-1]  # zip(strict=True) raised
+
+    grid = AppGrid(demo_app, list(EXAMPLES), tamper={(22, Stage.UNMASK): mismatched})
+    arrays, new, record, clients = run_secure_round(grid)
+    # Its masked update was collected before; the others' shares unmask the sum of all three.
+    bound = quantization_bound(list(EXAMPLES), arrays)
+    for g, want in zip(new.to_numpy_ndarrays(), fedavg(arrays, EXAMPLES), strict=True):
+        assert np.max(np.abs(g - want)) <= bound
+    assert [c.name for c in clients.sorted() if c.error] == ["client-22"]
+    assert "rejected: its key shares" in clients.get(22).error
+
+
+def test_a_bad_plaintext_count_is_rejected_before_the_sum():
+    def negative(reply_content: RecordDict) -> None:
+        reply_content.metric_records["fitres.num_examples"]["num_examples"] = -5
+
+    grid = AppGrid(demo_app, list(EXAMPLES))
+    push = grid.push_messages
+
+    def push_tampered(messages):
+        ids = push(messages)
+        for stage, node, reply in grid.log[-len(ids) :]:
+            if node == 22 and stage == Stage.COLLECT_MASKED_VECTORS:
+                negative(reply.content)
+        return ids
+
+    grid.push_messages = push_tampered
+    arrays, new, record, clients = run_secure_round(grid)
+    _assert_round_of_the_others(grid, arrays, new, record, clients, "num_examples")
+
+
+def test_with_two_clients_a_bad_reply_fails_the_round_naming_the_client():
+    # SecAgg+ with 2 clients tolerates no dropout (threshold 2 of 2 shares): the protocol's
+    # limit. The round fails with a one-paragraph error that names the rejected client.
+    tamper = {(22, Stage.COLLECT_MASKED_VECTORS): _masked(lambda v: v[:-1])}
+    grid = AppGrid(demo_app, [11, 22], tamper=tamper)
+    with pytest.raises(PollenError, match="secure aggregation halted") as info:
+        run_secure_round(grid)
+    text = str(info.value)
+    assert "client-22" in text and "rejected: its masked vector has" in text
+    assert "\n" not in text
+
+
+def test_a_well_formed_but_dishonest_vector_fails_the_round_in_one_paragraph():
+    # Entry 0 of a masked vector is the client's quantized weight; masked, it cannot be
+    # checked. One that cancels the others' makes the total weight 0 mod 2**32: the
+    # aggregate is not finite, and the round fails with one paragraph, not a traceback.
+    q, top = QUANTIZATION_RANGE, max(EXAMPLES.values())
+    total = sum(round(n / top * q) for n in EXAMPLES.values())
+
+    def cancel(vectors: list[bytes]) -> list[bytes]:
+        vectors[0] = _npy((bytes_to_ndarray(vectors[0]) - total) % 2**32)
+        return vectors
+
+    tamper = {(22, Stage.COLLECT_MASKED_VECTORS): _masked(cancel)}
+    grid = AppGrid(demo_app, list(EXAMPLES), tamper=tamper)
+    with np.errstate(all="ignore"), pytest.raises(PollenError, match="unusable") as info:
+        run_secure_round(grid)
+    assert "\n" not in str(info.value) and "--resume" in str(info.value)
 
 
 def test_plain_train_messages_bypass_the_secagg_mod():

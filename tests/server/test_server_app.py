@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import MessageType
 from server_fakes import FakeGrid, _deterministic_client
+from server_fakes import fake_model as fake_model  # noqa: F401 - used by pytestmark
 from server_fakes import task_identity as task_identity  # noqa: F401 - an autouse fixture
 
 from pollen.config import RunConfig
@@ -17,6 +18,8 @@ from pollen.server import app as server_app
 from pollen.server.checkpoint import load_checkpoint
 from pollen.server.model_files import ModelFiles
 from pollen.server.sampling import seeded_order
+
+pytestmark = pytest.mark.usefixtures("fake_model")  # the fake clients' model
 
 
 @pytest.mark.parametrize("a_node", [1, 2])

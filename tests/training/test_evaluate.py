@@ -5,23 +5,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from conftest import bn_layers as _bn_layers
 
 from pollen.models.registry import batchnorm_stat_indices, build_model
 from pollen.training.compile import compile_model
 from pollen.training.evaluate import calibrate_batchnorm, evaluate, predict_proba
 
 RNG_IMAGES = np.random.default_rng(1234).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
-
-
-def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    """All BatchNormalization layers, including those inside nested models."""
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found += _bn_layers(layer)
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-    return found
 
 
 @pytest.fixture(scope="module")
