@@ -543,7 +543,8 @@ OPTIONS: tuple[Option, ...] = (
         "--data-dir",
         (SIMULATE,),
         "dataset: CIFAR-10 archive, cifar-10-batches-py/ or an image folder "
-        "train/<class>/*, test/<class>/* (default: CIFAR-10, downloaded once)",
+        "train/<class>/*, test/<class>/* or its .tar/.tar.gz/.tgz/.zip archive "
+        "(default: CIFAR-10, downloaded once)",
         field="data_dir",
         type=Path,
         default=None,
@@ -808,7 +809,8 @@ def existing_dir_or_file(path: Path | None, option: str) -> str:
     if not path.exists():
         raise PollenError(
             f"{option} {path} does not exist: point it at a CIFAR-10 archive, a "
-            "cifar-10-batches-py/ folder or an image folder with train/ and test/."
+            "cifar-10-batches-py/ folder, an image folder with train/ and test/, or a "
+            ".tar/.tar.gz/.tgz/.zip archive of one."
         )
     return str(path)
 

@@ -48,6 +48,7 @@ from pollen.files import file_lock
 
 __all__ = [
     "ARCHIVE",
+    "BoundedReads",
     "CIFAR10_ARCHIVE",
     "CIFAR10_CLASSES",
     "CIFAR10_FOLDER",
@@ -55,7 +56,9 @@ __all__ = [
     "CIFAR10_URL",
     "DEFAULT",
     "FOLDER",
+    "check_member_path",
     "download_cifar10",
+    "open_decompressed",
 ]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -466,11 +469,11 @@ def _read_tar_members(archive: Path) -> Iterator[tuple[str, bytes]]:
     Reads straight from the (possibly compressed) tar stream; nothing is written to disk.
     An entry whose path is absolute or climbs out with ``..``, a batch file that is a link,
     or one over :data:`MAX_BATCH_FILE_BYTES` is refused before it is read, and no single
-    read from the stream is larger than that (:class:`_BoundedReads`).
+    read from the stream is larger than that (:class:`BoundedReads`).
     """
     wanted = {*_CIFAR_TRAIN_BATCHES, _CIFAR_TEST_BATCH, _CIFAR_META}
     with ExitStack() as stack:
-        stream = _BoundedReads(_decompressed(archive, stack), archive)
+        stream = BoundedReads(open_decompressed(archive, stack), archive)
         tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r:"))
         for count, member in enumerate(tar, 1):
             base = _checked_member(archive, member, count)
@@ -495,14 +498,19 @@ def _checked_member(archive: Path, member: tarfile.TarInfo, count: int) -> str:
             "CIFAR-10 (whose archive has 8). Point --data-dir at the CIFAR-10 archive "
             f"{CIFAR10_ARCHIVE} or at an image folder."
         )
-    path = PurePosixPath(member.name)
+    return check_member_path(archive, member.name).name
+
+
+def check_member_path(archive: Path, name: str) -> PurePosixPath:
+    """The path of the archive entry ``name``; refused if absolute or climbing out (``..``)."""
+    path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts:
         raise PollenError(
-            f"The archive {archive} has an entry {member.name!r} whose path leads outside "
-            "the archive's folder (absolute, or with '..'): it is not CIFAR-10 and may be "
-            "hostile. Use the official archive, downloaded again."
+            f"The archive {archive} has an entry {name!r} whose path leads outside the "
+            "archive's folder (absolute, or with '..'): Pollen refuses such an archive, which "
+            "may be hostile. Recreate it with relative paths, or download it again."
         )
-    return path.name
+    return path
 
 
 def _too_large(what: str) -> PollenError:
@@ -514,8 +522,11 @@ def _too_large(what: str) -> PollenError:
     )
 
 
-def _decompressed(archive: Path, stack: ExitStack) -> IO[bytes]:
-    """``archive`` opened for reading, decompressed if it is gzip, bzip2 or xz."""
+def open_decompressed(archive: Path, stack: ExitStack) -> IO[bytes]:
+    """``archive`` opened for reading (closed with ``stack``), decompressed if need be.
+
+    Gzip, bzip2 and xz are recognised by their first bytes, whatever the file's name.
+    """
     raw = stack.enter_context(open(archive, "rb"))
     magic = raw.read(6)
     raw.seek(0)
@@ -528,26 +539,36 @@ def _decompressed(archive: Path, stack: ExitStack) -> IO[bytes]:
     return raw
 
 
-class _BoundedReads:
+class BoundedReads:
     """A read-only stream that refuses any one read of more than MAX_BATCH_FILE_BYTES.
 
     Python's tarfile reads a long-name or extended (pax) header whole, whatever size the
-    archive claims for it; through this stream, a claim beyond the cap is refused.
+    archive claims for it; through this stream, a claim beyond the cap is refused with
+    ``too_large("An entry of the archive <archive>")`` (default: the CIFAR-10 message).
     """
 
-    def __init__(self, stream: IO[bytes], archive: Path) -> None:
+    def __init__(
+        self,
+        stream: IO[bytes],
+        archive: Path,
+        too_large: Callable[[str], PollenError] | None = None,
+    ) -> None:
         self.stream = stream
         self.archive = archive
+        self.too_large = too_large or _too_large
 
     def read(self, size: int = -1) -> bytes:
+        """Read ``size`` bytes; refused when ``size`` is negative or over the cap."""
         if size is None or size < 0 or size > MAX_BATCH_FILE_BYTES:
-            raise _too_large(f"An entry of the archive {self.archive}")
+            raise self.too_large(f"An entry of the archive {self.archive}")
         return self.stream.read(size)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Seek the underlying stream."""
         return self.stream.seek(offset, whence)
 
     def tell(self) -> int:
+        """The underlying stream's position."""
         return self.stream.tell()
 
 
@@ -570,7 +591,7 @@ def _looks_like_tar(path: Path) -> bool:
         return True
     try:  # tarfile.is_tarfile would read a first header of any claimed size
         with ExitStack() as stack:
-            stream = _BoundedReads(_decompressed(path, stack), path)
+            stream = BoundedReads(open_decompressed(path, stack), path)
             stack.enter_context(tarfile.open(fileobj=stream, mode="r:"))
         return True
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, PollenError):

@@ -8,10 +8,12 @@ greyscale, and a bilinear resize to the requested size. Decoding runs on a few t
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -19,7 +21,14 @@ from PIL import Image, ImageOps
 from pollen.data.dataset import check_channels, check_image_size
 from pollen.errors import PollenError
 
-__all__ = ["MAX_IMAGE_PIXELS", "convert_arrays", "decode_files", "image_extensions", "load_images"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "convert_arrays",
+    "decode_bytes",
+    "decode_files",
+    "image_extensions",
+    "load_images",
+]
 
 MAX_IMAGE_PIXELS = 40_000_000
 """Most pixels (width x height) of an image Pollen decodes: 40 megapixels, a 7,300 x 5,400
@@ -85,7 +94,39 @@ def decode_files(
         PollenError: If a file cannot be decoded as an image (naming the file).
     """
     out = np.empty((len(files), *size, channels), dtype=np.uint8)
-    return _parallel_fill(out, lambda i: _decode_one(files[i], size, channels), progress_label)
+    return _parallel_fill(
+        out, lambda i: _decode_one(files[i], str(files[i]), size, channels), progress_label
+    )
+
+
+def decode_bytes(
+    blobs: Sequence[bytes],
+    names: Sequence[str],
+    size: tuple[int, int],
+    channels: int,
+    progress_label: str | None,
+) -> np.ndarray:
+    """Decode images held in memory (for example archive entries) exactly as files are.
+
+    Args:
+        blobs: The encoded images (the bytes of a PNG, JPEG, ... file).
+        names: What to call each image in an error, for example ``"train/cat/1.jpg in the
+            archive data.zip"``; same length as ``blobs``.
+        size: ``(height, width)`` to resize to (bilinear).
+        channels: 3 for RGB or 1 for greyscale.
+        progress_label: As for :func:`decode_files`.
+
+    Returns:
+        ``uint8`` array of shape ``(len(blobs), height, width, channels)``.
+
+    Raises:
+        PollenError: If an image cannot be decoded or has more than
+            :data:`MAX_IMAGE_PIXELS` pixels (naming it).
+    """
+    out = np.empty((len(blobs), *size, channels), dtype=np.uint8)
+    return _parallel_fill(
+        out, lambda i: _decode_one(io.BytesIO(blobs[i]), names[i], size, channels), progress_label
+    )
 
 
 def convert_arrays(x: np.ndarray, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -133,10 +174,13 @@ def _to_pil_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def _decode_one(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+def _decode_one(
+    source: Path | IO[bytes], path: str, size: tuple[int, int], channels: int
+) -> np.ndarray:
+    """Decode the image ``source`` (a file or bytes), called ``path`` in errors."""
     h, w = size
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.format == "JPEG":
                 side = max(w, h)  # the image may still be rotated by its EXIF orientation
                 img.draft("RGB" if channels == 3 else "L", (side, side))  # cheap downscale
@@ -159,7 +203,7 @@ def _decode_one(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
     return arr.reshape(h, w, channels)
 
 
-def _too_large(path: Path, size: str) -> PollenError:
+def _too_large(path: str, size: str) -> PollenError:
     return PollenError(
         f"The image file {path} is too large to decode ({size}; Pollen decodes at most "
         f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, see pollen.data.decode.MAX_IMAGE_PIXELS): "

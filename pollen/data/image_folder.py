@@ -10,6 +10,7 @@ is used; hidden files and folders and other files are ignored. Images are decode
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from pollen.data.dataset import Dataset, LayoutError, LoadOptions, Source
 from pollen.data.decode import decode_files, image_extensions
 from pollen.errors import PollenError
 
-__all__ = ["SOURCE"]
+__all__ = ["SOURCE", "check_splits"]
 
 
 def _list_split(root: Path, split: str, extensions: frozenset[str]) -> dict[str, list[Path]]:
@@ -81,8 +82,14 @@ def _inside(path: Path, root: Path, real_root: Path) -> None:
         )
 
 
-def _check_splits(root: Path, train: dict[str, list[Path]], test: dict[str, list[Path]]) -> None:
-    """Raise a PollenError unless every class has training images and test is usable."""
+def check_splits(
+    root: Path, train: Mapping[str, Sequence[object]], test: Mapping[str, Sequence[object]]
+) -> None:
+    """Raise a PollenError unless every class has training images and test is usable.
+
+    ``train`` and ``test`` map each class folder of ``root/train`` and ``root/test`` to its
+    images (any kind of item: files, archive entries); the messages name ``root``.
+    """
     n_train = sum(len(v) for v in train.values())
     if not train or n_train == 0:
         raise PollenError(
@@ -115,7 +122,7 @@ def _load(root: Path, options: LoadOptions) -> Dataset:
     extensions = image_extensions()
     train = _list_split(root, "train", extensions)
     test = _list_split(root, "test", extensions)
-    _check_splits(root, train, test)
+    check_splits(root, train, test)
     class_names = tuple(train)  # already sorted
     label_of = {name: i for i, name in enumerate(class_names)}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pollen.data import cifar10, image_folder
+from pollen.data import cifar10, image_archive, image_folder
 from pollen.data.cache import default_cache_dir
 from pollen.data.dataset import (
     Dataset,
@@ -31,7 +31,14 @@ __all__ = ["DEFAULT_SOURCE", "SOURCES", "describe", "layouts_help", "load_datase
 DEFAULT_SOURCE: Source = cifar10.DEFAULT
 """What ``load_dataset`` reads when no data is given; its ``load`` gets the cache folder."""
 
-SOURCES: tuple[Source, ...] = (cifar10.ARCHIVE, cifar10.FOLDER, image_folder.SOURCE)
+SOURCES: tuple[Source, ...] = (
+    # Before cifar10.ARCHIVE, which claims every tar file: an image archive is claimed only
+    # when its first entries are train/ or test/ (at the root or under one top folder).
+    image_archive.SOURCE,
+    cifar10.ARCHIVE,
+    cifar10.FOLDER,
+    image_folder.SOURCE,
+)
 """Every source a data path can be, in the order they are offered it."""
 
 

@@ -38,9 +38,11 @@ def test_bad_paths_and_arguments(tmp_path: Path) -> None:
 def test_layouts_help_follows_sources() -> None:
     assert layouts_help() == (
         "Pollen accepts: (1) nothing, to use CIFAR-10 from the cache folder (downloaded on "
-        "first use); (2) the CIFAR-10 archive cifar-10-python.tar.gz or a folder containing "
-        "it; (3) its extracted cifar-10-batches-py/ folder (data_batch_1..5, test_batch, "
-        "batches.meta) or a folder containing it; (4) an image folder with "
+        "first use); (2) a .tar, .tar.gz, .tgz or .zip archive of an image folder, with "
+        "train/<class>/<images> and test/<class>/<images> at its root or under one top "
+        "folder; (3) the CIFAR-10 archive cifar-10-python.tar.gz or a folder containing "
+        "it; (4) its extracted cifar-10-batches-py/ folder (data_batch_1..5, test_batch, "
+        "batches.meta) or a folder containing it; (5) an image folder with "
         "train/<class>/<images> and test/<class>/<images>, where each subfolder name is a "
         "class name."
     )
