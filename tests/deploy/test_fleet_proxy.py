@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -479,6 +480,22 @@ def _head(
     return s
 
 
+def _trickled_body_status(proxy, length: int) -> int:
+    """Send a push-object head of ``length`` bytes, then one body byte every 0.05 s.
+
+    Returns the status the proxy answers within 4 s (at most 100 bytes are sent).
+    """
+    started = time.monotonic()
+    with _head(proxy.port, "/v1/fleet/push-object", length) as s:
+        for _ in range(100):  # one byte every 0.05 s: 5 s at most
+            if select.select([s], [], [], 0.05)[0]:
+                break
+            s.sendall(b"x")
+        status = _status(s, timeout=5)
+    assert time.monotonic() - started < 4
+    return status
+
+
 def _status(s: socket.socket, timeout: float) -> int | None:
     """The status of the answer on ``s`` within ``timeout`` s (None: closed or reset)."""
     s.settimeout(timeout)
@@ -735,20 +752,12 @@ def test_a_request_waits_for_room_then_passes(upstream):
 
 @pytest.mark.timeout(60)
 def test_trickling_body_times_out(upstream):
-    import select
 
     from pollen.deploy.fleet_limits import FleetLimits
 
     fake, up_port = upstream
     with _limited_proxy(up_port, limits=FleetLimits(body_timeout=1.0)) as p:
-        started = time.monotonic()
-        with _head(p.port, "/v1/fleet/push-object", 1000) as s:
-            for _ in range(100):  # one byte every 0.05 s: 5 s at most
-                if select.select([s], [], [], 0.05)[0]:
-                    break
-                s.sendall(b"x")
-            assert _status(s, timeout=5) == 408
-        assert time.monotonic() - started < 4
+        assert _trickled_body_status(p, 1000) == 408
         assert p.app.state.limited["slow body"] == 1
         assert _budget_used(p, 0) == 0
     assert fake.calls == []
@@ -879,21 +888,13 @@ def test_trickling_bodies_do_not_hold_room_they_have_not_sent(upstream):
 
 @pytest.mark.timeout(60)
 def test_a_body_below_the_minimum_pace_is_cut_before_the_body_timeout(upstream):
-    import select
 
     from pollen.deploy.fleet_limits import FleetLimits
 
     fake, up_port = upstream
     limits = FleetLimits(rate_grace=0.5, min_rate=64 * 1024)  # body_timeout stays 120 s
     with _limited_proxy(up_port, limits=limits) as p:
-        started = time.monotonic()
-        with _head(p.port, "/v1/fleet/push-object", 100_000) as s:
-            for _ in range(100):  # one byte every 0.05 s: 5 s at most
-                if select.select([s], [], [], 0.05)[0]:
-                    break
-                s.sendall(b"x")
-            assert _status(s, timeout=5) == 408
-        assert time.monotonic() - started < 4
+        assert _trickled_body_status(p, 100_000) == 408
         assert p.app.state.limited["slow body"] == 1
         assert _budget_used(p, 0) == 0
     assert fake.calls == []
