@@ -27,7 +27,7 @@ tree the device machine here accepts (64 MiB), and that machine cannot install
 packages. Clients train one after the other on the one GPU. Times count from
 the start of the run's process (imports, data from the cache, model builds
 included). Simulation's transport overhead on a CPU was measured at 1.03 of
-the clients' own time (README, Performance).
+the clients' own time (docs/performance.md#summary).
 
 Usage:
     python benchmarks/gpu.py [--data-dir PATH] [--model fastnet-wide] [--rounds 16]

@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from pollen.compress import parse as parse_codec
+from pollen.data.load import CIFAR10_IMAGE_SIZE, is_cifar10, native_image_size
 from pollen.errors import PollenError
+from pollen.models.pretrained import WEIGHT_SUFFIXES
 from pollen.models.registry import MODELS, Recipe
 
 PARTITION_METHODS = ("iid", "dirichlet")
@@ -23,6 +26,17 @@ LR_SCHEDULES = ("cosine", "onecycle", "constant")
 FAULT_KINDS = ("nan", "scale", "signflip", "noise", "arch")
 #: Poisoned updates the attack harness (``malicious``/``attack``) can send.
 ATTACK_KINDS = ("signflip", "noise", "scale")
+#: Smallest and largest side of ``image-size`` (Keras's MobileNetV2 needs 32 or more).
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 1024
+#: ``fine-tune-lr`` as a share of ``learning-rate`` unless set (docs/images.md).
+FINE_TUNE_LR_FACTOR = 0.1
+
+#: Values of ``dp``: off, client-level, example-level (DP-SGD on each client).
+DP_LEVELS = ("", "client", "example")
+#: Older spellings of ``dp`` (it was a switch meaning client-level DP).
+DP_ALIASES = dict.fromkeys(("true", "1", "yes", "on"), "client") | dict.fromkeys(
+    ("false", "0", "no", "off", "none"), ""
+)
 
 
 @dataclass(frozen=True)
@@ -140,10 +154,14 @@ class RunConfig:
         secagg_clipping_range: SecAgg+ clips every value of an update to
             ``[-range, range]`` before quantizing it to 2**22 levels.
             Default 8.0.
-        dp: Client-level differential privacy: Flower's server-side fixed
-            clipping (each update's L2 norm clipped to ``dp-clip``, Gaussian
-            noise of std ``dp-noise * dp-clip / clients`` added to the
-            average) and an RDP accountant. Default off.
+        dp: Differential privacy: ``""`` (off, the default), ``"client"``
+            (client-level: Flower's server-side fixed clipping, each update's
+            L2 norm clipped to ``dp-clip``, Gaussian noise of std ``dp-noise *
+            dp-clip / clients`` added to the average, an RDP accountant) or
+            ``"example"`` (example-level: DP-SGD on every client,
+            ``pollen.training.dp_sgd``; ``dp-clip`` is then the per-example
+            clipping norm). ``true``/``false`` (older configs) mean
+            ``"client"``/``""``.
         dp_noise: Noise multiplier z (noise std / clipping norm). Default 0:
             the smallest z that keeps the whole run within ``dp-epsilon``.
             With both set, the run refuses to start if z spends more than
@@ -152,6 +170,36 @@ class RunConfig:
         dp_delta: The delta of the reported (epsilon, delta). Default 1e-5.
         dp_epsilon: Privacy budget epsilon for the whole run (0 = none). The
             run refuses to start if its noise cannot keep it within budget.
+        compress: How clients send their updates (:mod:`pollen.compress`):
+            ``none``, ``fp16``, ``int8`` or ``topk:K``, as the change to the
+            weights received, with error feedback. Not with ``secagg``.
+        compress_down: How the server sends the weights: ``none``, ``fp16``
+            or ``int8``. Not with ``secagg``.
+        image_size: ``"HxW"`` (or ``"N"`` for N x N) every image is resized to
+            and every model is built for, each side 32 to 1024. ``"auto"`` (the
+            default) is resolved when the config is built (:func:`auto_image_size`):
+            32x32 when the data is CIFAR-10 (``data-dir`` and
+            ``server-data-dir`` both "" or a CIFAR-10 archive/folder), else the
+            model's own size (``ModelSpec.image_size``: 96x96 for
+            ``mobilenetv2``, 32x32 for ``cnn`` and ``fastnet``). After that it
+            is always ``"HxW"``; :attr:`image_hw` is it as a tuple.
+        mlflow_uri: MLflow tracking URI (``file:``, ``sqlite:``, ``http(s):``)
+            the server logs the run's parameters, per-round metrics and final
+            model to (:mod:`pollen.server.tracking`); "" (the default): none.
+        weights: Pretrained starting weights (``pollen.models.pretrained``):
+            ``"imagenet"`` (the model's ``keras.applications`` ImageNet
+            weights: ``mobilenetv2``, ``efficientnetb0``) or the absolute path of
+            a ``.keras``/``.h5`` model or ``.weights.h5``/``.h5`` weights file.
+            Only the server reads it; clients receive the loaded weights as
+            round 1's global model. "" (the default): random initialisation.
+            With weights, ``whiten`` is off.
+        freeze_rounds: Rounds, from round 1, that train only the classifier
+            (the pretrained backbone frozen, see ``pollen.training.finetune``).
+            Default 0: every layer trains from round 1 (measured better than
+            1, docs/images.md). Needs ``weights``.
+        fine_tune_lr: Peak learning rate once the pretrained backbone trains
+            (after ``freeze-rounds``). 0 (the default) = ``learning-rate``
+            times :data:`FINE_TUNE_LR_FACTOR`; resolved when the config is built.
     """
 
     num_rounds: int = 3
@@ -193,18 +241,40 @@ class RunConfig:
     secagg_num_shares: float = 1.0
     secagg_reconstruction_threshold: float = 0.67
     secagg_clipping_range: float = 8.0
-    dp: bool = False
+    dp: str = ""
     dp_noise: float = 0.0
     dp_clip: float = 1.0
     dp_delta: float = 1e-5
     dp_epsilon: float = 0.0
+    compress: str = "none"
+    compress_down: str = "none"
+    image_size: str = "auto"
+    mlflow_uri: str = ""
+    weights: str = ""
+    freeze_rounds: int = 0
+    fine_tune_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        """Fill ``batch-size``, ``learning-rate`` and ``lr-schedule`` left to the recipe."""
+        """Resolve the settings left to auto: the recipe's three and ``image-size``."""
         recipe = MODELS[self.model].recipe if self.model in MODELS else Recipe()
         for name, auto in (("batch_size", 0), ("learning_rate", 0.0), ("lr_schedule", "auto")):
             if getattr(self, name) == auto:
                 object.__setattr__(self, name, getattr(recipe, name))
+        size = parse_image_size(str(self.image_size))
+        if size is None:
+            size = auto_image_size(self.model, self.data_dir or self.server_data_dir)
+        object.__setattr__(self, "image_size", f"{size[0]}x{size[1]}")
+        if self.fine_tune_lr == 0.0:
+            object.__setattr__(self, "fine_tune_lr", self.learning_rate * FINE_TUNE_LR_FACTOR)
+        object.__setattr__(self, "dp", DP_ALIASES.get(str(self.dp).strip().lower(), self.dp))
+        if self.weights:  # the first convolution comes from the file, not from whitening
+            object.__setattr__(self, "whiten", False)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """``image-size`` as ``(height, width)``: the images' size and the models' input."""
+        height, _, width = self.image_size.partition("x")
+        return int(height), int(width)
 
     @classmethod
     def declared_defaults(cls) -> dict[str, Any]:
@@ -291,10 +361,17 @@ class RunConfig:
                 "secagg-reconstruction-threshold must be positive",
             ),
             (self.secagg_clipping_range > 0, "secagg-clipping-range must be positive"),
+            (self.dp in DP_LEVELS, "dp must be client or example (or empty: off)"),
             (self.dp_noise >= 0, "dp-noise must be >= 0"),
             (self.dp_clip > 0, "dp-clip must be positive"),
             (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
             (self.dp_epsilon >= 0, "dp-epsilon must be >= 0 (0 = no budget)"),
+            (self.freeze_rounds >= 0, "freeze-rounds must be >= 0"),
+            (self.fine_tune_lr > 0, "fine-tune-lr must be positive"),
+            (
+                self.weights or not self.freeze_rounds,
+                "freeze-rounds needs --weights (it freezes a pretrained backbone)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -328,6 +405,52 @@ class RunConfig:
             raise PollenError(
                 f"Unknown attack {self.attack!r}: use one of {', '.join(ATTACK_KINDS)}."
             )
+        check_compression(self)
+        check_weights(self)
+
+
+def parse_image_size(text: str) -> tuple[int, int] | None:
+    """``"N"`` or ``"HxW"`` as ``(height, width)``; ``None`` for ``"auto"`` (or "").
+
+    Raises:
+        PollenError: Not a size, or a side outside 32..1024.
+    """
+    text = text.strip().lower()
+    if text in ("", "auto"):
+        return None
+    height, sep, width = text.partition("x")
+    sides = (height, width if sep else height)
+    if not all(s.strip().isdigit() for s in sides):
+        raise PollenError(
+            f"Invalid image size {text!r}: write N (N x N pixels, e.g. 96) or HxW (e.g. "
+            "96x128), or auto."
+        )
+    size = (int(sides[0]), int(sides[1]))
+    if not all(MIN_IMAGE_SIDE <= s <= MAX_IMAGE_SIDE for s in size):
+        raise PollenError(
+            f"Invalid image size {text!r}: each side must be between {MIN_IMAGE_SIDE} and "
+            f"{MAX_IMAGE_SIDE} pixels (the models need at least {MIN_IMAGE_SIDE}; larger "
+            "images need more memory than one client has)."
+        )
+    return size
+
+
+def auto_image_size(model: str, data_dir: str) -> tuple[int, int]:
+    """What ``image-size = "auto"`` means for ``model`` on the data at ``data_dir``.
+
+    32x32 for CIFAR-10 (``data_dir`` "" or a CIFAR-10 archive or folder: its images are
+    32x32, nothing is resized); otherwise the model's own size (``ModelSpec.image_size``),
+    but never larger than the images themselves (the first training image's smaller side,
+    at least 32): upsampling thumbnails costs compute and adds nothing, so an image folder
+    of 32x32 images (such as the JPEG copy of CIFAR-10) stays at 32x32.
+    """
+    if not data_dir or is_cifar10(data_dir):
+        return CIFAR10_IMAGE_SIZE
+    side = MODELS[model].image_size if model in MODELS else CIFAR10_IMAGE_SIZE[0]
+    native = native_image_size(data_dir)
+    if native is not None:
+        side = max(CIFAR10_IMAGE_SIZE[0], min(side, *native))
+    return side, side
 
 
 def _convert(key: str, value: Any, target: type) -> Any:
@@ -351,3 +474,46 @@ def _convert(key: str, value: Any, target: type) -> Any:
         raise PollenError(
             f"Invalid run configuration: {key}={value!r} is not a valid {target.__name__}."
         ) from None
+
+
+def check_weights(cfg: RunConfig) -> None:
+    """Refuse a ``weights`` that is neither ``imagenet`` nor a Keras file name.
+
+    Only the form is checked: clients validate the run config too, and the
+    file exists on the server only (``pollen.models.pretrained`` opens it).
+    ``imagenet`` needs a model that has ImageNet weights.
+    """
+    if not cfg.weights:
+        return
+    if cfg.weights == "imagenet":
+        spec = MODELS[cfg.model]
+        if spec.imagenet is None:
+            have = ", ".join(n for n, s in MODELS.items() if s.imagenet is not None)
+            raise PollenError(
+                f"Model {cfg.model!r} has no ImageNet weights: use --model {have}, or give "
+                "--weights the path of a .keras/.h5 file."
+            )
+        return
+    if not cfg.weights.endswith(WEIGHT_SUFFIXES):
+        raise PollenError(
+            f"Invalid weights {cfg.weights!r}: give imagenet, or the path of a .keras or .h5 "
+            "model, or of a .weights.h5 / .h5 weights file."
+        )
+
+
+def check_compression(cfg: RunConfig) -> None:
+    """Refuse an unknown ``compress``/``compress-down``, and either with ``secagg``.
+
+    Raises:
+        PollenError: The first problem found, phrased for the user.
+    """
+    codecs = (parse_codec(cfg.compress), parse_codec(cfg.compress_down, downlink=True))
+    if cfg.secagg and codecs != (None, None):
+        raise PollenError(
+            "--compress and --compress-down cannot be combined with --secagg: under "
+            "SecAgg+ each client masks its whole update, quantized by SecAgg+ itself to "
+            "integers within --secagg-clipping-range, with dense random masks, and the "
+            "server only ever sees the masked sum, so it could neither decode one client's "
+            "compressed update nor save bytes on a sparse one (the masks are dense). Drop "
+            "--compress/--compress-down, or --secagg."
+        )

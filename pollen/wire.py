@@ -31,6 +31,14 @@ sees it. A client that no longer holds them (its app restarted) replies
 :data:`NOT_HELD`, and the server sends it the whole record. Flower has
 nothing of the kind: its objects are content-addressed per message, and a
 SuperNode keeps none between messages.
+
+Compressed records (:mod:`pollen.compress`, ``--compress``/``--compress-down``):
+the server sends the weights with its codec (:func:`pack_content`), and a
+client sends its train reply's weights as the change to the weights it received,
+compressed, with what the codec left out of its earlier updates added
+(:func:`wire_mod`); the server rebuilds them as ``float32`` weights from the
+ones it sent (:func:`unpack_reply`'s ``base``) before anything checks them.
+See ``docs/compression.md``.
 """
 
 from __future__ import annotations
@@ -38,12 +46,22 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.common.constant import ErrorCode
 
+from pollen.compress import CODECS, Codec, Feedback, parse, with_feedback
 from pollen.errors import PollenError
 
 __all__ = [
@@ -52,6 +70,7 @@ __all__ = [
     "NOT_HELD",
     "HeldWeights",
     "WireFormatError",
+    "content_bytes",
     "held_weights",
     "pack_content",
     "pack_record",
@@ -59,6 +78,7 @@ __all__ = [
     "unpack_content",
     "unpack_record",
     "unpack_reply",
+    "uplink_codec",
     "wire_array",
     "wire_mod",
 ]
@@ -67,6 +87,9 @@ __all__ = [
 MARK = "pollen-wire"
 
 _VALUES, _SHAPES, _KEYS = "packed-values", "packed-shapes", "packed-keys"
+#: A compressed packed record: the codec's name (``+delta``: a change to the receiver's
+#: weights) and its payload arrays, each named ``packed-<name>`` (see pollen.compress).
+_CODEC, _PREFIX, _DELTA = "packed-codec", "packed-", "+delta"
 
 
 class WireFormatError(PollenError, ValueError):
@@ -160,14 +183,27 @@ def wire_array(array: Array, what: str = "an array") -> np.ndarray:
     return flat.reshape(shape[::-1]).T if match[3] == b"True" else flat.reshape(shape)
 
 
-def pack_record(record: ArrayRecord) -> ArrayRecord:
-    """One record of three arrays holding all of ``record``'s ``float32`` arrays.
+def pack_record(
+    record: ArrayRecord,
+    codec: Codec | None = None,
+    base: ArrayRecord | None = None,
+    feedback: Feedback | None = None,
+) -> ArrayRecord:
+    """One record of a few arrays holding all of ``record``'s ``float32`` arrays.
 
     ``packed-values``: every array flattened, in key order, concatenated;
     ``packed-shapes``: ``int64``, for each array its rank and then its dims;
     ``packed-keys``: the keys, UTF-8, newline-separated. A record that is
     empty, holds any other dtype or has a key that is not UTF-8 without newlines
     is returned unchanged.
+
+    With a ``codec`` (:mod:`pollen.compress`) the values travel as its payload
+    (``packed-<name>`` arrays) and ``packed-codec`` names it. With ``base`` too
+    (the weights the receiver sent, of the same keys, shapes and dtypes) what
+    travels is the change ``record - base`` (``packed-codec`` ends in
+    ``+delta``), plus what ``feedback`` carried over from earlier updates
+    (:func:`pollen.compress.with_feedback`). Without a ``base`` of the same
+    shapes a codec that needs one (``topk``) is not applied.
     """
     arrays = [record[key].numpy() for key in record]
     if not arrays or any(a.dtype != np.float32 for a in arrays):
@@ -181,34 +217,75 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
     shapes = np.array([d for a in arrays for d in (a.ndim, *a.shape)], dtype=np.int64)
     keys = np.frombuffer(joined, dtype=np.uint8).copy()
     values = np.concatenate([a.ravel() for a in arrays])
-    return ArrayRecord(
-        array_dict={_VALUES: Array(values), _SHAPES: Array(shapes), _KEYS: Array(keys)}
+    packed = {_SHAPES: Array(shapes), _KEYS: Array(keys)}
+    if base is not None and not _same_layout(record, base):
+        base = None
+    if codec is None or (base is None and not codec.bounded):
+        return ArrayRecord(array_dict={_VALUES: Array(values), **packed})
+    sizes = [a.size for a in arrays]
+    if base is not None:
+        values = values - _flat(base)
+        payload = with_feedback(codec, values, sizes, feedback)
+    else:
+        payload = codec.encode(values, sizes)
+    name = codec.name + (_DELTA if base is not None else "")
+    packed[_CODEC] = Array(np.frombuffer(name.encode(), dtype=np.uint8).copy())
+    packed.update({_PREFIX + k: Array(v) for k, v in payload.items()})
+    return ArrayRecord(array_dict=packed)
+
+
+def _same_layout(record: ArrayRecord, base: ArrayRecord) -> bool:
+    """Whether ``record`` and ``base`` have the same keys, in order, shapes and dtypes."""
+    return list(record) == list(base) and all(
+        (record[k].dtype, tuple(record[k].shape)) == (base[k].dtype, tuple(base[k].shape))
+        for k in record
     )
 
 
-def unpack_record(record: ArrayRecord) -> ArrayRecord:
+def _flat(record: ArrayRecord) -> np.ndarray:
+    """``record``'s arrays flattened, in key order, concatenated, as ``float32``."""
+    arrays = [np.asarray(a.numpy(), dtype=np.float32).ravel() for a in record.values()]
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+
+
+def unpack_record(record: ArrayRecord, base: ArrayRecord | None = None) -> ArrayRecord:
     """Inverse of :func:`pack_record`; a record that is not packed is returned unchanged.
 
     Every array is checked (:func:`wire_array`), packed or not, so that a later
-    :meth:`Array.numpy` reads no more than the bytes that arrived.
+    :meth:`Array.numpy` reads no more than the bytes that arrived. A
+    compressed record is decoded to ``float32``; one sent as a change is
+    added to ``base``, the weights this end sent (None: refused).
 
     Raises:
         WireFormatError: The record is malformed: an array is (see :func:`wire_array`),
             or a packed record's keys, ranks, dims and values do not add up exactly
             (negative, missing or extra dims, values or bytes; a duplicate key; a key
-            that is not UTF-8).
+            that is not UTF-8), or its compressed payload does not fit them, or it
+            is a change to weights this end did not send.
     """
-    if not {_VALUES, _SHAPES, _KEYS} & set(record):
+    if not {_VALUES, _SHAPES, _KEYS, _CODEC} & set(record):
         for key, array in record.items():
             wire_array(array, f"the array {_short(key)}")
         return record
+    if _CODEC in record:
+        return _decompressed(record, base)
     if set(record) != {_VALUES, _SHAPES, _KEYS}:
         raise _malformed("a packed record", f"has {len(record)} arrays, not its three")
     values = wire_array(record[_VALUES], _VALUES)
+    keys, dims = _keys_and_dims(record)
+    if values.ndim != 1 or values.dtype.str != "<f4":
+        raise _malformed("a packed record", "has arrays of the wrong dtype or rank")
+    shapes = _shapes(dims, keys, values.size)
+    if sum(math.prod(s) for s in shapes) != values.size:
+        raise _malformed("a packed record", "has values or dims left over")
+    return ArrayRecord(array_dict=_split(values, shapes, keys))
+
+
+def _keys_and_dims(record: ArrayRecord) -> tuple[list[str], list[int]]:
+    """The keys and the flat rank-and-dims list of a packed record, checked."""
     dims = wire_array(record[_SHAPES], _SHAPES)
     raw = wire_array(record[_KEYS], _KEYS)
-    expected = ((values, "<f4"), (dims, "<i8"), (raw, "|u1"))
-    if any(a.ndim != 1 or a.dtype.str != s for a, s in expected):
+    if dims.ndim != 1 or dims.dtype.str != "<i8" or raw.ndim != 1 or raw.dtype.str != "|u1":
         raise _malformed("a packed record", "has arrays of the wrong dtype or rank")
     joined = raw.tobytes()
     if joined.count(b"\n") >= MAX_ARRAYS:
@@ -219,65 +296,142 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
         raise _malformed(_KEYS, "are not UTF-8") from None
     if len(set(keys)) != len(keys):
         raise _malformed(_KEYS, "name an array twice")
-    return ArrayRecord(array_dict=_split(values, dims.tolist(), keys))
+    return keys, dims.tolist()
 
 
-def _split(values: np.ndarray, dims: list[int], keys: list[str]) -> dict[str, Array]:
-    """``keys`` -> their arrays, cut from ``values`` by ``dims`` (ranks, then dims)."""
-    arrays: dict[str, Array] = {}
-    start = i = 0
+def _shapes(dims: list[int], keys: list[str], limit: int | None) -> list[tuple[int, ...]]:
+    """The shape of each of ``keys`` from ``dims`` (ranks, then dims), checked.
+
+    ``limit``: most values the shapes may hold together (None: no limit).
+    """
+    shapes: list[tuple[int, ...]] = []
+    total = i = 0
     for key in keys:
         if i >= len(dims):
             raise _malformed(_SHAPES, f"end before the dims of {_short(key)}")
         ndim = dims[i]
         shape = tuple(dims[i + 1 : i + 1 + ndim]) if 0 <= ndim <= MAX_NDIM else ()
         size = math.prod(shape)
-        if len(shape) != ndim or min(shape, default=0) < 0 or start + size > values.size:
+        too_many = limit is not None and total + size > limit
+        if len(shape) != ndim or min(shape, default=0) < 0 or too_many:
             raise _malformed(_SHAPES, f"give {_short(key)} the rank {ndim}, dims {_short(shape)}")
         if not _shape_ok(shape, size):
             raise _malformed(_SHAPES, f"give {_short(key)} the dims {_short(shape)}")
+        shapes.append(shape)
+        total += size
+        i += 1 + ndim
+    if i != len(dims):
+        raise _malformed("a packed record", "has values or dims left over")
+    return shapes
+
+
+def _split(values: np.ndarray, shapes: list[tuple[int, ...]], keys: list[str]) -> dict[str, Array]:
+    """``keys`` -> their arrays, cut from ``values`` by ``shapes``."""
+    arrays: dict[str, Array] = {}
+    start = 0
+    for key, shape in zip(keys, shapes, strict=True):
+        size = math.prod(shape)
         arrays[key] = Array(values[start : start + size].reshape(shape))
         start += size
-        i += 1 + ndim
-    if start != values.size or i != len(dims):
-        raise _malformed("a packed record", "has values or dims left over")
     return arrays
 
 
-def pack_content(content: RecordDict) -> RecordDict:
-    """``content`` with every ArrayRecord packed, and marked."""
+def _decompressed(record: ArrayRecord, base: ArrayRecord | None) -> ArrayRecord:
+    """The ``float32`` record a compressed packed record encodes (see :func:`pack_record`)."""
+    raw = wire_array(record[_CODEC], _CODEC)
+    name = raw.tobytes().decode("ascii", "replace") if raw.dtype.str == "|u1" else ""
+    delta = name.endswith(_DELTA)
+    codec = CODECS.get(name.removesuffix(_DELTA))
+    if codec is None:
+        raise _malformed(_CODEC, f"names no codec Pollen knows ({_short(name)})")
+    expected = {_SHAPES, _KEYS, _CODEC} | {_PREFIX + k for k in codec.payload_keys}
+    if set(record) != expected:
+        raise _malformed("a compressed record", f"has the arrays {_short(sorted(record))}")
+    keys, dims = _keys_and_dims(record)
+    payload = {k: wire_array(record[_PREFIX + k], _PREFIX + k) for k in codec.payload_keys}
+    shapes = _shapes(dims, keys, None)
+    if delta and (base is None or not _base_fits(base, keys, shapes)):
+        raise _malformed("a compressed record", "is a change to weights this end did not send")
+    if not (delta or codec.bounded):
+        raise _malformed("a compressed record", f"of codec {codec.name} is not a change")
+    try:
+        values = codec.decode(payload, [math.prod(s) for s in shapes])
+    except ValueError as err:
+        raise _malformed(f"a record compressed with {codec.name}", str(err)) from None
+    if delta:
+        values += _flat(base)
+    return ArrayRecord(array_dict=_split(values, shapes, keys))
+
+
+def _base_fits(base: ArrayRecord, keys: list[str], shapes: list[tuple[int, ...]]) -> bool:
+    """Whether ``base`` holds exactly ``keys``, of ``shapes``, all ``float32``."""
+    return list(base) == keys and all(
+        base[k].dtype == "float32" and tuple(base[k].shape) == s
+        for k, s in zip(keys, shapes, strict=True)
+    )
+
+
+def pack_content(
+    content: RecordDict,
+    codec: Codec | None = None,
+    base: ArrayRecord | None = None,
+    feedback: Feedback | None = None,
+) -> RecordDict:
+    """``content`` with every ArrayRecord packed, and marked.
+
+    ``codec``, ``base`` and ``feedback`` apply to its ``arrays`` record (the
+    model's weights) only; see :func:`pack_record`.
+    """
     out = RecordDict(
-        {k: pack_record(v) if isinstance(v, ArrayRecord) else v for k, v in content.items()}
+        {
+            k: (
+                pack_record(v, *((codec, base, feedback) if k == "arrays" else ()))
+                if isinstance(v, ArrayRecord)
+                else v
+            )
+            for k, v in content.items()
+        }
     )
     out[MARK] = ConfigRecord({"packed": True})
     return out
 
 
-def unpack_content(content: RecordDict) -> RecordDict:
+def unpack_content(content: RecordDict, base: ArrayRecord | None = None) -> RecordDict:
     """``content`` with every packed ArrayRecord unpacked and the mark removed.
+
+    ``base``: the weights this end sent, which an ``arrays`` record sent as
+    a change to them builds on (see :func:`unpack_record`).
 
     Raises:
         WireFormatError: An ArrayRecord is malformed (see :func:`unpack_record`).
     """
     return RecordDict(
         {
-            k: unpack_record(v) if isinstance(v, ArrayRecord) else v
+            k: unpack_record(v, base if k == "arrays" else None)
+            if isinstance(v, ArrayRecord)
+            else v
             for k, v in content.items()
             if k != MARK
         }
     )
 
 
-def unpack_reply(reply: Message) -> Message:
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays of ``content``'s ArrayRecords, as they travel (``.npy`` headers too)."""
+    return sum(len(a.data) for r in content.array_records.values() for a in r.values())
+
+
+def unpack_reply(reply: Message, base: ArrayRecord | None = None) -> Message:
     """``reply`` with its content unpacked; a malformed one becomes an error reply.
 
+    ``base``: the weights the server sent, which a compressed update builds on.
     The error reply keeps the reply's metadata and says ``rejected: <why>``, so that
     the server counts it as that client's failure, like any other error reply.
     """
     if not reply.has_content():
         return reply
     try:
-        reply.content = unpack_content(reply.content)
+        reply.content = unpack_content(reply.content, base)
     except WireFormatError as err:
         error = Error(code=ErrorCode.UNKNOWN, reason=f"rejected: {err}")
         return Message(metadata=reply.metadata, error=error)
@@ -290,7 +444,10 @@ def wire_mod(msg: Message, context: Context, call_next: Callable) -> Message:
     Weights the server asks this client to keep are kept where this process
     serves the node's later messages too (:func:`serve_later_messages`), and
     the reply says so; a record sent as changes to kept weights is rebuilt
-    (:func:`held_weights`).
+    (:func:`held_weights`). A train reply's weights travel compressed as the
+    change to the weights received when the run config's ``compress`` names a
+    codec (:func:`uplink_codec`), with what the codec left out of this node's
+    earlier updates in this process carried over (error feedback).
     """
     if not msg.has_content() or MARK not in msg.content:
         return call_next(msg, context)
@@ -303,12 +460,28 @@ def wire_mod(msg: Message, context: Context, call_next: Callable) -> Message:
             Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg
         )
     msg.content = held_weights(content, node)
+    train = msg.metadata.message_type == MessageType.TRAIN
+    base = msg.content.array_records.get("arrays") if train else None
     reply = call_next(msg, context)
     if reply.has_content():
         if "keep" in note and _kept.get(node, ("",))[0] == note["keep"]:
             reply.content[HELD] = ConfigRecord({"kept": note["keep"]})
-        reply.content = pack_content(reply.content)
+        codec = uplink_codec(context.run_config) if base is not None else None
+        feedback = _feedback.setdefault((context.run_id, node), Feedback()) if codec else None
+        reply.content = pack_content(reply.content, codec, base, feedback)
     return reply
+
+
+def uplink_codec(run_config: Mapping) -> Codec | None:
+    """The codec of client updates the run config's ``compress`` names (None: ``none``)."""
+    return parse(str(run_config.get("compress", "none")))
+
+
+#: What the codec left out of each node's updates so far, by (run id, node id): error
+#: feedback. Kept by the process that trained (Pollen's warm app runner serves a node's
+#: every message; Flower's own runner starts a process per message, where it starts again
+#: from zero each round; in simulation each worker keeps the part it left out).
+_feedback: dict[tuple[int, int], Feedback] = {}
 
 
 # --- weights a client already holds ----------------------------------------------

@@ -4,7 +4,9 @@ This module only wires the subcommands, one module each: ``pollen simulate`` /
 ``server`` / ``client`` (:mod:`pollen.cli.simulate`, :mod:`pollen.cli.server`,
 :mod:`pollen.cli.client`) turn options into the app's run config and start Flower's
 runtime; ``pollen certs`` (:mod:`pollen.cli.certs`) makes the certificates and keys for
-a real deployment; ``pollen predict`` (:mod:`pollen.cli.predict`) uses a saved model.
+a real deployment; ``pollen predict``, ``evaluate`` and ``export``
+(:mod:`pollen.cli.predict`, :mod:`pollen.cli.evaluate`, :mod:`pollen.cli.export`) use a
+saved model.
 Every option is in the table of :mod:`pollen.cli.options` (``docs/options.md``).
 
 Errors a user can fix print one paragraph to stderr and exit with status 2;
@@ -17,11 +19,11 @@ import argparse
 import os
 import sys
 
-from pollen.cli import certs, client, predict, server, simulate
+from pollen.cli import certs, client, evaluate, export, predict, server, simulate
 from pollen.errors import PollenError
 
 #: The subcommands, in ``pollen --help`` order; each module has ``add_parser``.
-COMMANDS = (simulate, server, client, certs, predict)
+COMMANDS = (simulate, server, client, certs, predict, evaluate, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pollen.cli.options import CLIENT, add_options, existing_dir_or_file
@@ -46,7 +48,21 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(f"pollen: warning: --fault {args.fault}: this client misbehaves on purpose.")
     tls = _transport(args, args.server, "client")
     _prepare_data(data_dir)
-    return join(args.server, node_config, connect_timeout=args.connect_timeout, tls=tls)
+    return join(
+        args.server,
+        node_config,
+        connect_timeout=args.connect_timeout,
+        tls=tls,
+        log_dir=_log_dir(args.log_dir),
+        verbose=args.verbose,
+    )
+
+
+def _log_dir(given: Path | None) -> Path:
+    """``--log-dir``, or ``./runs/client-<timestamp>/logs``; absolute."""
+    if given is None:
+        given = Path("runs") / f"client-{datetime.now().strftime('%Y%m%d-%H%M%S')}" / "logs"
+    return given.expanduser().resolve()
 
 
 def _check_data_options(args: argparse.Namespace) -> None:

@@ -17,7 +17,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pollen.config import ATTACK_KINDS, FAULT_KINDS, LR_SCHEDULES, PARTITION_METHODS, RunConfig
+from pollen.config import (
+    ATTACK_KINDS,
+    FAULT_KINDS,
+    LR_SCHEDULES,
+    PARTITION_METHODS,
+    RunConfig,
+    parse_image_size,
+)
+from pollen.deploy.dashboard import DEFAULT_ADDRESS as DASHBOARD_ADDRESS
+from pollen.deploy.dashboard import TOKEN_ENV as DASHBOARD_TOKEN_ENV
 from pollen.errors import PollenError
 from pollen.models.registry import MODELS
 from pollen.server.privacy import resolve_noise
@@ -63,6 +72,30 @@ positive_float = Number(float, lambda v: v > 0, "must be positive", "number > 0"
 non_negative_float = Number(float, lambda v: v >= 0, "must not be negative", "number >= 0")
 fraction = Number(float, lambda v: 0 <= v <= 1, "must be between 0 and 1", "number in [0, 1]")
 
+
+def image_size_text(text: str) -> str:
+    """An argparse ``type``: ``auto``, ``N`` or ``HxW``, returned as ``auto`` or ``HxW``.
+
+    ``N`` becomes ``NxN``, the form the run config holds, so ``--resume`` compares like
+    with like.
+    """
+    try:
+        size = parse_image_size(text)
+    except PollenError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return "auto" if size is None else f"{size[0]}x{size[1]}"
+
+
+def weights_text(text: str) -> str:
+    """An argparse ``type``: ``imagenet``, or an existing weights file as an absolute path."""
+    from pollen.models.pretrained import check_weights_source
+
+    try:
+        return check_weights_source(text.strip())
+    except PollenError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 #: What a resumed run (``--resume``) does with an option.
 KEEP = "keep"  # must equal the run's value (or be left at its default)
 CHANGE = "change"  # may differ: the resumed run takes the new value
@@ -95,6 +128,7 @@ class Option:
     action: str | None = None  # "store_true" (a switch) or "append" (repeatable)
     required: bool = False
     nargs: str | None = None
+    const: Any = None  # with nargs="?": the value of the bare flag
     invert: bool = False  # a --no-X switch: the field is the negation of the switch
     derived: bool = False  # the command computes the field (paths, defaults that depend)
     on_resume: str = IGNORE  # KEEP, CHANGE, PATH or IGNORE
@@ -124,7 +158,7 @@ class Option:
             kwargs["action"] = self.action
         else:
             kwargs["default"] = self.default_value
-        for name in ("type", "metavar", "nargs"):
+        for name in ("type", "metavar", "nargs", "const"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         if self.choices is not None:
@@ -135,6 +169,7 @@ class Option:
 
 
 SIMULATE, SERVER, CLIENT, CERTS, PREDICT = "simulate", "server", "client", "certs", "predict"
+EXPORT, EVALUATE = "export", "evaluate"
 FEDERATION = (SIMULATE, SERVER)  # the commands that start a run
 
 _TRAINING = "training"
@@ -169,6 +204,23 @@ OPTIONS: tuple[Option, ...] = (
         "(default: %(default)s)",
         field="client_threads",
         type=non_negative_int,
+    ),
+    Option(
+        "--ray-address",
+        (SIMULATE,),
+        "run the simulated clients on an existing Ray cluster: its head's HOST:PORT, as "
+        "`ray start --head` printed it (default: a private Ray instance on this machine; "
+        "see docs/scale.md)",
+        metavar="HOST:PORT",
+        default=None,
+    ),
+    Option(
+        "--client-gpus",
+        (SIMULATE,),
+        "GPUs (a fraction of one, e.g. 0.25, shares it) Ray reserves for each simulated "
+        "client (default: %(default)s)",
+        type=non_negative_float,
+        default=0.0,
     ),
     # ---- pollen server, before the training options
     Option(
@@ -213,6 +265,17 @@ OPTIONS: tuple[Option, ...] = (
         "plaintext, and any client may join: only on a trusted network or VPN",
         action="store_true",
         group=_SECURITY,
+    ),
+    Option(
+        "--dashboard",
+        FEDERATION,
+        "serve a live, read-only status page of the run on HOST:PORT (bare flag: "
+        f"{DASHBOARD_ADDRESS}); beyond loopback it needs a token: {DASHBOARD_TOKEN_ENV} "
+        "or a generated one, printed in the page's URL",
+        nargs="?",
+        const=DASHBOARD_ADDRESS,
+        default=None,
+        metavar="HOST:PORT",
     ),
     Option(
         "--partition",
@@ -337,6 +400,54 @@ OPTIONS: tuple[Option, ...] = (
         action="store_true",
         invert=True,
         group=_TRAINING,
+    ),
+    Option(
+        "--image-size",
+        FEDERATION,
+        "N or HxW: images are resized to it and the model is built for it; auto = "
+        "32x32 for CIFAR-10, else the model's own size (mobilenetv2: 96x96; cnn, "
+        "fastnet: 32x32) (default: %(default)s)",
+        field="image_size",
+        type=image_size_text,
+        default=DECLARED["image_size"],
+        metavar="SIZE",
+        group=_TRAINING,
+        on_resume=KEEP,
+    ),
+    Option(
+        "--weights",
+        FEDERATION,
+        "start from pretrained weights: imagenet (mobilenetv2, efficientnetb0; downloaded "
+        "once into ~/.keras/models) or a .keras/.h5/.weights.h5 file, e.g. an earlier run's "
+        "model.keras (a classifier with another class count starts fresh); read by the "
+        "server only, clients receive the weights (default: random initialisation)",
+        field="weights",
+        type=weights_text,
+        metavar="imagenet|PATH",
+        group=_TRAINING,
+    ),
+    Option(
+        "--freeze-rounds",
+        FEDERATION,
+        "with --weights: the first K rounds train only the classifier, the pretrained "
+        "backbone frozen (default: %(default)s, every layer trains from round 1)",
+        field="freeze_rounds",
+        type=non_negative_int,
+        default=DECLARED["freeze_rounds"],
+        metavar="K",
+        group=_TRAINING,
+        on_resume=KEEP,
+    ),
+    Option(
+        "--fine-tune-lr",
+        FEDERATION,
+        "with --weights: peak learning rate once the backbone trains, after "
+        "--freeze-rounds (default: auto, the learning rate / 10)",
+        field="fine_tune_lr",
+        type=positive_float,
+        default=DECLARED["fine_tune_lr"],
+        group=_TRAINING,
+        on_resume=KEEP,
     ),
     Option(
         "--num-classes",
@@ -475,9 +586,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--dp",
         FEDERATION,
-        "client-level differential privacy (clipping + Gaussian noise, accountant)",
+        "differential privacy: client (client-level: each update clipped, noise on the "
+        "average; the default of a bare --dp) or example (example-level: DP-SGD on every "
+        "client, per-example clipping + noise, an accountant per client) (default: off)",
         field="dp",
-        action="store_true",
+        nargs="?",
+        const="client",
+        choices=("client", "example"),
+        metavar="LEVEL",
         group=_PRIVACY,
         on_resume=KEEP,
     ),
@@ -517,6 +633,28 @@ OPTIONS: tuple[Option, ...] = (
         group=_PRIVACY,
         on_resume=KEEP,
     ),
+    # ---- compression (simulate and server): pollen/compress.py
+    Option(
+        "--compress",
+        FEDERATION,
+        "how clients send their updates: none, fp16, int8 (per-array scale) or topk:K "
+        "(K: fraction such as 0.05, or 5%%, of each array's values), as the change to the "
+        "weights received, with error feedback; not with --secagg (default: %(default)s)",
+        field="compress",
+        group="compression",
+        metavar="CODEC",
+        on_resume=CHANGE,
+    ),
+    Option(
+        "--compress-down",
+        FEDERATION,
+        "how the server sends the weights: none, fp16 or int8 (per-array scale); "
+        "not with --secagg (default: %(default)s)",
+        field="compress_down",
+        group="compression",
+        metavar="CODEC",
+        on_resume=CHANGE,
+    ),
     # ---- training, continued (simulate and server)
     Option(
         "--seed",
@@ -538,13 +676,22 @@ OPTIONS: tuple[Option, ...] = (
         derived=True,
         on_resume=PATH,
     ),
+    Option(
+        "--mlflow",
+        FEDERATION,
+        "MLflow tracking URI (sqlite:///mlflow.db, http://host:5000) to log the run's "
+        "parameters, per-round metrics and final model to (needs the mlflow extra)",
+        field="mlflow_uri",
+        metavar="URI",
+        on_resume=CHANGE,
+    ),
     # ---- pollen simulate, after the training options
     Option(
         "--data-dir",
         (SIMULATE,),
-        "dataset: CIFAR-10 archive, cifar-10-batches-py/ or an image folder "
-        "train/<class>/*, test/<class>/* or its .tar/.tar.gz/.tgz/.zip archive "
-        "(default: CIFAR-10, downloaded once)",
+        "dataset: CIFAR-10 archive, cifar-10-batches-py/, an image folder "
+        "train/<class>/*, test/<class>/* or its .tar/.tar.gz/.tgz/.zip archive, or a CSV "
+        "manifest (path,label,split) (default: CIFAR-10, downloaded once)",
         field="data_dir",
         type=Path,
         default=None,
@@ -622,8 +769,8 @@ OPTIONS: tuple[Option, ...] = (
         "--resume",
         (SERVER,),
         "continue the interrupted run in RUN_DIR from its last completed round, with "
-        "its saved training options (only --address, --min-clients, --round-timeout and "
-        "the security options may change)",
+        "its saved training options (only --address, --min-clients, --round-timeout, "
+        "--mlflow and the security options may change)",
         type=Path,
         default=None,
         metavar="RUN_DIR",
@@ -666,6 +813,14 @@ OPTIONS: tuple[Option, ...] = (
         "seconds to keep trying to reach the server (default: %(default)s)",
         type=positive_float,
         default=120.0,
+    ),
+    Option(
+        "--log-dir",
+        (CLIENT,),
+        "folder for Flower's output on this client (default: ./runs/client-<timestamp>/logs)",
+        type=Path,
+        default=None,
+        metavar="DIR",
     ),
     Option(
         "--certs",
@@ -722,7 +877,14 @@ OPTIONS: tuple[Option, ...] = (
         action="store_true",
     ),
     # ---- pollen predict
-    Option("--model", (PREDICT,), "RUN/model.keras", type=Path, required=True),
+    Option(
+        "--model",
+        (PREDICT, EVALUATE),
+        "RUN/model.keras, or a model written by pollen export (.tflite, .onnx, SavedModel "
+        "folder); class names come from classes.json beside model.keras or from the export",
+        type=Path,
+        required=True,
+    ),
     Option(
         "--top",
         (PREDICT,),
@@ -730,7 +892,71 @@ OPTIONS: tuple[Option, ...] = (
         type=positive_int,
         default=3,
     ),
-    Option("images", (PREDICT,), "image files", type=Path, nargs="+"),
+    Option(
+        "--labels-from-folders",
+        (PREDICT,),
+        "each image's folder name is its true class: also print the accuracy, per-class "
+        "accuracy and confusion matrix",
+        action="store_true",
+    ),
+    Option(
+        "images",
+        (PREDICT,),
+        "image files, and folders of images (searched recursively)",
+        type=Path,
+        nargs="+",
+    ),
+    # ---- pollen export
+    Option(
+        "--model",
+        (EXPORT,),
+        "RUN/model.keras to export (class names: classes.json beside it)",
+        type=Path,
+        required=True,
+    ),
+    Option(
+        "--format",
+        (EXPORT,),
+        "savedmodel: a TensorFlow SavedModel folder; tflite: a LiteRT (TensorFlow Lite) "
+        "file; onnx: an ONNX file",
+        choices=("savedmodel", "tflite", "onnx"),
+        required=True,
+    ),
+    Option(
+        "--out",
+        (EXPORT,),
+        "file (SavedModel: folder) to write; .tflite and .onnx files must end so "
+        "(default: beside --model, model.tflite, model.onnx or model_savedmodel/)",
+        type=Path,
+        default=None,
+    ),
+    Option("--force", (EXPORT,), "replace an existing --out", action="store_true"),
+    # ---- pollen evaluate
+    Option(
+        "--data-dir",
+        (EVALUATE,),
+        "dataset whose test split to score: an image folder train/<class>/*, "
+        "test/<class>/*, its .tar/.tar.gz/.tgz/.zip archive, or CIFAR-10 (archive or "
+        "cifar-10-batches-py/)",
+        type=Path,
+        required=True,
+    ),
+    Option(
+        "--out",
+        (EVALUATE,),
+        "folder to write confusion.png in (default: the current folder)",
+        type=Path,
+        default=Path("."),
+    ),
+    Option("--force", (EVALUATE,), "replace an existing confusion.png", action="store_true"),
+    # ---- every command
+    Option(
+        "--verbose",
+        (SIMULATE, SERVER, CLIENT, CERTS, PREDICT, EXPORT, EVALUATE),
+        "show Flower's, Ray's, uvicorn's and TensorFlow's output too (it always goes to "
+        "the run's logs/ folder)",
+        action="store_true",
+    ),
 )
 
 
@@ -790,9 +1016,12 @@ def run_config_from_args(args: argparse.Namespace, **extra: Any) -> RunConfig:
         if opt.field and not opt.derived:
             value = getattr(args, opt.dest)
             values[opt.field] = not value if opt.invert else value
+    if values.get("dp") == "example" and values.get("model") == DEFAULTS.model:
+        # --dp example's default model: no BatchNorm, fixed features (pollen.models.scatternet)
+        values["model"] = "scatternet"
     cfg = DEFAULTS.replace(**{**values, "out": str(out), **extra})
     check_config(cfg)
-    if cfg.dp:  # refuse an impossible privacy budget before anything starts
+    if cfg.dp == "client":  # refuse an impossible privacy budget before anything starts
         resolve_noise(cfg)
     return cfg
 
@@ -809,8 +1038,8 @@ def existing_dir_or_file(path: Path | None, option: str) -> str:
     if not path.exists():
         raise PollenError(
             f"{option} {path} does not exist: point it at a CIFAR-10 archive, a "
-            "cifar-10-batches-py/ folder, an image folder with train/ and test/, or a "
-            ".tar/.tar.gz/.tgz/.zip archive of one."
+            "cifar-10-batches-py/ folder, an image folder with train/ and test/, a "
+            ".tar/.tar.gz/.tgz/.zip archive of one, or a CSV manifest (path,label,split)."
         )
     return str(path)
 
@@ -824,15 +1053,24 @@ def _value_doc(opt: Option) -> str:
         return ", ".join(f"`{c}`" for c in opt.choice_list() or ())
     if isinstance(opt.type, Number):
         text = opt.type.doc
+    elif opt.type is image_size_text:
+        text = "`auto`, N or HxW"
     elif opt.type is Path:
         text = "path"
     elif opt.type is int:
         text = "whole number"
     else:
         text = "text"
+    if opt.nargs == "?":
+        text = f"optional {text}"
     if opt.nargs == "+":
         text = f"one or more {text}s"
     return text
+
+
+def _required(opt: Option) -> bool:
+    """Whether the option must be given (a positional argument, unless optional)."""
+    return opt.required or opt.nargs not in (None, "?")
 
 
 def _cell(text: str) -> str:
@@ -874,7 +1112,7 @@ def options_markdown() -> str:
             resume = _RESUME_DOCS[opt.on_resume] if opt.field and command in FEDERATION else ""
             field = f"`{opt.field}`" + (" (negated)" if opt.invert else "") if opt.field else ""
             cells = [
-                f"`{opt.flag}`" + (" (required)" if opt.required or opt.nargs else ""),
+                f"`{opt.flag}`" + (" (required)" if _required(opt) else ""),
                 _value_doc(opt),
                 ""
                 if default is None or opt.action

@@ -14,8 +14,10 @@ from typing import Any
 
 from pollen.cli.options import DECLARED, resume_fields, resume_may_change
 from pollen.config import RunConfig
-from pollen.data.load import describe, load_dataset
+from pollen.data.dataset import Dataset
+from pollen.data.load import describe, is_cifar10, load_dataset, native_image_size
 from pollen.errors import PollenError
+from pollen.models.registry import MODELS
 from pollen.server.checkpoint import load_checkpoint, read_manifest
 from pollen.server.history import read_status
 
@@ -140,14 +142,49 @@ def _simulated_clients(run_dir: Path, given: int) -> int:
     return saved
 
 
-def _prepare_data(data_dir: str) -> None:
+def _prepare_data(data_dir: str, image_size: tuple[int, int] = (32, 32)) -> Dataset:
     """Load (and download, if needed) the dataset once, before any client starts.
 
     Otherwise every simulated client would race to download CIFAR-10, and a
     missing dataset would surface as a failed round instead of a clear error.
-    ``data_dir`` "" means CIFAR-10.
+    ``data_dir`` "" means CIFAR-10. The images are decoded at ``image_size`` and
+    cached (the clients then read the cache). Returns the dataset (for checks
+    before the run starts; drop it then, the clients load their own).
     """
-    print(f"pollen: data: {describe(load_dataset(data_dir or None))}", flush=True)
+    ds = load_dataset(data_dir or None, image_size=image_size)
+    print(f"pollen: data: {describe(ds)}", flush=True)
+    return ds
+
+
+def image_size_line(cfg: RunConfig, given: str, *, server: bool = False) -> str:
+    """The line ``pollen simulate`` / ``pollen server`` print about the run's image size.
+
+    ``given``: the ``--image-size`` text (``"auto"`` when left out); the line says
+    which rule chose a size left to auto. ``server``: for ``pollen server``, whose
+    clients bring their own data.
+    """
+    height, width = cfg.image_hw
+    head = f"pollen: image size {height}x{width}"
+    change = "--image-size N or HxW to change"
+    if cfg.resume:
+        return f"{head} (the run's): images are resized to it, the model is built for it"
+    if given.strip().lower() not in ("", "auto"):
+        return f"{head} (--image-size): images are resized to it, the model is built for it"
+    data = cfg.data_dir or cfg.server_data_dir
+    if server and not data:
+        return (
+            f"{head} (auto: CIFAR-10's size, as no --test-data says otherwise; clients with "
+            f"images of their own are resized to it: {change})"
+        )
+    if is_cifar10(data):
+        return f"{head} (auto: CIFAR-10's own size; {change})"
+    native = native_image_size(data)
+    if native is not None and min(native) < MODELS[cfg.model].image_size:
+        return (
+            f"{head} (auto: your images are {native[0]}x{native[1]}, smaller than "
+            f"{cfg.model}'s {MODELS[cfg.model].image_size}, and are not upsampled; {change})"
+        )
+    return f"{head} (auto: {cfg.model}'s size for images of your own, resized to it; {change})"
 
 
 def _print_summary(run_dir: Path, status: dict[str, Any]) -> None:
@@ -164,7 +201,14 @@ def _print_summary(run_dir: Path, status: dict[str, Any]) -> None:
         else:
             acc_text += f"; target accuracy {target['target']:g} not reached"
     privacy = status.get("privacy")
-    if privacy:
+    if privacy and privacy.get("level") == "example":  # --dp example: per-client accountants
+        acc_text += (
+            f"; example-level differential privacy: every client's examples within epsilon "
+            f"{privacy['epsilon']:.3g} at delta {privacy['delta']:g} (DP-SGD, "
+            f"{privacy['sampling']} sampling, per-example clipping norm "
+            f"{privacy['clipping_norm']:g})"
+        )
+    elif privacy:
         acc_text += (
             f"; differential privacy spent: epsilon {privacy['epsilon']:.3g} at delta "
             f"{privacy['delta']:g} (noise multiplier {privacy['noise_multiplier']:g}, "

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from pollen.cli.options import SERVER, add_options, existing_dir_or_file, run_config_from_args
-from pollen.cli.runs import _print_summary, _refuse_unfinished_run, resume_config
+from pollen.cli.runs import _print_summary, _refuse_unfinished_run, image_size_line, resume_config
 from pollen.cli.transport import _transport
+from pollen.deploy.dashboard import dashboard
 from pollen.deploy.server import serve
+from pollen.server.tracking import resolve_mlflow
 
 
 def add_parser(commands: Any) -> None:
@@ -40,6 +42,9 @@ def cmd_server(args: argparse.Namespace) -> int:
             args, server_eval=bool(test_data), server_data_dir=test_data, keras_verbose=1
         )
         _refuse_unfinished_run(Path(cfg.out))
-    status = serve(cfg, args.address, tls=tls)
+    print(image_size_line(cfg, args.image_size, server=True), flush=True)
+    cfg = resolve_mlflow(cfg)
+    with dashboard(args.dashboard, Path(cfg.out), cfg.to_mapping()):
+        status = serve(cfg, args.address, tls=tls, verbose=args.verbose)
     _print_summary(Path(cfg.out), status)
     return 0

@@ -20,14 +20,19 @@ from pollen.cli.runs import (
     _print_summary,
     _refuse_unfinished_run,
     _simulated_clients,
+    image_size_line,
     resume_config,
 )
 from pollen.config import RunConfig
+from pollen.data.dataset import Dataset
+from pollen.data.partition import check_partitions
 from pollen.deploy import simulation
+from pollen.deploy.dashboard import dashboard
 from pollen.errors import PollenError
 from pollen.files import atomic_write
 from pollen.server.privacy import sample_size
 from pollen.server.strategies import check_sample_size
+from pollen.server.tracking import resolve_mlflow
 
 
 def add_parser(commands: Any) -> None:
@@ -56,7 +61,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         clients = args.clients
         cfg = _new_run_config(args, data_dir)
-    _prepare_data(data_dir)
+    cfg = resolve_mlflow(cfg)
+    print(image_size_line(cfg, args.image_size), flush=True)
+    _check_clients_have_data(_prepare_data(data_dir, cfg.image_hw), clients, cfg)
     if args.resume is None:
         atomic_write(Path(cfg.out) / SIMULATION_FILE, json.dumps({"clients": clients}) + "\n")
     print(
@@ -64,9 +71,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{cfg.model}; run folder {cfg.out}",
         flush=True,
     )
-    status = simulation.simulate(cfg, clients)
+    with dashboard(args.dashboard, Path(cfg.out), cfg.to_mapping()):
+        status = simulation.simulate(
+            cfg,
+            clients,
+            verbose=args.verbose,
+            ray_address=args.ray_address,
+            client_gpus=args.client_gpus,
+        )
     _print_summary(Path(cfg.out), status)
     return 0
+
+
+def _check_clients_have_data(ds: Dataset, clients: int, cfg: RunConfig) -> None:
+    """Refuse, before anything starts, data that cannot give every client its share.
+
+    Each of ``clients`` needs at least one training and one test example
+    (:func:`pollen.data.partition.check_partitions`); found here, not after the
+    simulation engine's start-up, by the first client. ``ds`` is dropped after.
+    """
+    try:
+        check_partitions(ds, clients, method=cfg.partition, alpha=cfg.alpha, seed=cfg.seed)
+    except PollenError as err:
+        raise PollenError(f"--clients {clients} does not fit the data: {err}") from None
 
 
 def _new_run_config(args: argparse.Namespace, data_dir: str) -> RunConfig:

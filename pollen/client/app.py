@@ -65,7 +65,13 @@ app = ClientApp(mods=[wire_mod])
 
 @functools.lru_cache(maxsize=2)
 def get_model(
-    name: str, num_classes: int, seed: int, threads: int, sharing: int, whitened: bool = False
+    name: str,
+    num_classes: int,
+    seed: int,
+    threads: int,
+    sharing: int,
+    whitened: bool = False,
+    image_size: tuple[int, int] = (32, 32),
 ):
     """Build (once per process) the compiled registry model.
 
@@ -74,7 +80,8 @@ def get_model(
     here for the first time in a client process, on the model's preferred
     backend (see :func:`pollen.models.registry.select_backend`). ``whitened``: the run
     started the first convolution whitened, so a model with
-    ``ModelSpec.freeze_whitened`` trains with that layer frozen.
+    ``ModelSpec.freeze_whitened`` trains with that layer frozen. ``image_size``:
+    the run config's ``image-size`` as ``(height, width)``, the model's input.
     """
     select_backend(name)
     # Keras is imported here for the first time in a client process, after
@@ -82,7 +89,7 @@ def get_model(
     from pollen.training.compile import build_client_model
 
     configure_threads(threads, sharing)
-    return build_client_model(name, num_classes, seed, whitened=whitened)
+    return build_client_model(name, num_classes, seed, whitened=whitened, image_size=image_size)
 
 
 def whitens(cfg: RunConfig) -> bool:
@@ -114,7 +121,9 @@ def _setup(msg: Message | RecordDict, context: Context):
     num_classes = cfg.num_classes
     if "arrays" in content and fault_of(node_config, cfg.fault_spec()) == "arch":
         num_classes += 1  # fault injection: a client whose model differs
-    model = get_model(cfg.model, num_classes, cfg.seed, threads, sharing, whitens(cfg))
+    model = get_model(
+        cfg.model, num_classes, cfg.seed, threads, sharing, whitens(cfg), cfg.image_hw
+    )
     data = load_client_data(client_data_spec(cfg, node_config))
     if data.y_train.size and int(data.y_train.max()) >= cfg.num_classes:
         raise PollenError(
@@ -125,6 +134,11 @@ def _setup(msg: Message | RecordDict, context: Context):
         weights = content["arrays"].to_numpy_ndarrays()
         check_architecture(model, weights)
         model.set_weights(weights)
+    if cfg.weights:  # fine-tuning: the layers this round trains (pollen.training.finetune)
+        from pollen.training.finetune import apply_round
+
+        config = content.config_records.get("config") or {}
+        apply_round(model, cfg, int(config.get("server-round", 1)))
     return cfg, model, data
 
 
@@ -230,10 +244,15 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     """Train ``content["arrays"]`` on local data; return weights, metrics, name."""
     cfg, model, data = _setup(content, context)
     # Keras loads with the model (see get_model): pollen.training only after _setup.
+    from pollen.training.finetune import round_learning_rate
     from pollen.training.local import ProximalTerm, RunSchedule, fit, reset_optimizer
 
     server_round = int(content["config"].get("server-round", 1))
     lr = float(content["config"].get("learning-rate", cfg.learning_rate))
+    lr = round_learning_rate(cfg, server_round, lr)  # fine-tune-lr once a backbone trains
+    if cfg.dp == "example":  # DP-SGD replaces Keras's fit (pollen.training.dp_sgd)
+        result = train_example_dp(cfg, model, data, server_round, lr)
+        return _reply(content, context, cfg, model, result)
     reset_optimizer(model, lr)
     mu = float(content["config"].get("proximal-mu", 0.0))
     if mu > 0:  # FedProx: penalise drifting from the global weights just loaded
@@ -254,6 +273,42 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
         verbose=cfg.keras_verbose,
         schedule=schedule,
     )
+    return _reply(content, context, cfg, model, result)
+
+
+def train_example_dp(cfg: RunConfig, model, data, server_round: int, lr: float):
+    """One round of DP-SGD (``--dp example``) on local data; the noise is fixed for the run.
+
+    Each client calibrates its own noise multiplier from its number of
+    examples, the expected batch size and the run's steps
+    (:func:`pollen.training.accountant.example_noise`), so its examples get
+    ``(dp-epsilon, dp-delta)`` over the whole run.
+    """
+    from pollen.training.accountant import example_noise, steps_per_round
+    from pollen.training.dp_sgd import DPSettings, train_private
+
+    n = len(data.y_train)
+    steps = steps_per_round(n, cfg.batch_size, cfg.local_epochs)
+    noise = example_noise(
+        cfg.dp_epsilon, cfg.dp_noise, cfg.dp_delta, n, cfg.batch_size, cfg.num_rounds * steps
+    )
+    settings = DPSettings(
+        clip=cfg.dp_clip,
+        noise_multiplier=noise,
+        batch_size=cfg.batch_size,
+        steps=steps,
+        learning_rate=lr,
+        seed=cfg.seed * 1000 + server_round,
+    )
+    before = (server_round - 1) * steps
+    return train_private(
+        model, data.x_train, data.y_train, settings, steps_before=before, delta=cfg.dp_delta
+    )
+
+
+def _reply(content: RecordDict, context: Context, cfg: RunConfig, model, result) -> RecordDict:
+    """The train reply: weights (faults injected where asked), metrics, the client's name."""
+    server_round = int(content["config"].get("server-round", 1))
     weights = model.get_weights()
     kind = fault_of(dict(context.node_config), cfg.fault_spec())
     if kind and kind != "arch":
@@ -265,6 +320,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
             "fit_seconds": result.seconds,
             NUM_EXAMPLES_KEY: result.num_examples,
             UNIT_WEIGHT_KEY: 1,  # the aggregation weight under DP (equal per client)
+            **_privacy_metrics(result),
         }
     )
     return RecordDict(
@@ -274,6 +330,19 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
             "client": ConfigRecord({"name": client_name(dict(context.node_config))}),
         }
     )
+
+
+def _privacy_metrics(result) -> dict[str, float]:
+    """Example-level DP spent so far (``dp-epsilon``, ...) of a DP-SGD round; {} otherwise."""
+    if not hasattr(result, "epsilon"):
+        return {}
+    return {
+        "dp_epsilon": result.epsilon,
+        "dp_delta": result.delta,
+        "dp_noise": result.noise_multiplier,
+        "dp_sample_rate": result.sample_rate,
+        "dp_steps": result.steps,
+    }
 
 
 @app.evaluate()

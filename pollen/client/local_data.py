@@ -35,6 +35,7 @@ class ClientData:
     method: str
     alpha: float
     seed: int
+    image_size: tuple[int, int] = (32, 32)
 
 
 #: The node config keys, and only those, of a client in Flower's simulation engine.
@@ -70,23 +71,27 @@ def client_data_spec(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
         method=cfg.partition,
         alpha=cfg.alpha,
         seed=cfg.seed,
+        image_size=cfg.image_hw,
     )
 
 
 @functools.lru_cache(maxsize=1)
-def _load_whole_dataset(data_dir: str):
-    """The whole dataset at ``data_dir``, loaded once per process.
+def _load_whole_dataset(data_dir: str, image_size: tuple[int, int] = (32, 32)):
+    """The whole dataset at ``data_dir``, resized to ``image_size``, loaded once per process.
 
     A simulation worker plays many clients in turn (100 clients on 2 workers):
-    each of them slices its partition out of this one copy.
+    each of them slices its partition out of this one copy. What a worker holds
+    does not grow with the clients defined (docs/scale.md): this one dataset,
+    and the shares of the last two clients it played (:func:`load_client_data`),
+    each computed alone (:mod:`pollen.data.partition`).
     """
-    return load_dataset(data_dir or None)
+    return load_dataset(data_dir or None, image_size=image_size)
 
 
 @functools.lru_cache(maxsize=2)
 def load_client_data(spec: ClientData):
     """Load (once per process) the client's own train/test arrays."""
-    ds = _load_whole_dataset(spec.data_dir)
+    ds = _load_whole_dataset(spec.data_dir, spec.image_size)
     if spec.num_partitions is not None:
         ds = partition_dataset(
             ds,

@@ -90,6 +90,11 @@ def _never(path: Path) -> Path | None:
     return None
 
 
+def _unknown_size(path: Path) -> tuple[int, int] | None:
+    """A size probe that knows nothing."""
+    return None
+
+
 @dataclass(frozen=True)
 class Source:
     """One kind of data :func:`~pollen.data.load.load_dataset` reads.
@@ -112,6 +117,10 @@ class Source:
         fallback: Like ``recognise``, but asked only after every source's ``recognise``
             declined; for weak evidence such as "a folder that holds a file of this kind".
             Default: claims nothing.
+        native_size: ``native_size(path)`` returns ``(height, width)`` of the first
+            training image at ``path`` (a recogniser's path), read from its header only, or
+            ``None`` when unknown; ``image-size = "auto"`` never upsamples past it.
+            Default: unknown.
         file_kind: What a file of this kind is called, for the message about a file no
             source recognises (``"The data path X is a file but not <file_kind>."``);
             ``None`` for sources that only read folders.
@@ -121,6 +130,7 @@ class Source:
     load: Callable[[Path, LoadOptions], Dataset]
     recognise: Callable[[Path], Path | None] = _never
     fallback: Callable[[Path], Path | None] = _never
+    native_size: Callable[[Path], tuple[int, int] | None] = _unknown_size
     file_kind: str | None = None
 
 

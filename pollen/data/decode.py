@@ -22,6 +22,7 @@ from pollen.data.dataset import check_channels, check_image_size
 from pollen.errors import PollenError
 
 __all__ = [
+    "header_size",
     "MAX_IMAGE_PIXELS",
     "convert_arrays",
     "decode_bytes",
@@ -67,6 +68,19 @@ def load_images(
                 f"The image file {f} does not exist (or is not a file). Check the path."
             )
     return decode_files(files, size, channels, progress_label=None)
+
+
+def header_size(source: Path | bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of an image file or its bytes, from its header; ``None`` if unreadable.
+
+    Only the header is read (Pillow opens lazily); nothing is decoded.
+    """
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            width, height = img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return (height, width) if height > 0 and width > 0 else None
 
 
 def image_extensions() -> frozenset[str]:

@@ -38,7 +38,7 @@ from pollen.data.cifar10 import (
     open_decompressed,
 )
 from pollen.data.dataset import Dataset, LayoutError, LoadOptions, Source
-from pollen.data.decode import decode_bytes, image_extensions
+from pollen.data.decode import decode_bytes, header_size, image_extensions
 from pollen.data.image_folder import check_splits
 from pollen.errors import PollenError
 
@@ -318,6 +318,32 @@ def _tar_has_splits(path: Path) -> bool:
     return False
 
 
+def _native_size(archive: Path) -> tuple[int, int] | None:
+    """The size of the first training image in the archive, from its header.
+
+    The entries before it are streamed past; nothing is extracted.
+    """
+    extensions = image_extensions()
+    entries = _zip_entries if archive.name.lower().endswith(".zip") else _tar_entries
+    try:
+        for entry in entries(archive, extensions):
+            if entry.data is not None and "train" in entry.parts[:2]:
+                return header_size(entry.data)
+    except (
+        PollenError,
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        EOFError,
+        zlib.error,
+        lzma.LZMAError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+    ):
+        return None  # loading the archive reports what is wrong with it
+    return None
+
+
 def _recognise(path: Path) -> Path | None:
     name = path.name.lower()
     if not path.is_file() or not name.endswith(_SUFFIXES):
@@ -334,5 +360,6 @@ SOURCE = Source(
     ),
     load=_load,
     recognise=_recognise,
+    native_size=_native_size,
 )
 """A ``.tar``, ``.tar.gz``, ``.tgz`` or ``.zip`` archive of an image folder."""

@@ -9,6 +9,7 @@ is used; hidden files and folders and other files are ignored. Images are decode
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,10 +18,16 @@ import numpy as np
 
 from pollen.data.cache import cache_file, cached, file_signature
 from pollen.data.dataset import Dataset, LayoutError, LoadOptions, Source
-from pollen.data.decode import decode_files, image_extensions
+from pollen.data.decode import decode_files, header_size, image_extensions
 from pollen.errors import PollenError
 
-__all__ = ["SOURCE", "check_splits"]
+__all__ = ["MIN_TRAIN_IMAGES_PER_CLASS", "SOURCE", "check_class_sizes", "check_splits"]
+
+log = logging.getLogger(__name__)
+
+#: Fewest training images a class may have: a class seen once cannot be learnt, and a
+#: single image is more often a stray file or a typo in a label than a class.
+MIN_TRAIN_IMAGES_PER_CLASS = 2
 
 
 def _list_split(root: Path, split: str, extensions: frozenset[str]) -> dict[str, list[Path]]:
@@ -115,6 +122,39 @@ def check_splits(
             f"The test folder {root / 'test'} has no images: it should contain the same class "
             "subfolders as train/ with held-out images. Add some and run again."
         )
+    check_class_sizes(train, test, str(root / "train"), str(root / "test"))
+
+
+def check_class_sizes(
+    train: Mapping[str, Sequence[object]],
+    test: Mapping[str, Sequence[object]],
+    train_where: str,
+    test_where: str,
+) -> None:
+    """Refuse a class with a single training image; warn about classes missing in test.
+
+    ``train_where`` and ``test_where`` name the folders or files in the messages.
+
+    Raises:
+        PollenError: A class has fewer than :data:`MIN_TRAIN_IMAGES_PER_CLASS` training
+            images.
+    """
+    few = [name for name, items in train.items() if 0 < len(items) < MIN_TRAIN_IMAGES_PER_CLASS]
+    if few:
+        raise PollenError(
+            f"The class(es) {', '.join(few)} in {train_where} have a single training image; "
+            f"every class needs at least {MIN_TRAIN_IMAGES_PER_CLASS} (a few dozen to learn it "
+            "well). Add images of those classes, or remove them from the data."
+        )
+    untested = [name for name in train if not test.get(name)]
+    if untested:
+        log.warning(
+            "The class(es) %s of %s have no test images in %s: the test accuracy says nothing "
+            "about them. Add held-out images of those classes to measure them.",
+            ", ".join(untested),
+            train_where,
+            test_where,
+        )
 
 
 def _load(root: Path, options: LoadOptions) -> Dataset:
@@ -151,6 +191,20 @@ def _recognise(path: Path) -> Path | None:
     return path if (path / "train").is_dir() or (path / "test").is_dir() else None
 
 
+def _native_size(root: Path) -> tuple[int, int] | None:
+    """The size of the first image of the first class of ``train/`` (header only)."""
+    extensions = image_extensions()
+    try:
+        for sub in sorted((root / "train").iterdir(), key=lambda p: p.name):
+            if sub.is_dir() and not sub.name.startswith("."):
+                for path in sorted(sub.iterdir(), key=lambda p: p.name):
+                    if not path.name.startswith(".") and path.suffix.lower() in extensions:
+                        return header_size(path)
+    except OSError:
+        return None
+    return None
+
+
 SOURCE = Source(
     layout=(
         "an image folder with train/<class>/<images> and test/<class>/<images>, where each "
@@ -158,5 +212,6 @@ SOURCE = Source(
     ),
     load=_load,
     recognise=_recognise,
+    native_size=_native_size,
 )
 """An image folder with ``train/<class>/*`` and ``test/<class>/*``."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pollen.data import cifar10, image_archive, image_folder
+from pollen.data import cifar10, image_archive, image_folder, manifest
 from pollen.data.cache import default_cache_dir
 from pollen.data.dataset import (
     Dataset,
@@ -26,12 +26,26 @@ from pollen.data.dataset import (
 )
 from pollen.errors import PollenError
 
-__all__ = ["DEFAULT_SOURCE", "SOURCES", "describe", "layouts_help", "load_dataset"]
+__all__ = [
+    "CIFAR10_IMAGE_SIZE",
+    "DEFAULT_SOURCE",
+    "SOURCES",
+    "describe",
+    "is_cifar10",
+    "layouts_help",
+    "load_dataset",
+    "native_image_size",
+]
+
+#: ``(height, width)`` of CIFAR-10's images: ``image-size = "auto"`` on CIFAR-10.
+CIFAR10_IMAGE_SIZE = (32, 32)
 
 DEFAULT_SOURCE: Source = cifar10.DEFAULT
 """What ``load_dataset`` reads when no data is given; its ``load`` gets the cache folder."""
 
 SOURCES: tuple[Source, ...] = (
+    # A .csv file, or a folder with train.csv/test.csv and no train/ or test/ subfolder.
+    manifest.SOURCE,
     # Before cifar10.ARCHIVE, which claims every tar file: an image archive is claimed only
     # when its first entries are train/ or test/ (at the root or under one top folder).
     image_archive.SOURCE,
@@ -105,6 +119,36 @@ def load_dataset(
         return source.load(path, options)
     except LayoutError as exc:
         raise PollenError(f"{exc} {layouts_help()}") from None
+
+
+def is_cifar10(data_dir: str | Path | None) -> bool:
+    """Whether ``data_dir`` is CIFAR-10: ``None``/"" (the default) or a CIFAR-10 archive/folder.
+
+    Cheap (no image is decoded) and never raises: a path that does not exist or that no
+    source claims is not CIFAR-10 (:func:`load_dataset` reports it when it loads).
+    """
+    if data_dir is None or not str(data_dir).strip():
+        return True
+    try:
+        source, _ = _pick_source(Path(data_dir).expanduser())
+    except (PollenError, OSError):
+        return False
+    return source in (cifar10.ARCHIVE, cifar10.FOLDER)
+
+
+def native_image_size(data_dir: str | Path | None) -> tuple[int, int] | None:
+    """``(height, width)`` of the first training image at ``data_dir``, or ``None``.
+
+    CIFAR-10 (also ``None``/"") is 32x32. Cheap (one image header) and never raises: data
+    that cannot be read is reported when :func:`load_dataset` loads it.
+    """
+    if is_cifar10(data_dir):
+        return CIFAR10_IMAGE_SIZE
+    try:
+        source, path = _pick_source(Path(str(data_dir)).expanduser())
+        return source.native_size(path)
+    except (PollenError, OSError):
+        return None
 
 
 def describe(ds: Dataset) -> str:

@@ -18,8 +18,14 @@ a tiny one holding only the labels and an ``idx`` column, and read back indices 
 original arrays, so the images themselves never leave numpy.
 
 Partitioning is deterministic for a given seed, and every partition id gets disjoint indices
-whose union is the whole split. All partitions of a label array are computed once and kept in
-a small in-process cache, so asking for each partition id in turn costs one split in all.
+whose union is the whole split.
+
+Partitions are lazy, for federations of thousands of clients of which a round samples a
+few (docs/scale.md): an IID partition is computed alone, as ``IidPartitioner`` would cut
+it, from one cached permutation of the split, so building client 999's share touches no
+other client's indices or data. A Dirichlet draw couples all partitions; it is computed
+once from the labels alone and kept as one index array plus offsets (on disk and in a
+small in-process cache), and a client slices its own share out of it.
 """
 
 from __future__ import annotations
@@ -36,7 +42,13 @@ from pollen.data.dataset import Dataset
 from pollen.errors import PollenError
 from pollen.files import atomic_writer
 
-__all__ = ["METHODS", "label_histogram", "partition_dataset", "partition_indices"]
+__all__ = [
+    "METHODS",
+    "check_partitions",
+    "label_histogram",
+    "partition_dataset",
+    "partition_indices",
+]
 
 METHODS = ("iid", "dirichlet")
 """Accepted values of ``method``."""
@@ -75,10 +87,10 @@ def partition_indices(
             partition ``min_partition_size`` examples.
     """
     labels = _check_labels(labels)
-    parts = _partitions_for(
+    part = _partition(
         labels, num_partitions, partition_id, method, alpha, seed, min_partition_size, "data"
     )
-    return parts[partition_id].copy()
+    return part.copy()
 
 
 def partition_dataset(
@@ -116,12 +128,12 @@ def partition_dataset(
     """
     train_labels = _check_labels(ds.y_train)
     test_labels = _check_labels(ds.y_test)
-    train = _partitions_for(
+    train = _partition(
         train_labels, num_partitions, partition_id, method, alpha, seed, None, "training data"
-    )[partition_id]
-    test = _partitions_for(
+    )
+    test = _partition(
         test_labels, num_partitions, partition_id, method, alpha, seed, None, "test data"
-    )[partition_id]
+    )
     return Dataset(
         x_train=ds.x_train[train],
         y_train=ds.y_train[train],
@@ -129,6 +141,29 @@ def partition_dataset(
         y_test=ds.y_test[test],
         class_names=ds.class_names,
     )
+
+
+def check_partitions(
+    ds: Dataset,
+    num_partitions: int,
+    *,
+    method: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 42,
+) -> None:
+    """Refuse, before any client starts, a split that cannot give every client its share.
+
+    Every one of ``num_partitions`` clients needs at least one training and one test
+    example: a split with fewer examples than clients, or a Dirichlet draw that cannot give
+    each client its minimum, raises here with what to do. With ``"dirichlet"`` the draw is
+    computed here, once, and kept in the disk cache the clients then read; ``"iid"`` only
+    checks the sizes (each client computes its own share).
+
+    Raises:
+        PollenError: A split cannot be partitioned for ``num_partitions`` clients.
+    """
+    for labels, what in ((ds.y_train, "training data"), (ds.y_test, "test data")):
+        _partition(_check_labels(labels), num_partitions, 0, method, alpha, seed, None, what)
 
 
 def label_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -171,7 +206,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _partitions_for(
+def _partition(
     labels: np.ndarray,
     num_partitions: int,
     partition_id: int,
@@ -180,10 +215,43 @@ def _partitions_for(
     seed: int,
     min_partition_size: int | None,
     what: str,
-) -> tuple[np.ndarray, ...]:
-    """Validate the arguments, then return all partitions (cached) of ``labels``."""
+) -> np.ndarray:
+    """Validate the arguments, then return partition ``partition_id`` of ``labels``.
+
+    ``"iid"`` is computed for that partition alone (:func:`_iid_partition`): building one
+    client's share never builds the others'. ``"dirichlet"`` draws every partition's
+    class proportions together (they depend on each other), once, from the labels only;
+    the draw is kept on disk and in a small in-process cache (:func:`_dirichlet_partitions`).
+    """
     method = str(method).strip().lower()
+    _check_arguments(len(labels), num_partitions, partition_id, method, alpha, what)
+    if method == "iid":
+        return _iid_partition(len(labels), int(num_partitions), int(partition_id), int(seed))
     n = len(labels)
+    if min_partition_size is None:
+        # At least one example each: a client with no training or test example could
+        # neither train nor evaluate.
+        min_partition_size = max(1, min(10, n // (2 * num_partitions)))
+    if min_partition_size < 0:
+        raise PollenError(
+            f"The minimum partition size must be 0 or more, not {min_partition_size}."
+        )
+    try:
+        return _dirichlet_partitions(
+            labels.tobytes(), int(num_partitions), float(alpha), int(seed), int(min_partition_size)
+        ).part(int(partition_id))
+    except ValueError as exc:
+        raise PollenError(
+            f"Could not split the {what} ({n} examples) into {num_partitions} Dirichlet "
+            f"partitions with alpha={alpha} so that each gets at least {min_partition_size} "
+            f"examples ({exc}). Use a larger alpha, fewer partitions, or method 'iid'."
+        ) from None
+
+
+def _check_arguments(
+    n: int, num_partitions: int, partition_id: int, method: str, alpha: float, what: str
+) -> None:
+    """Raise a PollenError for partitioning arguments that cannot work."""
     if not _is_number(num_partitions) or int(num_partitions) != num_partitions:
         raise PollenError(
             f"The number of partitions must be a whole number, not {num_partitions!r}."
@@ -210,115 +278,131 @@ def _partitions_for(
     if num_partitions > n:
         raise PollenError(
             f"Cannot split the {what} ({n} examples) into {num_partitions} partitions: there "
-            "are more partitions than examples. Use fewer clients or more data."
+            "are more partitions than examples, so some clients would get none. Use at most "
+            f"{n} clients, or more data."
         )
-    if method == "dirichlet":
-        if min_partition_size is None:
-            min_partition_size = min(10, n // (2 * num_partitions))
-        if min_partition_size < 0:
-            raise PollenError(
-                f"The minimum partition size must be 0 or more, not {min_partition_size}."
-            )
-        alpha, min_size = float(alpha), int(min_partition_size)
-    else:
-        alpha, min_size = 0.0, 0  # unused: keep the cache key independent of them
-    try:
-        return _partitions(
-            labels.tobytes(), int(num_partitions), method, alpha, int(seed), min_size
-        )
-    except ValueError as exc:
-        raise PollenError(
-            f"Could not split the {what} ({n} examples) into {num_partitions} Dirichlet "
-            f"partitions with alpha={alpha} so that each gets at least {min_size} examples "
-            f"({exc}). Use a larger alpha, fewer partitions, or method 'iid'."
-        ) from None
 
 
-@functools.lru_cache(maxsize=16)
-def _partitions(
+def _iid_partition(n: int, num_partitions: int, partition_id: int, seed: int) -> np.ndarray:
+    """One IID partition, exactly as flwr-datasets' ``IidPartitioner`` cuts a shuffled split.
+
+    ``datasets.Dataset.shuffle(seed)`` orders the rows by
+    ``np.random.default_rng(seed).permutation(n)``, and ``IidPartitioner`` takes the
+    ``partition_id``-th contiguous shard of ``Dataset.shard`` (the first ``n % k`` shards
+    one row longer). The same arithmetic here, without building a ``datasets`` table,
+    gives the same partition (``tests/data/test_partition_scale.py`` checks it against
+    flwr-datasets) while touching only this partition's slice of the permutation: the
+    cost is one permutation of ``n`` (cached), whatever the number of partitions.
+    """
+    size, longer = divmod(n, num_partitions)
+    start = size * partition_id + min(partition_id, longer)
+    stop = start + size + (1 if partition_id < longer else 0)
+    idx = np.sort(_permutation(n, seed)[start:stop])
+    idx.flags.writeable = False
+    return idx
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int) -> np.ndarray:
+    """``datasets.Dataset.shuffle(seed=seed)``'s row order for ``n`` rows (read-only)."""
+    perm = np.random.default_rng(seed).permutation(n).astype(np.int64, copy=False)
+    perm.flags.writeable = False
+    return perm
+
+
+class _Partitions:
+    """Every partition of one split, stored as one index array cut at ``offsets``.
+
+    Two arrays whatever the number of partitions: the disk cache holds two members
+    (not one per partition), and reading one partition slices a view.
+    """
+
+    def __init__(self, indices: np.ndarray, offsets: np.ndarray) -> None:
+        self.indices = indices
+        self.offsets = offsets
+        for arr in (indices, offsets):
+            arr.flags.writeable = False
+
+    def part(self, partition_id: int) -> np.ndarray:
+        """The sorted, read-only indices of one partition."""
+        return self.indices[self.offsets[partition_id] : self.offsets[partition_id + 1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+@functools.lru_cache(maxsize=8)
+def _dirichlet_partitions(
     labels_bytes: bytes,
     num_partitions: int,
-    method: str,
     alpha: float,
     seed: int,
     min_partition_size: int,
-) -> tuple[np.ndarray, ...]:
-    """Every partition of a label array: from the disk cache, else computed and cached.
+) -> _Partitions:
+    """Every Dirichlet partition of a label array: from the disk cache, else computed.
 
     In deployment Flower starts a new client-app process for every message, so without the
     disk cache each round would import ``datasets`` and ``flwr_datasets`` (seconds) and redo
     the split. The cache file is keyed by a hash of the labels and every parameter.
     """
     key = hashlib.sha256(labels_bytes)
-    key.update(repr((num_partitions, method, alpha, seed, min_partition_size)).encode())
+    key.update(repr((num_partitions, "dirichlet", alpha, seed, min_partition_size)).encode())
     path = default_cache_dir() / "partitions" / f"{key.hexdigest()[:32]}.npz"
     try:
         with np.load(path, allow_pickle=False) as cached:
-            parts = tuple(cached[f"p{i}"] for i in range(num_partitions))
-        for idx in parts:
-            idx.flags.writeable = False
-        return parts
+            parts = _Partitions(cached["indices"], cached["offsets"])
+        if len(parts) == num_partitions and parts.offsets[-1] == len(parts.indices):
+            return parts
     except (OSError, KeyError, ValueError):
         pass
-    parts = _compute_partitions(
-        labels_bytes, num_partitions, method, alpha, seed, min_partition_size
-    )
+    parts = _compute_dirichlet(labels_bytes, num_partitions, alpha, seed, min_partition_size)
     try:
         with atomic_writer(path) as f:
-            np.savez(f, **{f"p{i}": idx for i, idx in enumerate(parts)})
+            np.savez(f, indices=parts.indices, offsets=parts.offsets)
     except OSError:  # a read-only or full cache only costs speed
         pass
     return parts
 
 
-def _compute_partitions(
+def _compute_dirichlet(
     labels_bytes: bytes,
     num_partitions: int,
-    method: str,
     alpha: float,
     seed: int,
     min_partition_size: int,
-) -> tuple[np.ndarray, ...]:
-    """Compute every partition of a label array with flwr-datasets.
+) -> _Partitions:
+    """Compute every Dirichlet partition of a label array with flwr-datasets.
 
     The label array travels as ``bytes`` (of ``int64``) so that the whole call is hashable
     and :func:`functools.lru_cache` can reuse the split for every partition id.
-
-    Returns:
-        One sorted, read-only ``int64`` index array per partition id.
     """
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner
 
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
-    # Arrow format: the partitioners then read columns without a Python-level row loop
+    # Arrow format: the partitioner then reads columns without a Python-level row loop
     # (see docs/performance.md#partitioning).
     table = datasets.Dataset.from_dict(
         {"label": labels, "idx": np.arange(len(labels), dtype=np.int64)}
     ).with_format("arrow")
-    if method == "iid":
-        # IidPartitioner cuts the dataset into contiguous shards, so shuffle it first (the
-        # "idx" column remembers where each row came from).
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-        partitioner.dataset = table.shuffle(seed=seed)
-    else:
-        partitioner = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=min_partition_size,
-            self_balancing=False,
-            shuffle=False,
-            seed=seed,
-        )
-        partitioner.dataset = table
+    partitioner = DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=min_partition_size,
+        self_balancing=False,
+        shuffle=False,
+        seed=seed,
+    )
+    partitioner.dataset = table
     parts = []
     with warnings.catch_warnings():
         # DirichletPartitioner warns on every redraw; a final failure raises ValueError.
         warnings.simplefilter("ignore")
         for pid in range(num_partitions):
             column = partitioner.load_partition(pid)["idx"]  # a pyarrow ChunkedArray
-            idx = np.sort(np.asarray(column.to_numpy(), dtype=np.int64))
-            idx.flags.writeable = False
-            parts.append(idx)
-    return tuple(parts)
+            parts.append(np.sort(np.asarray(column.to_numpy(), dtype=np.int64)))
+    offsets = np.zeros(num_partitions + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    indices = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return _Partitions(indices, offsets)

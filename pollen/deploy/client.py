@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pollen.deploy.console import ConsoleRouter
 from pollen.deploy.processes import (
     ManagedProcess,
     free_port,
@@ -64,6 +65,8 @@ def join(
     *,
     connect_timeout: float = 120.0,
     tls: ClientCerts | None = None,
+    log_dir: Path | None = None,
+    verbose: bool = False,
 ) -> int:
     """Take part in the federation at ``server`` until its run is over.
 
@@ -76,6 +79,12 @@ def join(
         tls: Checked client bundle (:func:`pollen.deploy.tls.load_client_certs`):
             verify the server against its ``ca.crt`` and authenticate with its
             ``client.key``. None: plaintext.
+        log_dir: Folder for the SuperNode's and app runner's output
+            (``supernode-N.log``, one per join); None: the client's temporary
+            folder, removed at the end.
+        verbose: Show all of that output on the console; otherwise only
+            Pollen's lines, Flower's errors and Keras's progress bars
+            (:class:`pollen.deploy.console.ConsoleRouter`).
 
     Returns:
         0 once the server's run is over.
@@ -92,14 +101,20 @@ def join(
         done_file = home / "run-done"
         config = {**node_config, DONE_FILE_KEY: str(done_file)}
         argv = _supernode_argv(host, port, config, tls, write_secret(home / "superexec-secret"))
-        # The SuperNode's output goes to a file that the watchdog copies to stdout,
-        # so that a refusal can be told apart from other failures.
+        # The SuperNode's output goes to a file whose lines that matter the watchdog
+        # copies to stdout; the file tells a refusal apart from other failures.
         # SIGTERM stops the client like Ctrl-C: through `finally`, which stops the
         # SuperNode (the default SIGTERM would leave it running, orphaned).
         sigterm = sigterm_as_interrupt()
         sigterm.__enter__()
-        watch = _NodeWatch(argv, home)
-        print(f"pollen: client joined {host}:{port}; waiting for rounds", flush=True)
+        logs = log_dir or home
+        logs.mkdir(parents=True, exist_ok=True)
+        watch = _NodeWatch(argv, home, logs, ConsoleRouter(None, verbose=verbose))
+        print(
+            f"pollen: client joined {host}:{port}; waiting for rounds"
+            + ("" if verbose else f" (Flower's output: {logs}/)"),
+            flush=True,
+        )
         try:
             _watch_until_done(watch, done_file, host, port, connect_timeout, tls)
             # Let the SuperNode push its reply to the announcement before it stops:
@@ -107,6 +122,7 @@ def join(
             time.sleep(RUN_OVER_GRACE)
         finally:
             watch.stop()
+            watch.router.close()
             sigterm.__exit__(None, None, None)
     print("pollen: the server's run is over; client exiting.", flush=True)
     return 0
@@ -213,9 +229,11 @@ def _watch_until_done(
 class _NodeWatch:
     """The client's SuperNode and its warm app runner, restartable, with their output echoed."""
 
-    def __init__(self, argv: list[str], home: Path) -> None:
+    def __init__(self, argv: list[str], home: Path, logs: Path, router: ConsoleRouter) -> None:
         self.argv = argv
         self.home = home
+        self.logs = logs
+        self.router = router
         self.starts = 0
         self.quick_failures = 0
         self._start()
@@ -224,7 +242,7 @@ class _NodeWatch:
         self.starts += 1
         argv = list(self.argv)
         argv[argv.index("--port") + 1] = str(free_port())
-        self.log = self.home / f"supernode-{self.starts}.log"
+        self.log = self.logs / f"supernode-{self.starts}.log"
         self.shown = 0
         self.started = time.monotonic()
         # The app runner asks its SuperNode for tasks every 0.1 s (Flower's default: 1 s).
@@ -240,8 +258,8 @@ class _NodeWatch:
         )
 
     def echo(self) -> None:
-        """Copy the SuperNode's new output to stdout."""
-        self.shown = _echo(self.log, self.shown)
+        """Pass the SuperNode's new output to the console router (what matters: to stdout)."""
+        self.shown = _echo(self.log, self.shown, self.router)
 
     def may_restart(self) -> bool:
         """Whether another restart is allowed (not too many quick failures in a row)."""
@@ -288,17 +306,21 @@ def _restartable(failure: PollenError) -> bool:
     return str(failure).startswith("Flower's SuperNode stopped unexpectedly")
 
 
-def _echo(log: Path, offset: int) -> int:
-    """Copy what ``log`` gained since ``offset`` (bytes) to stdout; return the new offset."""
+def _echo(log: Path, offset: int, router: ConsoleRouter) -> int:
+    """Pass what ``log`` gained since ``offset`` (bytes) to ``router``; return the new offset.
+
+    Reads whole lines only (up to the last newline), so a multi-byte character
+    is never split.
+    """
     try:
         with open(log, "rb") as f:
             f.seek(offset)
             data = f.read()
     except OSError:
         return offset
+    data = data[: data.rfind(b"\n") + 1]
     if data:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        router.write(data.decode("utf-8", errors="replace"))
     return offset + len(data)
 
 
@@ -324,11 +346,11 @@ def _supernode_failure(node: ManagedProcess, server: str, tls: ClientCerts | Non
             f"The TLS connection to {server} failed: the server's certificate did not verify "
             "against this bundle's ca.crt (another CA, or a name the certificate does not "
             "cover). Use the bundle made with the server's certificates and dial one of the "
-            "names in it; Flower's message is above."
+            f"names in it; Flower's message is in {node.log_path}."
         )
     return PollenError(
         f"Flower's SuperNode stopped unexpectedly (exit code {node.proc.returncode}); its "
-        "output is above."
+        f"output is in {node.log_path}."
     )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pollen.config import RunConfig
+from pollen.deploy.console import ConsoleRouter, pump
 from pollen.deploy.processes import ManagedProcess, port_open, wait_interruptibly
 from pollen.errors import PollenError
 
@@ -311,11 +312,14 @@ def submit_run(
     *,
     federation_config: str | None = None,
     stream: bool = True,
+    router: ConsoleRouter | None = None,
 ) -> int:
     """``flwr run`` this app against the connection in ``flwr_home``.
 
     Output (the ServerApp's log, and in simulation the clients' too) goes to
-    this process's stdout while the run lasts.
+    ``router`` line by line while the run lasts (its log, and Pollen's lines to
+    the console: :class:`pollen.deploy.console.ConsoleRouter`); without one,
+    to this process's stdout.
 
     Returns:
         ``flwr run``'s exit code (0 even when the run itself failed: read the
@@ -328,6 +332,20 @@ def submit_run(
         argv += ["--federation-config", federation_config]
     if stream:
         argv.append("--stream")
-    return wait_interruptibly(
-        subprocess.Popen(argv, env=flower_env(flwr_home), stdin=subprocess.DEVNULL)
+    if router is None:
+        return wait_interruptibly(
+            subprocess.Popen(argv, env=flower_env(flwr_home), stdin=subprocess.DEVNULL)
+        )
+    proc = subprocess.Popen(
+        argv,
+        env=flower_env(flwr_home),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
+    # A thread reads the output, so Ctrl-C still reaches the wait (wait_interruptibly).
+    reader = pump(proc.stdout, router)  # type: ignore[arg-type]
+    try:
+        return wait_interruptibly(proc)
+    finally:
+        reader.join(timeout=10)

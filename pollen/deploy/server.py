@@ -27,6 +27,7 @@ from typing import Any
 
 from pollen.config import RunConfig
 from pollen.deploy.certs import loopback_tls
+from pollen.deploy.console import ConsoleRouter, in_process_logs
 from pollen.deploy.fleet_proxy import FleetProxy
 from pollen.deploy.processes import (
     ManagedProcess,
@@ -47,7 +48,9 @@ from pollen.server.checkpoint import RunLock, read_manifest
 from pollen.server.history import read_status, write_status
 
 
-def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> dict[str, Any]:
+def serve(
+    cfg: RunConfig, address: str, *, tls: ServerCerts | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Coordinate one run for remote clients dialling ``address``.
 
     Args:
@@ -56,6 +59,8 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
         tls: Checked certificates (:func:`pollen.deploy.tls.load_server_certs`): serve
             TLS and admit only the clients in its ``authorized-clients``. None:
             plaintext, any client may join.
+        verbose: Show Flower's, uvicorn's and TensorFlow's output on the console
+            too; it goes to the run's ``logs/`` either way (:data:`SERVER_LOGS`).
 
     Returns:
         The run folder's ``status.json`` content.
@@ -68,7 +73,10 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
     logs = run_dir / "logs"
     created = _outermost_new_folder(run_dir)
     logs.mkdir(parents=True, exist_ok=True)
-    with temporary_home("pollen-server-") as home:
+    with (
+        temporary_home("pollen-server-") as home,
+        in_process_logs(logs / SERVER_LOGS["relay"], verbose=verbose),
+    ):
         internal = free_port()
         proxy, link_args, root_cert = _front(host, port, internal, home, tls)
         superlink: ManagedProcess | None = None
@@ -77,7 +85,11 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
             if tls is None:
                 proxy.start()
             superlink = start_superlink(
-                home, "127.0.0.1", internal, extra_args=link_args, log=logs / "superlink.log"
+                home,
+                "127.0.0.1",
+                internal,
+                extra_args=link_args,
+                log=logs / SERVER_LOGS["superlink"],
             )
             write_connection(
                 home, f"127.0.0.1:{internal}", insecure=tls is None, root_cert=root_cert
@@ -93,12 +105,17 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
                 )
             print(
                 f"pollen: server listening on {host}:{proxy.port} for clients only; "
-                f"waiting for {cfg.min_clients} client(s); run folder {run_dir}",
+                f"waiting for {cfg.min_clients} client(s); run folder {run_dir}"
+                + ("" if verbose else f" (Flower's output: {logs}/)"),
                 flush=True,
             )
             submitted = True
-            with sigterm_as_interrupt():
-                submit_run(home, cfg.to_mapping(), stream=True)
+            router = ConsoleRouter(logs / SERVER_LOGS["app"], verbose=verbose)
+            try:
+                with sigterm_as_interrupt():
+                    submit_run(home, cfg.to_mapping(), stream=True, router=router)
+            finally:
+                router.close()
         except KeyboardInterrupt:
             interrupted = True
             raise
@@ -113,6 +130,11 @@ def serve(cfg: RunConfig, address: str, *, tls: ServerCerts | None = None) -> di
             if interrupted:
                 _mark_interrupted(run_dir)
     return _completed_status(run_dir, logs)
+
+
+#: The run's ``logs/`` files: the server app's output as Flower streams it (Pollen's
+#: lines, Flower's), the SuperLink's, and this process's own (the fleet relay's uvicorn).
+SERVER_LOGS = {"app": "server-app.log", "superlink": "superlink.log", "relay": "relay.log"}
 
 
 def _outermost_new_folder(run_dir: Path) -> Path | None:
@@ -172,8 +194,8 @@ def _completed_status(run_dir: Path, logs: Path) -> dict[str, Any]:
             else ""
         )
         raise PollenError(
-            f"The run did not complete: {reason}. Run folder: {run_dir}; Flower's log: "
-            f"{logs / 'superlink.log'}.{resume}"
+            f"The run did not complete: {reason}. Run folder: {run_dir}; logs: "
+            f"{logs / SERVER_LOGS['app']} and {logs / SERVER_LOGS['superlink']}.{resume}"
         )
     return status
 

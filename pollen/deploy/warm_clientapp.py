@@ -304,8 +304,10 @@ def main(argv: list[str] | None = None) -> None:
     if secret == b"":
         parser.error("--superexec-auth-secret-file: the file is empty")
 
+    from pollen.server.console import tag_pollen_lines
     from pollen.wire import serve_later_messages
 
+    tag_pollen_lines()  # `pollen client` shows the client app's own lines, not Flower's
     # A task arrives while the SuperNode is still downloading its message.
     quick_clientapp_pulls()
     serve_later_messages()  # weights kept for the next message are still here then

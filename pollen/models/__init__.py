@@ -13,4 +13,6 @@ Builders import Keras only when they build, so listing models stays light.
 from pollen.models import mobilenetv2 as mobilenetv2
 from pollen.models import fastnet as fastnet
 from pollen.models import cnn as cnn
+from pollen.models import efficientnet as efficientnet
+from pollen.models import scatternet as scatternet
 # isort: on

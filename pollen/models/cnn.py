@@ -11,7 +11,9 @@ if TYPE_CHECKING:  # keras is imported where a model is built: listing names sta
     import keras
 
 
-def _small_cnn(num_classes: int, seed: int, norm: str) -> keras.Model:
+def _small_cnn(
+    num_classes: int, seed: int, norm: str, input_shape: tuple[int, int, int] = INPUT_SHAPE
+) -> keras.Model:
     """Three conv-norm-ReLU-pool blocks (widths 32, 64, 128), GAP, dense softmax.
 
     Args:
@@ -19,6 +21,7 @@ def _small_cnn(num_classes: int, seed: int, norm: str) -> keras.Model:
         seed: Seed for the weight initialisers.
         norm: ``"batch"`` (BatchNorm, momentum 0.9) or ``"group"``
             (GroupNormalization with 8 groups: per-example, no moving statistics).
+        input_shape: ``(height, width, 3)`` of the input (run config ``image-size``).
 
     Returns:
         An uncompiled model mapping ``(batch, 32, 32, 3)`` pixels to
@@ -28,7 +31,7 @@ def _small_cnn(num_classes: int, seed: int, norm: str) -> keras.Model:
 
     set_random_seed(seed)
     layers = keras.layers
-    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    inputs = keras.Input(input_shape, name="pixels")
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
     for i, width in enumerate((32, 64, 128)):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
@@ -44,16 +47,20 @@ def _small_cnn(num_classes: int, seed: int, norm: str) -> keras.Model:
     return keras.Model(inputs, outputs, name=name)
 
 
-def build_cnn(num_classes: int, seed: int) -> keras.Model:
+def build_cnn(
+    num_classes: int, seed: int, input_shape: tuple[int, int, int] = INPUT_SHAPE
+) -> keras.Model:
     """A small, fast CNN for quick runs and tests (about 0.1M parameters).
 
     Three conv-BN-ReLU-pool blocks of widths 32, 64, 128, global average
     pooling and a dense softmax layer (see :func:`_small_cnn`).
     """
-    return _small_cnn(num_classes, seed, "batch")
+    return _small_cnn(num_classes, seed, "batch", input_shape)
 
 
-def build_cnn_gn(num_classes: int, seed: int) -> keras.Model:
+def build_cnn_gn(
+    num_classes: int, seed: int, input_shape: tuple[int, int, int] = INPUT_SHAPE
+) -> keras.Model:
     """The small CNN of :func:`build_cnn` with GroupNorm instead of BatchNorm.
 
     Same widths and about 0.1M parameters, but each normalisation is
@@ -62,7 +69,7 @@ def build_cnn_gn(num_classes: int, seed: int) -> keras.Model:
     array is a trained weight, so clipping and noise apply to nothing else,
     and no client statistics need re-estimating.
     """
-    return _small_cnn(num_classes, seed, "group")
+    return _small_cnn(num_classes, seed, "group", input_shape)
 
 
 register("cnn", ModelSpec(build_cnn, "small fast CNN (0.1M params) for quick runs and tests"))

@@ -11,8 +11,13 @@ if TYPE_CHECKING:  # keras is imported where a model is built: listing names sta
     import keras
 
 
-def _fastnet(
-    num_classes: int, seed: int, fastest_layout: bool, widths: tuple[int, int, int], name: str
+def _fastnet(  # parameters: the two builders below differ only in widths and name
+    num_classes: int,
+    seed: int,
+    fastest_layout: bool,
+    widths: tuple[int, int, int],
+    name: str,
+    input_shape: tuple[int, int, int] = INPUT_SHAPE,
 ) -> keras.Model:
     """The ``fastnet`` architecture with the given block widths (see :func:`build_fastnet`)."""
     import keras
@@ -32,7 +37,7 @@ def _fastnet(
         x = layers.BatchNormalization(axis=axis, momentum=0.9, name=f"{name}_bn")(x)
         return layers.ReLU(name=f"{name}_relu")(x)
 
-    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    inputs = keras.Input(input_shape, name="pixels")
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
     if channels_first:
         x = layers.Permute((3, 1, 2), name="to_channels_first")(x)
@@ -48,7 +53,12 @@ def _fastnet(
     return keras.Model(inputs, outputs, name=name)
 
 
-def build_fastnet(num_classes: int, seed: int, fastest_layout: bool = False) -> keras.Model:
+def build_fastnet(
+    num_classes: int,
+    seed: int,
+    fastest_layout: bool = False,
+    input_shape: tuple[int, int, int] = INPUT_SHAPE,
+) -> keras.Model:
     """The recommended model: a VGG-style net built for fast 32x32 training.
 
     A 3x3 stem of 24 channels, then three blocks of widths 32, 64 and 128,
@@ -71,15 +81,21 @@ def build_fastnet(num_classes: int, seed: int, fastest_layout: bool = False) -> 
         num_classes: Output classes.
         seed: Seed for the weight initialisers.
         fastest_layout: Channels-first under torch (for local training).
+        input_shape: ``(height, width, 3)`` of the input (run config ``image-size``).
 
     Returns:
         An uncompiled model mapping ``(batch, 32, 32, 3)`` pixels (0-255) to
         ``(batch, num_classes)`` softmax probabilities.
     """
-    return _fastnet(num_classes, seed, fastest_layout, (32, 64, 128), "pollen_fastnet")
+    return _fastnet(num_classes, seed, fastest_layout, (32, 64, 128), "pollen_fastnet", input_shape)
 
 
-def build_fastnet_wide(num_classes: int, seed: int, fastest_layout: bool = False) -> keras.Model:
+def build_fastnet_wide(
+    num_classes: int,
+    seed: int,
+    fastest_layout: bool = False,
+    input_shape: tuple[int, int, int] = INPUT_SHAPE,
+) -> keras.Model:
     """``fastnet`` at the block widths of Keller Jordan's ``airbench94``: 64, 256 and 256.
 
     For accelerators: 1.98M parameters and about 147M multiply-adds per
@@ -90,7 +106,9 @@ def build_fastnet_wide(num_classes: int, seed: int, fastest_layout: bool = False
         An uncompiled model mapping ``(batch, 32, 32, 3)`` pixels (0-255) to
         ``(batch, num_classes)`` softmax probabilities.
     """
-    return _fastnet(num_classes, seed, fastest_layout, (64, 256, 256), "pollen_fastnet-wide")
+    return _fastnet(
+        num_classes, seed, fastest_layout, (64, 256, 256), "pollen_fastnet-wide", input_shape
+    )
 
 
 #: Local training of ``fastnet`` and ``fastnet-wide``.

@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 from pollen.backend import set_random_seed
 from pollen.compat.keras import flatten_layers
-from pollen.models.registry import INPUT_SHAPE, ModelSpec, Recipe, register
+from pollen.models.registry import INPUT_SHAPE, ImagenetWeights, ModelSpec, Recipe, register
 
 if TYPE_CHECKING:  # keras is imported where a model is built: listing names stays fast
     import keras
 
 
-def _set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
     """Set the moving-statistics momentum of every BatchNormalization layer.
 
     Keras's default of 0.99 (0.999 inside ``keras.applications.MobileNetV2``)
@@ -47,7 +47,9 @@ def _zero_residual_branches(model: keras.Model) -> None:
             bn.gamma.assign(np.zeros(bn.gamma.shape, bn.gamma.dtype))
 
 
-def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
+def build_mobilenetv2(
+    num_classes: int, seed: int, input_shape: tuple[int, int, int] = INPUT_SHAPE
+) -> keras.Model:
     """The reference model: ``keras.applications.MobileNetV2`` for 32x32x3.
 
     Exactly ``MobileNetV2(input_shape=(32, 32, 3), classes=num_classes,
@@ -59,20 +61,21 @@ def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
     Args:
         num_classes: Output classes.
         seed: Seed for the weight initialisers.
+        input_shape: ``(height, width, 3)`` of the input (run config ``image-size``).
 
     Returns:
-        An uncompiled model mapping ``(batch, 32, 32, 3)`` pixels to
+        An uncompiled model mapping ``(batch, *input_shape)`` pixels to
         ``(batch, num_classes)`` softmax probabilities.
     """
     import keras
 
     set_random_seed(seed)
-    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    inputs = keras.Input(input_shape, name="pixels")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
     base = keras.applications.MobileNetV2(
-        input_shape=INPUT_SHAPE, classes=num_classes, weights=None
+        input_shape=input_shape, classes=num_classes, weights=None
     )
-    _set_batchnorm_momentum(base, 0.9)
+    set_batchnorm_momentum(base, 0.9)
     _zero_residual_branches(base)
     return keras.Model(inputs, base(x), name="pollen_mobilenetv2")
 
@@ -84,6 +87,22 @@ def build_mobilenetv2(num_classes: int, seed: int) -> keras.Model:
 #: about 100 (see docs/performance.md#mobilenetv2-recipe).
 MOBILENETV2_RECIPE = Recipe(beta_2=0.99)
 
+#: Input sides Keras has ImageNet weight files of MobileNetV2 for; any other input
+#: size loads the 224 file (the convolution weights do not depend on the input size).
+MOBILENETV2_IMAGENET_SIDES = (96, 128, 160, 192, 224)
+
+
+def mobilenetv2_imagenet_file(input_shape: tuple[int, int, int]) -> str:
+    """The ``include_top=False`` ImageNet weight file Keras picks for ``input_shape``.
+
+    Mirrors ``keras.applications.MobileNetV2``: the file of the input's side for
+    a square input of a side it has a file for, else the 224 file (alpha 1.0).
+    """
+    height, width = input_shape[0], input_shape[1]
+    side = height if height == width and height in MOBILENETV2_IMAGENET_SIDES else 224
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{side}_no_top.h5"
+
+
 register(
     "mobilenetv2",
     ModelSpec(
@@ -92,5 +111,8 @@ register(
         recipe=MOBILENETV2_RECIPE,
         whiten="Conv1",
         flip_tta=True,
+        image_size=96,
+        head="predictions",
+        imagenet=ImagenetWeights("MobileNetV2", mobilenetv2_imagenet_file),
     ),
 )

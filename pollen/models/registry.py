@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pollen.compat.keras import flatten_layers
+from pollen.errors import PollenError
 
 if TYPE_CHECKING:  # keras is imported where a model is built: listing names stays fast
     import keras
@@ -65,6 +66,36 @@ class Recipe:
     beta_2: float = 0.999
 
 
+#: Where ``keras.applications`` keeps its pretrained weight files.
+KERAS_APPLICATIONS_URL = "https://storage.googleapis.com/keras-applications/"
+
+
+@dataclass(frozen=True)
+class ImagenetWeights:
+    """The ImageNet weights of a registry model that wraps a ``keras.applications`` model.
+
+    ``pollen.models.pretrained`` downloads the file into the Keras cache
+    (``~/.keras/models``), builds the application's backbone
+    (``include_top=False``) from it at the run's input size and copies its
+    layers by name into the registry model; the classifier stays the model's own.
+
+    Attributes:
+        application: Name of the ``keras.applications`` constructor.
+        file_name: ``file_name(input_shape)``: the ``include_top=False`` weight
+            file Keras downloads for that input shape.
+        file_hash: The file's hash as Keras checks it ("" = not checked).
+        keep: Class names of layers whose values stay the registry model's own
+            (preprocessing the registry builder sets itself).
+        url: Folder the file is downloaded from.
+    """
+
+    application: str
+    file_name: Callable[[tuple[int, int, int]], str]
+    file_hash: str = ""
+    keep: tuple[str, ...] = ()
+    url: str = KERAS_APPLICATIONS_URL
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to build and train one registry model.
@@ -96,6 +127,15 @@ class ModelSpec:
             (``pollen.training.evaluate.predict_proba``); for models trained
             with random flips, or on classes that look the same mirrored
             (see docs/performance.md#flip-tta).
+        image_size: Side in pixels of the square images the model is built for when the
+            data is not CIFAR-10 and ``image-size`` is ``auto`` (see
+            ``pollen.config.auto_image_size``); CIFAR-10 always gets 32.
+        head: Name of the classifier layer (the last one, ``num_classes``
+            outputs): a pretrained file's head with another class count is
+            left fresh, and ``freeze-rounds`` train only it
+            (``pollen.training.finetune``). "" = no pretrained weights.
+        imagenet: Where ``weights = "imagenet"`` comes from; None = the model
+            has no ImageNet weights (a ``.keras``/``.h5`` file still loads).
     """
 
     build: Callable[..., keras.Model]
@@ -106,6 +146,9 @@ class ModelSpec:
     whiten: str = ""
     freeze_whitened: bool = False
     flip_tta: bool = False
+    image_size: int = 32
+    head: str = ""
+    imagenet: ImagenetWeights | None = None
 
 
 #: Every registered model by name, in registration order: the import order of the
@@ -134,7 +177,12 @@ def register(name: str, spec: ModelSpec) -> ModelSpec:
 
 
 def build_model(
-    name: str, num_classes: int = 10, seed: int = 42, *, fastest_layout: bool = False
+    name: str,
+    num_classes: int = 10,
+    seed: int = 42,
+    *,
+    fastest_layout: bool = False,
+    image_size: tuple[int, int] = INPUT_SHAPE[:2],
 ) -> keras.Model:
     """Build registry model ``name`` (uncompiled).
 
@@ -145,15 +193,30 @@ def build_model(
         fastest_layout: Let a builder that supports it pick the tensor layout
             fastest on the current backend (clients' local training). False
             gives a model that any backend can load from ``model.keras``.
+        image_size: ``(height, width)`` of the input images (run config
+            ``image-size``); a builder that takes ``input_shape`` gets
+            ``(height, width, 3)``.
 
     Raises:
         KeyError: ``name`` is not in :data:`MODELS` (the run config validates
             names before this is reached).
+        PollenError: ``image_size`` is not 32x32 and the builder takes no
+            ``input_shape``.
     """
     build = MODELS[name].build
-    if fastest_layout and "fastest_layout" in inspect.signature(build).parameters:
-        return build(num_classes, seed, fastest_layout=True)
-    return build(num_classes, seed)
+    params = inspect.signature(build).parameters
+    kwargs: dict[str, object] = {}
+    if fastest_layout and "fastest_layout" in params:
+        kwargs["fastest_layout"] = True
+    shape = (int(image_size[0]), int(image_size[1]), INPUT_SHAPE[2])
+    if "input_shape" in params:
+        kwargs["input_shape"] = shape
+    elif shape != INPUT_SHAPE:
+        raise PollenError(
+            f"Model {name!r} is built for 32x32 images only, but the run asks for "
+            f"{shape[0]}x{shape[1]}: use --image-size 32 or another model."
+        )
+    return build(num_classes, seed, **kwargs)
 
 
 def preferred_backend(name: str) -> str:

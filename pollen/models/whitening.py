@@ -11,6 +11,10 @@ from pollen.models.registry import find_layer
 if TYPE_CHECKING:  # keras is imported where a model is built
     import keras
 
+#: Most image pixels whitening looks at: 2,000 images of 32x32. Larger images are fewer
+#: (96x96: 222 images; 224x224: 40), so memory and time stay those of 32x32.
+WHITEN_PIXELS = 2000 * 32 * 32
+
 
 def whitening_kernel(
     images: np.ndarray, kernel_size: int, filters: int, eps: float = 5e-4
@@ -48,7 +52,9 @@ def whitening_kernel(
         raise ValueError(f"cannot whiten {k}x{k}x{channels} patches into {filters} filters")
     dims = k * k * channels
     rows, total, outer = 0, np.zeros(dims), np.zeros((dims, dims))
-    for chunk in np.array_split(images, -(-len(images) // 256)):
+    # About 256 32x32 images' patches a chunk, whatever the image size (bounded memory).
+    per_chunk = max(1, WHITEN_PIXELS // 8 // max(1, images.shape[1] * images.shape[2]))
+    for chunk in np.array_split(images, -(-len(images) // per_chunk)):
         patches = np.lib.stride_tricks.sliding_window_view(chunk, (k, k), axis=(1, 2))
         # (n, H', W', C, k, k) -> rows of (kh, kw, C), the order of a Conv2D kernel.
         patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dims).astype(np.float64)
@@ -78,8 +84,9 @@ def whiten_first_conv(
     Args:
         model: Registry model, changed in place.
         layer_name: The convolution (searched in nested models too).
-        images: ``uint8`` local training images, ``(N, 32, 32, 3)``.
-        max_images: Images used (a seeded random subset if there are more).
+        images: ``uint8`` local training images, ``(N, H, W, 3)``.
+        max_images: Images used (a seeded random subset if there are more); fewer
+            for images over 32x32, so that at most :data:`WHITEN_PIXELS` pixels are.
         seed: Subset seed.
 
     Returns:
@@ -87,6 +94,7 @@ def whiten_first_conv(
     """
     if len(images) == 0:
         return 0
+    max_images = min(max_images, max(1, WHITEN_PIXELS // (images.shape[1] * images.shape[2])))
     if len(images) > max_images:
         pick = np.random.default_rng(seed).choice(len(images), max_images, replace=False)
         images = images[np.sort(pick)]

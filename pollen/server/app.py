@@ -19,17 +19,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from pollen.compat.flower import is_simulation_grid, quick_serverapp_pulls
+from pollen.compat.flower import (
+    is_simulation_grid,
+    quick_serverapp_pulls,
+    quick_simulation_dispatch,
+)
+from pollen.compress import parse as parse_codec
 from pollen.config import RunConfig
 from pollen.errors import PollenError
 from pollen.files import atomic_write
 from pollen.server.checkpoint import RunLock, load_checkpoint, read_manifest, save_checkpoint
+from pollen.server.console import tag_pollen_lines
 from pollen.server.exchange import (
     announce_run_over,
     learn_names,
@@ -44,6 +51,7 @@ from pollen.server.history import (
     write_history,
     write_status,
 )
+from pollen.server.live import LiveStatus, Observers
 from pollen.server.model_files import ModelFiles
 from pollen.server.phases import TrainPhase
 from pollen.server.privacy import make_private, sample_size
@@ -52,6 +60,7 @@ from pollen.server.rounds import RoundSettings, run_rounds
 from pollen.server.sampling import by_name, seeded_order, seeded_sample
 from pollen.server.secagg import SecureAggregation
 from pollen.server.strategies import check_config, check_sample_size, make_strategy
+from pollen.server.tracking import RoundObservers, trackers
 
 app = ServerApp()
 
@@ -111,6 +120,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run a whole federation as configured by ``context.run_config``."""
     # A reply is listed while its content is still on its way to the SuperLink.
     quick_serverapp_pulls()
+    # Thousands of simulated clients: the engine must not scan them all for 10 messages.
+    quick_simulation_dispatch(grid)
+    tag_pollen_lines()  # the console of `pollen server`/`simulate` shows these lines only
     cfg = RunConfig.from_mapping(context.run_config)
     check_config(cfg)
     run_dir = resolve_run_dir(cfg)
@@ -237,18 +249,23 @@ def run_federation(
     evaluate_fn = files.evaluate if cfg.server_eval else None
     names: dict[int, str] = {}  # node id to client name, learned on the way
     config = cfg.replace(out=str(run_dir), resume=False).to_mapping()
+    live = LiveStatus(run_dir, cfg.num_rounds, names)  # live.json, for the status page
+    live.waiting()
     if cfg.resume:
         start = _resume(grid, cfg, run_dir, files)
     else:
         start = _start(grid, cfg, run_dir, files, names, History(config=config))
+    live.begin(start.history, start.first_round)
     writer = RunFolderWriter(run_dir, files, config, start.history.elapsed_seconds)
+    # The run folder first (the trackers' final model is its model.keras), then the trackers.
+    observer = RoundObservers([Observers(writer, live), *trackers(cfg, run_dir)])
     settings = RoundSettings(
         num_rounds=cfg.num_rounds,
         history=start.history,
         timeout=cfg.round_timeout,
         train_config={"learning-rate": cfg.learning_rate},
         evaluate_fn=evaluate_fn,
-        observer=writer,
+        observer=observer,
         target_accuracy=cfg.target_accuracy,
         first_round=start.first_round,
         min_clients=cfg.min_clients,
@@ -259,9 +276,24 @@ def run_federation(
         release=release,
         held_weights=not _simulated(grid),
         sampling_seed=cfg.seed,
+        codec_down=parse_codec(cfg.compress_down, downlink=True),
+        example_dp=_example_dp(cfg),
     )
-    run_rounds(grid, start.strategy, start.arrays, settings)
+    with observer:  # tells the trackers how the run ended
+        run_rounds(grid, start.strategy, start.arrays, settings)
     return start.history
+
+
+def _example_dp(cfg: RunConfig) -> dict[str, Any] | None:
+    """What each round records of ``--dp example`` beside the clients' epsilon; None without it."""
+    if cfg.dp != "example":
+        return None
+    return {
+        "delta": cfg.dp_delta,
+        "clipping_norm": cfg.dp_clip,
+        "level": "example",
+        "sampling": "poisson",
+    }
 
 
 def _resume(grid: Grid, cfg: RunConfig, run_dir: Path, files: ModelFiles) -> _Start:
@@ -308,7 +340,7 @@ def _start(
     strategy = make_strategy(cfg)
     nodes = wait_for_clients(grid, cfg.min_clients, CONNECT_TIMEOUT)
     check_sample_size(cfg, sample_size(cfg, len(nodes)))
-    if cfg.dp:
+    if cfg.dp == "client":
         strategy = make_private(strategy, cfg, len(nodes))
         log(
             INFO,
@@ -326,12 +358,31 @@ def _start(
     # freshly initialised model itself is not evaluated (chance level).
     pool = ThreadPoolExecutor(1, thread_name_prefix="pollen-prepare")
     reference = pool.submit(_model_reference, files)
+    # --weights: the server loads them (clients never take a path from it) into the same
+    # model, after the reference was taken; every client then starts from these arrays.
+    pretrained = pool.submit(_pretrained_arrays, files) if cfg.weights else None
     prepared = pool.submit(files.prepare) if cfg.server_eval else None
     pool.shutdown(wait=False)  # the thread ends with prepare()
     arrays = _initial_arrays(grid, cfg, run_dir, nodes, names, reference.result)
+    if pretrained is not None:
+        arrays = pretrained.result()  # raises here what went wrong (e.g. offline)
     if prepared is not None:
         prepared.result()  # raises here what went wrong (e.g. a broken test set)
     return _Start(strategy, history, arrays, 1)
+
+
+def _pretrained_arrays(files: ModelFiles) -> ArrayRecord:
+    """Round 1's global weights from ``--weights`` (``pollen.models.pretrained``), logged.
+
+    Loaded into the model the server builds anyway (its classifier, where the
+    file's does not fit, as freshly initialised as a client's would be).
+    """
+    from pollen.models.pretrained import load_pretrained
+
+    model = files.model
+    what = load_pretrained(model, files.cfg.model, files.cfg.weights)
+    log(INFO, "Initial weights: %s", what)
+    return ArrayRecord(model.get_weights())
 
 
 def _model_reference(files: ModelFiles) -> ModelReference:

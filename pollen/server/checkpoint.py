@@ -564,7 +564,7 @@ def _rebuild_strategy(
     state = _json(data["strategy"], path)
     inner = make_strategy(cfg)
     kept = KEPT[type(inner)]
-    problem = _state_problem(state, type(inner).__name__, kept, cfg.dp)
+    problem = _state_problem(state, type(inner).__name__, kept, cfg.dp == "client")
     if problem is not None:
         raise _refuse(path, problem)
     stored = _read_npz(data["strategy-arrays"], paths["strategy-arrays"])
@@ -583,7 +583,7 @@ def _rebuild_strategy(
                     f"{g.dtype} {g.shape}",
                 )
         setattr(inner, attr, _laid_out(values, kept[attr], keys))
-    if not cfg.dp:
+    if cfg.dp != "client":
         return inner
     try:
         return restore_private(inner, cfg, state["dp"], max_releases=rnd)

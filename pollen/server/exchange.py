@@ -18,11 +18,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from pollen.compat.flower import is_simulation_grid
+from pollen.compress import Codec
 from pollen.errors import PollenError
 from pollen.protocol import PREPARE_REQUEST, RUN_OVER_REQUEST
 from pollen.server.history import MAX_REASON_CHARS, printable
 from pollen.server.replies import ModelReference, initial_arrays_problem
-from pollen.wire import pack_content, unpack_reply
+from pollen.server.sampling import simulated_names
+from pollen.wire import content_bytes, pack_content, unpack_reply
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -75,10 +78,15 @@ class Exchange:
     Attributes:
         replies: Reply per destination node id (possibly error replies).
         missing: Node ids that did not reply before the deadline.
+        sent_bytes: Bytes of the arrays sent to each node, as they travelled
+            (packed, compressed; see :func:`pollen.wire.content_bytes`).
+        received_bytes: Bytes of the arrays of each node's reply, as they travelled.
     """
 
     replies: dict[int, Message] = field(default_factory=dict)
     missing: list[int] = field(default_factory=list)
+    sent_bytes: dict[int, int] = field(default_factory=dict)
+    received_bytes: dict[int, int] = field(default_factory=dict)
 
 
 def exchange(
@@ -88,6 +96,8 @@ def exchange(
     poll_interval: float = 0.25,
     *,
     pack: bool = True,
+    codec: Codec | None = None,
+    base: ArrayRecord | None = None,
 ) -> Exchange:
     """Send ``messages`` and collect their replies, returning after ``timeout`` at most.
 
@@ -97,38 +107,59 @@ def exchange(
 
     Flower's ``Grid.send_and_receive`` can block far beyond its timeout (a
     reply whose content never reaches the SuperLink is retried for hours).
-    Here every message is pulled by its own daemon thread, and the caller
-    waits for those threads until the deadline only; a thread still stuck
-    then is abandoned (its late result is dropped) and its node is reported
+    Here the replies are pulled by a few daemon threads (at most
+    :data:`MAX_PULL_THREADS`, however many clients; each pulls its share of
+    the replies in one request a poll), and the caller waits for them until
+    the deadline only; a thread still stuck then is abandoned (its late
+    results are dropped) and the nodes it had not heard from are reported
     missing.
 
     Args:
         grid: The run's grid.
         messages: One message per destination node.
         timeout: Seconds until the exchange returns at the latest.
-        poll_interval: Seconds between two requests for one outstanding reply.
+        poll_interval: Seconds between two requests for the outstanding replies.
         pack: Pack the messages' content and unpack the replies'.
+        codec: Compress the weights (``arrays``) sent with it (:mod:`pollen.compress`).
+        base: The weights the messages carry whole: a reply's weights sent as
+            a change to them (a compressed update) are rebuilt from them.
     """
     messages = list(messages)
     if not messages:
         return Exchange()
     for m in messages if pack else ():  # a few objects on the wire, not one per array
-        m.content = pack_content(m.content)
+        m.content = pack_content(m.content, codec)
     destinations = [m.metadata.dst_node_id for m in messages]
+    sent = {m.metadata.dst_node_id: content_bytes(m.content) for m in messages}
     deadline = time.monotonic() + timeout
     message_ids = list(grid.push_messages(messages))
     if len(message_ids) != len(messages):  # Flower refused the batch (e.g. too large)
         log(WARNING, "Flower accepted %d of %d messages", len(message_ids), len(messages))
         return Exchange(missing=destinations)
-    pulls = _Pulls(grid, deadline, poll_interval)
+    pulls = _Pulls(grid, deadline, poll_interval, base)
+    pulls.result.sent_bytes = sent
     return pulls.collect(zip(message_ids, destinations, strict=True), destinations)
 
 
-class _Pulls:
-    """One daemon thread per outstanding reply, each pulling it until the deadline."""
+MAX_PULL_THREADS = 8
+"""Threads that pull one exchange's replies, whatever the number of clients.
 
-    def __init__(self, grid: Grid, deadline: float, poll_interval: float) -> None:
+Each thread pulls its share of the outstanding replies with one ``pull_messages``
+call per poll: the SuperLink sees a few requests per poll interval, not one per
+client. More than one thread so that a reply whose objects never arrive (Flower's
+pull then blocks) holds back only its share; the caller returns by the deadline in
+any case.
+"""
+
+
+class _Pulls:
+    """At most :data:`MAX_PULL_THREADS` daemon threads pulling the replies until the deadline."""
+
+    def __init__(
+        self, grid: Grid, deadline: float, poll_interval: float, base: ArrayRecord | None = None
+    ) -> None:
         self.grid = grid
+        self.base = base
         self.deadline = deadline
         self.poll_interval = poll_interval
         self.result = Exchange()
@@ -140,9 +171,11 @@ class _Pulls:
     def collect(self, pushed: Iterable[tuple[str, int]], destinations: list[int]) -> Exchange:
         """Pull the replies of ``pushed`` ``(message id, node)``; return by the deadline."""
         pushed = [(mid, node) for mid, node in pushed if mid]  # "": Flower could not push it
-        self.running = len(pushed)
-        for message_id, node in pushed:
-            threading.Thread(target=self._run, args=(message_id, node), daemon=True).start()
+        shares = [pushed[i::MAX_PULL_THREADS] for i in range(MAX_PULL_THREADS)]
+        shares = [dict(share) for share in shares if share]
+        self.running = len(shares)
+        for share in shares:
+            threading.Thread(target=self._run, args=(share,), daemon=True).start()
         # Wait in short slices: a signal raised by another thread (Flower's parent-process
         # monitor stops the app that way) is only handled when this thread runs again.
         # The last reply ends the wait at once.
@@ -153,30 +186,38 @@ class _Pulls:
             self.result.missing = [n for n in destinations if n not in self.result.replies]
         return self.result
 
-    def _run(self, message_id: str, node: int) -> None:
+    def _run(self, share: dict[str, int]) -> None:
         try:
-            self._pull(message_id, node)
+            self._pull(share)
         finally:
             with self.lock:
                 self.running -= 1
                 if self.running == 0:
                     self.done.set()
 
-    def _pull(self, message_id: str, node: int) -> None:
-        while not self.stop.is_set() and time.monotonic() < self.deadline:
+    def _pull(self, share: dict[str, int]) -> None:
+        """Pull the replies to ``share`` (message id -> node) until all are in or time is up."""
+        while share and not self.stop.is_set() and time.monotonic() < self.deadline:
             try:
-                replies = list(self.grid.pull_messages([message_id]))
-            except Exception as err:  # noqa: BLE001 - reported as that node's failure
-                log(WARNING, "Pulling the reply of node %s failed: %s", node, err)
+                replies = list(self.grid.pull_messages(list(share)))
+            except Exception as err:  # noqa: BLE001 - those nodes are reported missing
+                log(WARNING, "Pulling the replies of %d clients failed: %s", len(share), err)
                 replies = []
-            if replies:
-                # A malformed reply becomes an error reply: that client's failure.
-                reply = unpack_reply(replies[0])
-                with self.lock:
-                    if not self.stop.is_set():
-                        self.result.replies[node] = reply
-                return
-            self.stop.wait(self.poll_interval)
+            for reply in replies:
+                node = share.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    self._keep(node, reply)
+            if share:
+                self.stop.wait(self.poll_interval)
+
+    def _keep(self, node: int, reply: Message) -> None:
+        size = content_bytes(reply.content) if reply.has_content() else 0
+        # A malformed reply becomes an error reply: that client's failure.
+        unpacked = unpack_reply(reply, self.base)
+        with self.lock:
+            if not self.stop.is_set():
+                self.result.replies[node] = unpacked
+                self.result.received_bytes[node] = size
 
 
 # --- waiting for clients and small queries --------------------------------------------
@@ -286,8 +327,12 @@ def learn_names(grid: Grid, node_ids: Iterable[int], names: dict[int, str], time
     """Ask clients not in ``names`` for their names (a light query, no model).
 
     Knowing every sampled client's name before it trains means a client that
-    then dies without replying is still named in the history.
+    then dies without replying is still named in the history. A simulation's
+    clients are not asked: their names are known (:func:`simulated_names`).
     """
+    node_ids = list(node_ids)
+    if any(node not in names for node in node_ids):
+        names.update(simulated_names(grid))
     messages = [_query(node, "hello") for node in node_ids if node not in names]
     for node, reply in exchange(grid, messages, timeout).replies.items():
         if reply.has_content():
@@ -312,10 +357,15 @@ def client_name(msg: Message, node: int | None = None) -> str:
 def announce_run_over(grid: Grid, timeout: float = 15.0) -> None:
     """Tell every connected client that the run is over (they then exit).
 
+    Not in a simulation: its clients have no process to end, and a message to
+    each of 10,000 simulated clients would cost minutes (docs/scale.md).
+
     Args:
         grid: The run's grid.
         timeout: Seconds to wait for the clients' acknowledgements; default 15.
     """
+    if is_simulation_grid(grid):
+        return
     messages = [_query(node, RUN_OVER_REQUEST) for node in grid.get_node_ids()]
     if messages:
         exchange(grid, messages, timeout)

@@ -80,6 +80,7 @@ CSV_COLUMNS = (
     "bytes_sent",
     "bytes_received",
     "error",
+    "dp_epsilon",
 )
 
 
@@ -89,6 +90,10 @@ class ClientRound:
 
     ``fit_seconds`` and ``eval_seconds`` are the client's own wall time of its
     local training and of its evaluation (BatchNorm re-estimation included).
+    ``bytes_sent`` and ``bytes_received``: bytes of the arrays sent to it and
+    received from it this round, as they travelled (packed, compressed).
+    ``dp_epsilon``: under ``--dp example``, the epsilon its examples have spent
+    so far (at the run's ``dp-delta``, Poisson sampling; its own accountant).
     """
 
     node_id: int
@@ -102,6 +107,9 @@ class ClientRound:
     eval_examples: int | None = None
     eval_seconds: float | None = None
     error: str | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    dp_epsilon: float | None = None
 
 
 @dataclass
@@ -118,11 +126,15 @@ class RoundRecord:
         evaluate: Aggregated client evaluation (``loss``, ``accuracy``, ``examples``).
         server: Central evaluation of the global model (``loss``, ``accuracy``).
         clients: Per-client metrics.
-        bytes_sent: Payload bytes of the weights sent to clients.
-        bytes_received: Payload bytes of the weights clients sent back.
+        bytes_sent: Bytes of the arrays sent to clients, as they travelled
+            (packed, compressed: :func:`pollen.wire.content_bytes`).
+        bytes_received: Bytes of the arrays clients sent back, as they travelled.
         privacy: Differential privacy spent after this round (``epsilon``,
             ``delta``, ``noise_multiplier``, ``clipping_norm``, ``releases``);
-            empty without DP.
+            empty without DP. Under ``--dp example``: the largest epsilon of
+            any client's examples, ``delta``, ``level`` ``"example"``,
+            ``sampling`` ``"poisson"``, ``clipping_norm`` and the clients' largest
+            ``noise_multiplier`` and ``steps`` (each client's own in ``clients``).
         phase_seconds: Wall time of the round's phases: ``train`` (send the
             global weights, local training, aggregation), ``evaluate``
             (clients' evaluation and BatchNorm statistics), and the central
@@ -210,7 +222,10 @@ class History:
                         "eval_accuracy": c.eval_accuracy,
                         "eval_examples": c.eval_examples,
                         "seconds": c.fit_seconds,
+                        "bytes_sent": c.bytes_sent,
+                        "bytes_received": c.bytes_received,
                         "error": c.error,
+                        "dp_epsilon": c.dp_epsilon,
                     }
                 )
         return rows

@@ -40,7 +40,9 @@ class ModelFiles:
         """
         from pollen.training.compile import compile_model
 
-        fast = build_model(self.cfg.model, self.cfg.num_classes, fastest_layout=True)
+        fast = build_model(
+            self.cfg.model, self.cfg.num_classes, fastest_layout=True, image_size=self.cfg.image_hw
+        )
         return compile_model(fast, 1e-3, schedulable=False)
 
     @functools.cached_property
@@ -56,13 +58,17 @@ class ModelFiles:
                self.eval_model.layers):  # fmt: skip
             return self.eval_model
         return compile_model(
-            build_model(self.cfg.model, self.cfg.num_classes), 1e-3, schedulable=False
+            build_model(self.cfg.model, self.cfg.num_classes, image_size=self.cfg.image_hw),
+            1e-3,
+            schedulable=False,
         )
 
     @functools.cached_property
     def test_set(self):
         """The central test split ``(x, y)`` (loaded on first use)."""
-        ds = load_dataset(self.cfg.server_data_dir or self.cfg.data_dir or None)
+        ds = load_dataset(
+            self.cfg.server_data_dir or self.cfg.data_dir or None, image_size=self.cfg.image_hw
+        )
         return ds.x_test, ds.y_test
 
     def prepare(self) -> None:

@@ -25,15 +25,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from pollen.compress import Codec
 from pollen.errors import PollenError
 from pollen.server.exchange import (
     Exchange,
-    arrays_bytes,
     client_name,
     exchange,
     learn_names,
     readable_reason,
-    record_bytes,
 )
 from pollen.server.history import ClientRound, RoundRecord
 from pollen.server.replies import (
@@ -134,6 +133,8 @@ class RoundContext:
         timeout: Deadline of each exchange with clients, seconds.
         record: The round's record, filled in by the phases.
         clients: The round's per-client records.
+        codec: Compression of the weights sent to clients (:mod:`pollen.compress`);
+            None: sent whole, ``float32``.
     """
 
     grid: Grid
@@ -142,6 +143,7 @@ class RoundContext:
     timeout: float
     record: RoundRecord
     clients: RoundClients
+    codec: Codec | None = None
 
 
 class TrainPhase(Protocol):
@@ -174,7 +176,19 @@ def _collect(ctx: RoundContext, messages: list[Message], phase: str) -> list[tup
     Returns:
         ``(node id, reply)`` of every reply that carries content.
     """
-    return _replies_of(ctx, exchange(ctx.grid, messages, ctx.timeout), phase)
+    result = exchange(ctx.grid, messages, ctx.timeout, codec=ctx.codec)
+    _count_bytes(ctx, result)
+    return _replies_of(ctx, result, phase)
+
+
+def _count_bytes(ctx: RoundContext, result: Exchange) -> None:
+    """Add the bytes ``result`` sent and received to the round's and each client's record."""
+    for node, size in result.sent_bytes.items():
+        ctx.record.bytes_sent += size
+        ctx.clients.get(node).bytes_sent += size
+    for node, size in result.received_bytes.items():
+        ctx.record.bytes_received += size
+        ctx.clients.get(node).bytes_received += size
 
 
 def _replies_of(ctx: RoundContext, result: Exchange, phase: str) -> list[tuple[int, Message]]:
@@ -247,16 +261,17 @@ def _send_for_training(
         The messages sent first, and the replies (whole weights sent again to
         clients that no longer held the ones a shortened message built on).
     """
-    grid, rnd, timeout, record = ctx.grid, ctx.rnd, ctx.timeout, ctx.record
+    grid, rnd, timeout = ctx.grid, ctx.rnd, ctx.timeout
     deadline = time.monotonic() + timeout
     with ctx.clients.sampling(grid, rnd, timeout) as sampled:
         train_config = ConfigRecord(dict(config))
         messages = list(ctx.strategy.configure_train(rnd, arrays, train_config, sampled))
     whole = held.shorten(messages, arrays) if held is not None else {}
-    record.bytes_sent += sum(arrays_bytes(m.content) for m in messages)
     nodes = [m.metadata.dst_node_id for m in messages]
     learn_names(grid, nodes, ctx.clients.names, min(timeout, 15))
-    result = exchange(grid, messages, timeout)
+    # base: a compressed update comes back as the change to ``arrays``, rebuilt on arrival.
+    result = exchange(grid, messages, timeout, codec=ctx.codec, base=arrays)
+    _count_bytes(ctx, result)
     resend = [
         Message(whole[node], dst_node_id=node, message_type=MessageType.TRAIN)
         for node, reply in result.replies.items()
@@ -264,8 +279,9 @@ def _send_for_training(
     ]
     if resend:
         log(INFO, "Round %d: sending the whole weights to %d client(s)", rnd, len(resend))
-        record.bytes_sent += sum(arrays_bytes(m.content) for m in resend)
-        again = exchange(grid, resend, max(0.0, deadline - time.monotonic()))
+        limit = max(0.0, deadline - time.monotonic())
+        again = exchange(grid, resend, limit, codec=ctx.codec, base=arrays)
+        _count_bytes(ctx, again)
         for m in resend:
             del result.replies[m.metadata.dst_node_id]
         result.replies.update(again.replies)
@@ -281,9 +297,6 @@ def _valid_updates(
     global_np = arrays.to_numpy_ndarrays()
     for node, msg in _replies_of(ctx, result, "train"):
         c = ctx.clients.get(node)
-        received = msg.content.array_records.get("arrays")
-        if received is not None:
-            ctx.record.bytes_received += record_bytes(received)
         try:
             checked = checked_train_reply(node, msg, arrays, global_np, max_update_norm)
         except Invalid as err:
@@ -293,6 +306,7 @@ def _valid_updates(
         m = checked.metrics
         c.train_loss, c.train_accuracy = m.get("train_loss"), m.get("train_accuracy")
         c.train_examples, c.fit_seconds = checked.examples, m.get("fit_seconds")
+        c.dp_epsilon = m.get("dp_epsilon")  # --dp example: this client's accountant
         valid.append(checked)
     return valid
 
@@ -397,7 +411,6 @@ def evaluate_phase(
         ]
     if held is not None:
         held.keep(messages, arrays)
-    record.bytes_sent += sum(arrays_bytes(m.content) for m in messages)
     ok = _collect(ctx, messages, "evaluate")
     if held is not None:
         held.held_by(ok)

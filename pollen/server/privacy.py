@@ -9,7 +9,7 @@ with equal weights, and Gaussian noise of standard deviation
 average. Flower's :class:`~flwr.serverapp.RdpAccountant` composes one Gaussian
 mechanism per round and reports the spent (epsilon, delta) after each.
 
-What the guarantee covers (see also the README's "Privacy" section):
+What the guarantee covers (see also docs/privacy.md):
 
 - client-level DP: neighbouring datasets differ by one client's whole data
   (add or remove one client), not by one example;
@@ -25,6 +25,7 @@ What the guarantee covers (see also the README's "Privacy" section):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from flwr.serverapp import (
@@ -271,3 +272,18 @@ def privacy_record(strategy: Any) -> dict[str, float]:
         "clipping_norm": strategy.clipping_norm,
         "releases": spent.num_releases,
     }
+
+
+def example_privacy(clients: Iterable[Any], settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The round's example-level DP record (``--dp example``); {} without it.
+
+    Every client runs its own accountant over its own examples and reports
+    the epsilon spent so far (``dp_epsilon`` of its train reply); the round's
+    ``epsilon`` is the largest of them: the guarantee every participating
+    client's examples have. ``settings`` (from the run config) adds ``delta``,
+    ``clipping_norm``, ``level`` and ``sampling``.
+    """
+    spent = [c.dp_epsilon for c in clients if getattr(c, "dp_epsilon", None) is not None]
+    if settings is None or not spent:
+        return {}
+    return {"epsilon": max(spent), **settings}

@@ -73,7 +73,7 @@ WEIGHT_CAP_FACTOR = 10
 CALIBRATION_KEY = "calibration-examples"
 
 #: Optional metrics of a train reply that pass on to the strategy (besides the weights).
-TRAIN_METRICS = ("train_loss", "train_accuracy", "fit_seconds")
+TRAIN_METRICS = ("train_loss", "train_accuracy", "fit_seconds", "dp_epsilon")
 
 #: Optional metrics of an evaluate reply that pass on to the strategy (besides the weights).
 EVALUATE_METRICS = ("eval_loss", "eval_accuracy", "eval_seconds")
@@ -86,6 +86,7 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "train_loss": (0.0, MAX_METRIC),
     "train_accuracy": (0.0, 1.0),
     "fit_seconds": (0.0, MAX_METRIC),
+    "dp_epsilon": (0.0, MAX_METRIC),  # --dp example: the client's accountant so far
     "eval_loss": (0.0, MAX_METRIC),
     "eval_accuracy": (0.0, 1.0),
     "eval_seconds": (0.0, MAX_METRIC),

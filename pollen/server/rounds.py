@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Protocol
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from pollen.compress import Codec
 from pollen.server.exchange import wait_for_quorum
 from pollen.server.history import History, RoundRecord
 from pollen.server.phases import (
@@ -37,7 +38,7 @@ from pollen.server.phases import (
     evaluate_phase,
     train_phase,
 )
-from pollen.server.privacy import privacy_record
+from pollen.server.privacy import example_privacy, privacy_record
 from pollen.wire import HeldWeights
 
 EvaluateFn = Callable[[int, ArrayRecord], "dict[str, float] | None"]
@@ -85,6 +86,10 @@ class RoundSettings:
         release: Tells the clients that the run is over.
         held_weights: Clients keep evaluated weights; train messages carry what changed.
         sampling_seed: Seed of each round's client sample; None: Flower's unseeded draw.
+        codec_down: Compression of the weights sent to clients (:mod:`pollen.compress`).
+        example_dp: Under ``--dp example``: what each round's privacy record
+            states beside the clients' largest epsilon
+            (:func:`pollen.server.privacy.example_privacy`); None: not that DP.
     """
 
     num_rounds: int
@@ -103,6 +108,8 @@ class RoundSettings:
     release: Callable[[], None] | None = None
     held_weights: bool = False
     sampling_seed: int | None = None
+    codec_down: Codec | None = None
+    example_dp: dict[str, Any] | None = None
 
 
 def run_rounds(
@@ -199,7 +206,7 @@ class _RoundLoop:
         s = self.settings
         record = RoundRecord(round=rnd)
         clients = RoundClients(self.names, s.sampling_seed)
-        ctx = RoundContext(self.gate, self.strategy, rnd, s.timeout, record, clients)
+        ctx = RoundContext(self.gate, self.strategy, rnd, s.timeout, record, clients, s.codec_down)
         # Flower's samplers wait for enough nodes forever: bound that wait here.
         wait_for_quorum(self.grid, s.min_clients, s.timeout, rnd)
         arrays = self.train(
@@ -209,7 +216,9 @@ class _RoundLoop:
             max_update_norm=s.max_update_norm,
             min_valid=s.min_clients,
         )
-        record.privacy = privacy_record(self.strategy)
+        record.privacy = privacy_record(self.strategy) or example_privacy(
+            clients.by_node.values(), s.example_dp
+        )
         failed = [n for n, c in clients.by_node.items() if c.error]
         record.phase_seconds["train"] = time.perf_counter() - start
         wait_for_quorum(self.grid, s.min_clients, s.timeout, rnd)

@@ -2,7 +2,9 @@
 
 Flower's strategies sample with the global ``random`` module over node ids
 that change from run to run; :func:`seeded_sampling` makes that draw
-repeatable without replacing Flower's sampler.
+repeatable without replacing Flower's sampler. The draw is over the clients'
+names; a simulation's are known without asking (:func:`simulated_names`), so
+sampling 10 of 10,000 simulated clients sends 10 messages, not 10,000.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from flwr.serverapp import Grid
+
+from pollen.compat.flower import simulation_partitions
 
 
 def seeded_order(nodes: Iterable[int], seed: int) -> list[int]:
@@ -25,6 +29,29 @@ def seeded_order(nodes: Iterable[int], seed: int) -> list[int]:
     """
     ordered = sorted(set(nodes))
     return random.Random(f"pollen-first-client:{seed}").sample(ordered, len(ordered))
+
+
+def simulated_name(partition_id: int) -> str:
+    """The name a simulated client gives itself: ``partition-<id>``.
+
+    The same as :func:`pollen.client.app.client_name` of a node config that has
+    only ``partition-id`` and ``num-partitions`` (``tests/server/test_sampling_scale.py``
+    checks that they agree).
+    """
+    return f"partition-{partition_id}"
+
+
+def simulated_names(grid: Grid) -> dict[int, str]:
+    """The names of a simulation's clients by node id, known without a message to any.
+
+    A federation of 10,000 simulated clients must not ask each for its name before
+    sampling 10 of them: every message costs the simulation engine a task, and Flower's
+    engine scans its whole message store for each of its nodes (docs/scale.md). Its
+    clients are named by their partition (:func:`simulated_name`), and the partition of
+    every node is known from the engine (:func:`pollen.compat.flower.simulation_partitions`).
+    ``{}`` for a deployed federation, whose clients choose their own names.
+    """
+    return {node: simulated_name(pid) for node, pid in simulation_partitions(grid).items()}
 
 
 def by_name(nodes: Iterable[int], names: Mapping[int, str]) -> list[int]:

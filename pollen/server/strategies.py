@@ -30,7 +30,7 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
     clients, not examples; see :mod:`pollen.server.privacy`).
     """
     return {
-        "weighted_by_key": UNIT_WEIGHT_KEY if cfg.dp else NUM_EXAMPLES_KEY,
+        "weighted_by_key": UNIT_WEIGHT_KEY if cfg.dp == "client" else NUM_EXAMPLES_KEY,
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_train,
         "min_train_nodes": cfg.min_clients,
@@ -143,12 +143,18 @@ def check_config(cfg: RunConfig) -> None:
             "needs, while robust and adaptive strategies need each update. Drop --secagg "
             "or use --strategy fedavg."
         )
-    if cfg.secagg and cfg.dp:
+    if cfg.dp == "example" and not (cfg.dp_epsilon > 0 or cfg.dp_noise > 0):
+        raise PollenError(
+            "--dp example needs a noise level: give --dp-epsilon E (the budget of every "
+            "client's examples for the whole run; each client picks its noise from its data "
+            "size, batch size and steps) or --dp-noise Z (the noise multiplier)."
+        )
+    if cfg.secagg and cfg.dp == "client":
         raise PollenError(
             "--secagg and --dp cannot be combined yet: Pollen's DP clips each client's "
             "update on the server, which SecAgg+ hides. Choose one of them."
         )
-    if cfg.dp and not entry.dp:
+    if cfg.dp == "client" and not entry.dp:
         raise PollenError(
             f"Differential privacy works with fedavg or fedprox, not {cfg.strategy!r}: "
             "Flower's privacy accountant covers plain FedAvg aggregation only. Use "

@@ -14,7 +14,12 @@ if TYPE_CHECKING:  # keras is imported where a model is compiled
 
 
 def build_client_model(
-    name: str, num_classes: int, seed: int, *, whitened: bool = False
+    name: str,
+    num_classes: int,
+    seed: int,
+    *,
+    whitened: bool = False,
+    image_size: tuple[int, int] = (32, 32),
 ) -> keras.Model:
     """A client's compiled registry model: fastest layout, the recipe's optimizer and loss.
 
@@ -24,9 +29,10 @@ def build_client_model(
         seed: Seed for the weight initialisers.
         whitened: The run starts the first convolution whitened; a model with
             :attr:`ModelSpec.freeze_whitened` then trains with that layer frozen.
+        image_size: ``(height, width)`` of the input images (run config ``image-size``).
     """
     spec = MODELS[name]
-    model = build_model(name, num_classes, seed, fastest_layout=True)
+    model = build_model(name, num_classes, seed, fastest_layout=True, image_size=image_size)
     if whitened and spec.whiten and spec.freeze_whitened:
         find_layer(model, spec.whiten).trainable = False
     return compile_model(model, spec.recipe.learning_rate, spec.recipe)

@@ -14,6 +14,18 @@ from pollen.compat.keras import flatten_layers
 from pollen.models.registry import batchnorm_stat_indices
 from pollen.training.pipeline import image_batches, make_dataset
 
+#: Pixels per image that the batch sizes of this module are given for (32x32): larger
+#: images go through in proportionally smaller batches, so the activations of one forward
+#: pass stay the same size (mobilenetv2 at 224x224 holds about 5 MB of activations per image
+#: in one layer; 256 of them would be 1.2 GB) (see docs/images.md#memory).
+BATCH_PIXELS = 32 * 32
+
+
+def images_per_pass(batch_size: int, x: np.ndarray) -> int:
+    """``batch_size`` scaled down for images larger than 32x32; at least 8 (or ``batch_size``)."""
+    pixels = int(x.shape[1]) * int(x.shape[2]) if x.ndim == 4 else BATCH_PIXELS
+    return max(min(batch_size, 8), batch_size * BATCH_PIXELS // max(pixels, BATCH_PIXELS))
+
 
 def predict_proba(
     model: keras.Model, x: np.ndarray, *, flip_tta: bool = False, batch_size: int = 256
@@ -33,7 +45,7 @@ def predict_proba(
     """
 
     def run(images: np.ndarray) -> np.ndarray:
-        ds = image_batches(images, batch_size)
+        ds = image_batches(images, images_per_pass(batch_size, images))
         return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
 
     probs = run(x)
@@ -68,7 +80,8 @@ def evaluate(
         examples with ``flip_tta``.
     """
     if not flip_tta:
-        loss, accuracy = model.evaluate(make_dataset(x, y, batch_size), verbose=0)
+        batches = make_dataset(x, y, images_per_pass(batch_size, x))
+        loss, accuracy = model.evaluate(batches, verbose=0)
         return float(loss), float(accuracy)
     if len(y) == 0:
         return float("nan"), float("nan")
@@ -123,7 +136,7 @@ def calibrate_batchnorm(
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     saved = [layer.momentum for layer in bn_layers]
-    chunks = np.array_split(x, -(-len(x) // max(chunk_size, 1)))
+    chunks = np.array_split(x, -(-len(x) // max(images_per_pass(chunk_size, x), 1)))
     try:
         for k, chunk in enumerate(chunks):
             for layer in bn_layers:  # chunk 0: momentum 0, moving stats := its stats

@@ -234,6 +234,7 @@ class ProximalTerm:
             for v in model.trainable_variables
         ]
         original = model.compute_loss
+        self.original = original
 
         def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, training=True):
             loss = original(x, y, y_pred, sample_weight, training=training)
@@ -266,6 +267,19 @@ class ProximalTerm:
             term = cls(model)
             model._pollen_proximal = term
         return term
+
+    @staticmethod
+    def remove(model: keras.Model) -> None:
+        """Take the model's proximal term off, if it has one (its plain loss comes back).
+
+        For a change of the trainable weights (``pollen.training.finetune``):
+        the anchors cover the trainable weights of the time it was installed.
+        """
+        term = getattr(model, "_pollen_proximal", None)
+        if term is not None:
+            model.compute_loss = term.original
+            del model._pollen_proximal
+            model.train_function = None
 
 
 def reset_optimizer(model: keras.Model, learning_rate: float) -> None:

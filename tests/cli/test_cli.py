@@ -488,11 +488,12 @@ def test_simulate_samples_a_fraction_of_the_clients(monkeypatch, tmp_path) -> No
     import pollen.cli.simulate
     import pollen.deploy.simulation
 
-    def fake(cfg, clients):
+    def fake(cfg, clients, **_):
         raise _Captured(cfg, clients)
 
     monkeypatch.setattr(pollen.deploy.simulation, "simulate", fake)
-    monkeypatch.setattr(pollen.cli.simulate, "_prepare_data", lambda data_dir: None)
+    monkeypatch.setattr(pollen.cli.simulate, "_prepare_data", lambda data_dir, *_: None)
+    monkeypatch.setattr(pollen.cli.simulate, "_check_clients_have_data", lambda *_: None)
     argv = ["simulate", "--clients", "10", "--model", "cnn", "--out", str(tmp_path / "run")]
     for extra, expected in (([], 10), (["--fraction-train", "0.3"], 3),
                             (["--fraction-train", "0.3", "--min-clients", "5"], 5)):  # fmt: skip

@@ -96,6 +96,9 @@ def test_resume_compares_the_training_options() -> None:
         "rounds": "num_rounds",
         "model": "model",
         "num_classes": "num_classes",
+        "image_size": "image_size",
+        "freeze_rounds": "freeze_rounds",
+        "fine_tune_lr": "fine_tune_lr",
         "epochs": "local_epochs",
         "batch_size": "batch_size",
         "lr": "learning_rate",
@@ -106,6 +109,7 @@ def test_resume_compares_the_training_options() -> None:
         "round_timeout": "round_timeout",
         "max_update_norm": "max_update_norm",
         "seed": "seed",
+        "mlflow": "mlflow_uri",
         "partition": "partition",
         "alpha": "alpha",
         "min_clients": "min_clients",
@@ -125,10 +129,18 @@ def test_resume_compares_the_training_options() -> None:
         "dp_clip": "dp_clip",
         "dp_delta": "dp_delta",
         "dp_epsilon": "dp_epsilon",
+        "compress": "compress",
+        "compress_down": "compress_down",
     }
     for command in FEDERATION:
         assert resume_fields(command) == expected
-        assert set(resume_may_change(command)) == {"min_clients", "round_timeout"}
+        assert set(resume_may_change(command)) == {
+            "min_clients",
+            "round_timeout",
+            "compress",
+            "compress_down",
+            "mlflow_uri",
+        }
 
 
 def test_options_reach_the_run_config(tmp_path) -> None:

@@ -47,7 +47,7 @@ def test_a_deployed_client_never_takes_its_data_path_from_the_server(node_config
 
 def test_a_deployed_client_loads_its_own_data_whatever_the_run_config_says(monkeypatch) -> None:
     loaded: list = []
-    monkeypatch.setattr(local_data, "load_dataset", lambda d: loaded.append(d) or "dataset")
+    monkeypatch.setattr(local_data, "load_dataset", lambda d, **_: loaded.append(d) or "dataset")
     local_data._load_whole_dataset.cache_clear()
     local_data.load_client_data.cache_clear()
     hostile = RunConfig(data_dir="/etc/hostile")

@@ -68,7 +68,9 @@ def _write_npz(path: Path) -> dict[str, np.ndarray]:
 
 def test_npz_source_before_its_entry(tmp_path: Path) -> None:
     _write_npz(tmp_path / "data.npz")
-    with pytest.raises(PollenError, match="is a file but not a CIFAR-10 tar archive\\."):
+    with pytest.raises(
+        PollenError, match="is a file but not a .csv manifest or a CIFAR-10 tar archive\\."
+    ):
         load.load_dataset(tmp_path / "data.npz", cache_dir=tmp_path / "cache")
 
 
@@ -87,13 +89,13 @@ def test_npz_source_loads_through_load_dataset(sources_with_npz: tuple, tmp_path
 
 def test_npz_source_in_help_and_errors(sources_with_npz: tuple, tmp_path: Path) -> None:
     assert load.layouts_help().endswith(
-        "; (6) a .npz file with the arrays x_train, y_train, x_test and y_test."
+        "; (7) a .npz file with the arrays x_train, y_train, x_test and y_test."
     )
     (tmp_path / "notes.txt").write_text("not data")
     with pytest.raises(PollenError) as info:
         load.load_dataset(tmp_path / "notes.txt", cache_dir=tmp_path)
-    assert "is a file but not a CIFAR-10 tar archive or a .npz file of arrays." in str(info.value)
-    assert "(6) a .npz file" in str(info.value)
+    assert "a .csv manifest or a CIFAR-10 tar archive or a .npz file of arrays." in str(info.value)
+    assert "(7) a .npz file" in str(info.value)
     # The sources before it still win for their own data.
     (tmp_path / "images/train/a").mkdir(parents=True)
     with pytest.raises(PollenError, match="no test/ folder"):

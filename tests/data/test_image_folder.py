@@ -90,3 +90,23 @@ def test_links_that_lead_outside_the_image_folder_are_refused(tmp_path: Path) ->
     (tmp_path / "images-link").symlink_to(root, target_is_directory=True)
     ds = load_dataset(tmp_path / "images-link", cache_dir=cache)
     assert ds.x_train.shape == (7, 32, 32, 3)
+
+
+def test_a_class_with_one_training_image_is_refused(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "images")
+    save(Image.fromarray(np.zeros((8, 8, 3), np.uint8)), root / "train/owl/only.png")
+    with pytest.raises(PollenError, match="owl in .*train have a single training image") as info:
+        load_dataset(root, cache_dir=tmp_path / "cache")
+    assert "at least 2" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_class_without_test_images_is_named_in_a_warning(tmp_path: Path, caplog) -> None:
+    import logging
+
+    root = image_folder(tmp_path / "images")
+    for name in ("a.png", "b.png"):
+        save(Image.fromarray(np.zeros((8, 8, 3), np.uint8)), root / "train/owl" / name)
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(root, cache_dir=tmp_path / "cache")
+    assert ds.class_names == ("cat", "dog", "owl") and 2 not in ds.y_test
+    assert f"owl of {root / 'train'} have no test images in {root / 'test'}" in caplog.text

@@ -660,6 +660,8 @@ def test_tls_run_admits_authorized_clients_only(tmp_path, tiny_data, pollen_env)
                     "2",
                     "--connect-timeout",
                     "60",
+                    "--log-dir",
+                    str(tmp_path / f"{name}-logs"),
                 ),
                 env=pollen_env,
                 stdout=files[name],

@@ -25,9 +25,11 @@ def test_a_client_whose_supernode_is_gone_stops_its_app_runner_without_sigterm(
     import time
 
     from pollen.deploy.client import _NodeWatch
+    from pollen.deploy.console import ConsoleRouter
 
     watch = object.__new__(_NodeWatch)  # its two processes, without Flower
     watch.log, watch.shown = tmp_path / "supernode.log", 0
+    watch.router = ConsoleRouter(None)
     watch.node = processes.ManagedProcess("supernode", [sys.executable, "-c", "pass"], {}, None)
     watch.apps = processes.ManagedProcess("clientapp", [sys.executable, "-c", SAYS_SIGTERM], {},
                                         watch.log)  # fmt: skip

@@ -86,7 +86,14 @@ def test_simulation_end_to_end(tmp_path, tiny_data, pollen_env):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Round 2/2" in proc.stdout + proc.stderr
+    assert "pollen: Round 2/2" in proc.stdout
+    # The console says what matters; Flower's and Ray's lines are in the run's logs.
+    console = proc.stdout + proc.stderr
+    assert "configure_train" not in console and "Successfully started run" not in console
+    assert len(console.splitlines()) < 20, console
+    app_log = (run / "logs" / "simulation.log").read_text()
+    assert "configure_train" in app_log and "Round 2/2" in app_log
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     history = check_run_folder(run, clients=2, train_total=72, server_eval=True)
     # The colour cue is easy: the federation must have learned it.
     assert history["rounds"][-1]["server"]["accuracy"] > 0.6
@@ -201,6 +208,8 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
                         str(i),
                         "--num-partitions",
                         "2",
+                        "--log-dir",
+                        str(tmp_path / f"c{i}-logs"),
                     ),
                     env=pollen_env,
                     stdout=logs[f"c{i}"],
@@ -225,13 +234,24 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
     # the clients' warm apps kept the weights of the evaluate message (pollen.wire).
     sent = [r["bytes_sent"] for r in json.loads((run / "history.json").read_text())["rounds"]]
     assert all(s < 0.75 * sent[0] for s in sent[1:]), sent
-    assert "sending the whole weights" not in (tmp_path / "server.log").read_text()
+    assert "sending the whole weights" not in (run / "logs" / "server-app.log").read_text()
+
+    # The consoles say what matters (issue 22); every other line is in a log.
+    server_console = (tmp_path / "server.log").read_text()
+    assert "pollen: Round 2/2" in server_console, server_console
+    assert "configure_train" not in server_console
+    assert "configure_train" in (run / "logs" / "server-app.log").read_text()
+    assert len(server_console.splitlines()) < 20, server_console
 
     # Each client ran every message in its one warm app process (pollen.deploy.warm_clientapp):
     # the initial-weights query (client 0 only), ROUNDS train and evaluate messages and the
     # end-of-run announcement; no per-message flwr-clientapp process was started.
     for i in range(2):
-        log = (tmp_path / f"c{i}.log").read_text()
+        console = (tmp_path / f"c{i}.log").read_text()
+        assert "Received successfully" not in console and "Uvicorn" not in console, console
+        assert len(console.splitlines()) < 20, console
+        log = "".join(p.read_text() for p in (tmp_path / f"c{i}-logs").glob("supernode-*.log"))
+        assert "Received successfully" in log
         assert "Start `flwr-clientapp` process" not in log
         assert log.count("[pollen] task") >= 2 * ROUNDS + 1, log[-3000:]
         assert "[pollen] task" in log and ": failed" not in log

@@ -1,4 +1,4 @@
-"""`flwr run .` from the checkout, as a Flower user runs it (README: "Pollen as a Flower App").
+"""`flwr run .` from the checkout, as a Flower user runs it (docs/deployment.md, Flower App).
 
 The user's venv is active and has Pollen's dependencies, so the local SuperLink that
 `flwr run` starts is told not to install them again (FLWR_DISABLE_RUNTIME_DEPENDENCY_

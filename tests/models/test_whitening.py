@@ -82,7 +82,8 @@ def test_the_client_giving_initial_weights_whitens_fastnets_stem_except_under_dp
     assert info["whitened-images"] > 0
     data = client_app.load_client_data(
         client_app.client_data_spec(
-            RunConfig(data_dir=str(tiny_data)), {"partition-id": 0, "num-partitions": 2}
+            RunConfig(model="fastnet", data_dir=str(tiny_data)),
+            {"partition-id": 0, "num-partitions": 2},
         )  # fmt: skip
     )
     model = build_model("fastnet", num_classes=10, seed=0)

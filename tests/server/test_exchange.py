@@ -117,3 +117,57 @@ def test_error_reasons_from_clients_are_printable_and_bounded() -> None:
     reason = readable_reason("<class 'ValueError'>:<'\x1b[31mred\r\n" + "y" * 5000 + "'>")
     assert reason.startswith("ValueError: ?[31mred") and reason.isprintable()
     assert len(reason) == 500
+
+
+# --- many clients: bounded threads and requests ------------------------------------------------
+
+
+def test_exchange_threads_and_pull_requests_do_not_grow_with_the_clients() -> None:
+    """200 clients: at most MAX_PULL_THREADS pulling threads, a few requests per poll."""
+    from pollen.server.exchange import MAX_PULL_THREADS
+
+    class CountingGrid(FakeGrid):  # replies are there from the third pull of a message on
+        def __init__(self, behaviours: dict) -> None:
+            super().__init__(behaviours)
+            self.seen: dict[str, int] = {}
+            self.threads: set[int] = set()
+
+        def pull_messages(self, message_ids):
+            self.threads.add(threading.get_ident())
+            ready = []
+            for mid in message_ids:
+                self.seen[mid] = self.seen.get(mid, 0) + 1
+                if self.seen[mid] >= 3:
+                    ready.append(mid)
+            return super().pull_messages(ready)
+
+    nodes = range(1, 201)
+    grid = CountingGrid({n: _trainer(f"c{n}") for n in nodes})
+    msgs = [
+        Message(RecordDict({"config": ConfigRecord({"request": "hello"})}), n, MessageType.QUERY)
+        for n in nodes
+    ]
+    before = threading.active_count()
+    result = exchange(grid, msgs, timeout=10.0, poll_interval=0.01)
+    assert set(result.replies) == set(nodes) and not result.missing
+    assert len(grid.threads) <= MAX_PULL_THREADS
+    assert grid.pulls == 3 * MAX_PULL_THREADS  # three polls of each share, not 3 x 200
+    time.sleep(0.1)
+    assert threading.active_count() <= before  # the pulling threads have ended
+
+
+def test_a_hanging_pull_holds_back_only_its_share() -> None:
+    """One client whose reply never arrives: the others' replies still come in."""
+    from pollen.server.exchange import MAX_PULL_THREADS
+
+    nodes = range(1, 3 * MAX_PULL_THREADS + 1)
+    grid = FakeGrid({n: "hang" if n == 1 else _trainer(f"c{n}") for n in nodes})
+    msgs = [
+        Message(RecordDict({"config": ConfigRecord({"request": "hello"})}), n, MessageType.QUERY)
+        for n in nodes
+    ]
+    result = exchange(grid, msgs, timeout=1.5, poll_interval=0.05)
+    grid.release.set()
+    # FakeGrid answers a batch after its hanging member: only node 1's share is lost.
+    assert len(result.replies) == len(nodes) - 3
+    assert 1 in result.missing and len(result.missing) == 3

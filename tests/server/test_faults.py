@@ -269,7 +269,9 @@ def test_a_client_killed_mid_training_is_recorded_and_the_run_goes_on(fleet, tmp
         "--round-timeout", "40",
     )  # fmt: skip
     for i, name in enumerate(("alice", "bob", "victim")):
-        _client(fleet, port, tiny_data, i, 3, name)
+        # --verbose: the victim's console shows Keras's per-epoch lines (the default keeps
+        # only each round's final bar), which say when its training runs.
+        _client(fleet, port, tiny_data, i, 3, name, *(("--verbose",) if name == "victim" else ()))
     # Kill the victim (its whole process tree: a crash) once its round-1 training runs.
     _wait_for(lambda: "Epoch 1/25" in fleet.log("victim"), 150, "the victim's training")
     _kill_tree(fleet.procs["victim"].pid)

@@ -161,5 +161,5 @@ def test_dp_simulation_with_fedprox_records_epsilon_every_round(tmp_path, tiny_d
     z = privacy[0]["noise_multiplier"]
     assert privacy[1]["epsilon"] == pytest.approx(epsilon_after(z, 2, DELTA), rel=1e-6)
     assert "DP epsilon" in log and "differential privacy spent: epsilon" in proc.stdout
-    assert history["config"]["dp"] is True and history["config"]["strategy"] == "fedprox"
+    assert history["config"]["dp"] == "client" and history["config"]["strategy"] == "fedprox"
     assert (run / "model.keras").exists()

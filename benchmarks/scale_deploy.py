@@ -1,0 +1,231 @@
+"""The ``deploy`` table of ``benchmarks/scale.py``: many deployed clients against one server.
+
+For each count of ``--deployed-clients`` (10, 25, 50 by default) this starts one
+``pollen server`` and that many ``pollen client`` processes on loopback (tiny
+generated data: a 3-class image folder split into one partition per client; the
+``--model``; ``--rounds`` rounds; every client trains each round) and reports:
+
+- whether the run completed and how many clients exited 0;
+- seconds per round from the run's ``history.json``: round 1 and the mean of the
+  later rounds;
+- peak RSS of the server's process tree (``pollen server``, its SuperLink, the relay
+  and the server app), its peak thread count and its CPU seconds, sampled every 0.5 s
+  with psutil;
+- peak RSS of one client's process tree (the largest) and of all clients together.
+
+Memory is the limit on one machine: a client tree with TensorFlow loaded is several
+hundred MB, so ``--deployed-clients`` is what the machine can hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+CLASSES = ("red", "green", "blue")
+
+
+def make_folder(root: Path, clients: int) -> Path:
+    """A 3-class image folder with at least one train and test image per class per client."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", max(24, 2 * clients)), ("test", max(8, clients))):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 90, (32, 32, 3), dtype=np.uint8)
+                pixels[..., c] += 140
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _role(proc: psutil.Process) -> str:
+    """A server-tree process's role, from its command line (for per-process figures)."""
+    words = " ".join(proc.cmdline()[1:3])
+    for role in ("flower-superlink", "flwr-serverapp", "pollen.cli"):
+        if role in words:
+            return role
+    return proc.name()
+
+
+def _rss_threads(pid: int, cpu: dict[int, float] | None = None) -> tuple[int, int]:
+    """RSS and threads of ``pid``'s tree; with ``cpu``, each process's CPU seconds so far."""
+    rss = threads = 0
+    for p in _tree(pid):
+        try:
+            rss += p.memory_info().rss
+            threads += p.num_threads()
+            if cpu is not None:
+                times = p.cpu_times()
+                cpu[p.pid] = times.user + times.system
+                key = f"threads:{_role(p)}"
+                cpu[key] = max(cpu.get(key, 0), p.num_threads())
+        except psutil.NoSuchProcess:
+            continue
+    return rss, threads
+
+
+class Peaks:
+    """Peak RSS and threads of the server tree and of each client tree, in a thread."""
+
+    def __init__(self, server: int, clients: list[int], interval: float = 0.5) -> None:
+        self.server, self.clients, self.interval = server, clients, interval
+        self.server_rss = self.server_threads = self.clients_rss = 0
+        self.client_rss: dict[int, int] = {}
+        # CPU seconds of each server-tree process by pid; "threads:<role>": peak threads
+        self.server_cpu: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss, threads = _rss_threads(self.server, self.server_cpu)
+            self.server_rss = max(self.server_rss, rss)
+            self.server_threads = max(self.server_threads, threads)
+            total = 0
+            for pid in self.clients:
+                one = _rss_threads(pid)[0]
+                self.client_rss[pid] = max(self.client_rss.get(pid, 0), one)
+                total += one
+            self.clients_rss = max(self.clients_rss, total)
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join()
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pollen.cli", *args]
+
+
+def _wait_port(port: int, timeout: float = 120.0) -> None:
+    from pollen.deploy.processes import port_open
+
+    deadline = time.monotonic() + timeout
+    while not port_open("127.0.0.1", port):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server's port never opened")
+        time.sleep(0.5)
+
+
+def run_deployed(clients: int, rounds: int, model: str, work: Path) -> dict:
+    """One server and ``clients`` clients on loopback; the row of the ``deploy`` table."""
+    from pollen.deploy.processes import free_port
+
+    data = make_folder(work / "data", clients)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env["POLLEN_CACHE_DIR"] = str(work / "cache")
+    port, run = free_port(), work / "run"
+    logs = work / "logs"
+    logs.mkdir()
+    server_args = ["--address", f"127.0.0.1:{port}", "--rounds", str(rounds), "--model", model]
+    server_args += ["--num-classes", "3", "--min-clients", str(clients), "--out", str(run)]
+    server_args += ["--round-timeout", "900"]
+    start = time.monotonic()
+    procs: list[subprocess.Popen] = []
+    with open(logs / "server.log", "w") as out:
+        server = subprocess.Popen(_cmd("server", *server_args), env=env, stdout=out, stderr=out)
+    procs.append(server)
+    try:
+        _wait_port(port)
+        for i in range(clients):
+            client_args = ["--server", f"127.0.0.1:{port}", "--data-dir", str(data)]
+            client_args += ["--partition-id", str(i), "--num-partitions", str(clients)]
+            client_args += ["--name", f"c{i:03d}", "--threads", "1"]
+            with open(logs / f"c{i:03d}.log", "w") as out:
+                procs.append(
+                    subprocess.Popen(_cmd("client", *client_args), env=env, stdout=out, stderr=out)
+                )
+        peaks = Peaks(server.pid, [p.pid for p in procs[1:]])
+        server_rc = server.wait(timeout=1800)
+        codes = [p.wait(timeout=180) for p in procs[1:]]
+        peaks.stop()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    wall = time.monotonic() - start
+    seconds = [r["seconds"] for r in json.loads((run / "history.json").read_text())["rounds"]]
+    status = json.loads((run / "status.json").read_text())["status"]
+    return {
+        "clients": clients,
+        "status": status if server_rc == 0 else f"{status} (server exit {server_rc})",
+        "clients_exit_0": sum(c == 0 for c in codes),
+        "round1_s": round(seconds[0], 1),
+        "later_round_s": round(float(np.mean(seconds[1:])), 1) if len(seconds) > 1 else None,
+        "server_tree_rss_mb": round(peaks.server_rss / 2**20),
+        "server_tree_threads": peaks.server_threads,
+        "server_cpu_s": round(sum(v for k, v in peaks.server_cpu.items() if isinstance(k, int)), 1),
+        "server_threads_by_process": {
+            k.split(":", 1)[1]: v for k, v in peaks.server_cpu.items() if isinstance(k, str)
+        },
+        "client_tree_rss_mb_max": round(max(peaks.client_rss.values(), default=0) / 2**20),
+        "all_clients_rss_mb": round(peaks.clients_rss / 2**20),
+        "wall_s": round(wall, 1),
+    }
+
+
+def table_deploy(args: argparse.Namespace) -> list[dict]:
+    """The ``deploy`` table: one row per count of ``--deployed-clients``."""
+    rows = []
+    for clients in args.deployed_clients:
+        with tempfile.TemporaryDirectory(prefix=f"pollen-deploy-{clients}-") as tmp:
+            row = run_deployed(clients, args.rounds, args.model, Path(tmp))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+DEPLOY_COLUMNS = (
+    ("clients", "clients"),
+    ("status", "status"),
+    ("clients_exit_0", "clients exit 0"),
+    ("round1_s", "round 1 s"),
+    ("later_round_s", "later rounds s"),
+    ("server_tree_rss_mb", "server tree peak RSS MB"),
+    ("server_tree_threads", "server tree peak threads"),
+    ("server_cpu_s", "server tree CPU s"),
+    ("client_tree_rss_mb_max", "one client tree peak RSS MB"),
+    ("all_clients_rss_mb", "all clients peak RSS MB"),
+    ("wall_s", "whole run s"),
+)
+
+
+def print_deploy(name: str, rows: list[dict], args: argparse.Namespace) -> None:
+    """The ``deploy`` rows as a Markdown table, with the machine and the date."""
+    from datetime import UTC, datetime
+
+    from reference import machine
+
+    print(
+        f"\n### {name}: pollen server + N pollen client, --model {args.model}, "
+        f"--rounds {args.rounds}, loopback"
+    )
+    print("| " + " | ".join(title for _, title in DEPLOY_COLUMNS) + " |")
+    print("|" + "---|" * len(DEPLOY_COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, "")) for k, _ in DEPLOY_COLUMNS) + " |")
+    print(f"\nMachine: {machine()}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")

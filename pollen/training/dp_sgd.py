@@ -1,0 +1,286 @@
+"""DP-SGD on one client (``--dp example``): Poisson batches, per-example clipping, Gaussian noise.
+
+Abadi et al. (2016): each step draws a batch by Poisson sampling (every local
+example joins with probability ``q``, :func:`poisson_batches`), computes one
+gradient per example, clips each to L2 norm ``C`` (all the model's trainable
+arrays together, :func:`clip_and_sum`), sums them, adds Gaussian noise of
+standard deviation ``z * C`` to every coordinate (:func:`add_noise`) and divides
+by the *expected* batch size ``q * N`` (a fixed denominator, so the batch's
+actual size is not released). The optimizer (SGD with momentum) then applies
+that noisy mean gradient. :mod:`pollen.training.accountant` turns ``(q, z,
+steps)`` into ``(epsilon, delta)``.
+
+Per-example gradients come from the framework's vectorising map over a
+single-example gradient (``tf.vectorized_map`` on the TensorFlow backend,
+Keras's default and the fastest here: see docs/privacy-example.md for the
+measurement), in micro-batches of fixed size so one traced function serves
+every Poisson batch whatever its size (padding examples carry weight 0).
+
+For a ScatterNet model (:mod:`pollen.models.scatternet`) only the layers after
+the fixed scattering transform are trained: the client computes the features
+once (:func:`cached_features`) and DP-SGD runs on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from pollen.training.accountant import SAMPLING, epsilon_spent, sample_rate
+
+#: Examples per vectorised per-example-gradient call (memory: this many gradient copies).
+MICROBATCH = 128
+
+
+def poisson_batches(n: int, q: float, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``steps`` batches of indices into ``range(n)``; each index joins each batch with prob. ``q``.
+
+    The batch sizes vary (binomial(n, q)); some may be empty. This is the
+    sampling the accountant's ``PoissonSampledDpEvent`` assumes.
+    """
+    return [np.flatnonzero(rng.random(n) < q) for _ in range(steps)]
+
+
+def clip_and_sum(per_example: list, clip: float, weights):
+    """Sum of per-example gradients, each first scaled to L2 norm at most ``clip``.
+
+    Args:
+        per_example: One tensor per trainable array, each ``(B, *shape)``.
+        clip: The clipping norm C (all arrays of one example together).
+        weights: ``(B,)`` 1 for a real example, 0 for padding.
+
+    Returns:
+        ``(summed, norms)``: one ``shape`` tensor per array, and the ``(B,)``
+        norms before clipping.
+    """
+    from keras import ops
+
+    squares = [
+        ops.sum(ops.reshape(ops.square(g), (ops.shape(g)[0], -1)), axis=1) for g in per_example
+    ]
+    norms = ops.sqrt(ops.sum(ops.stack(squares, axis=1), axis=1))
+    scale = ops.minimum(1.0, clip / (norms + 1e-12)) * weights
+    summed = [
+        ops.sum(g * ops.reshape(scale, (-1,) + (1,) * (len(g.shape) - 1)), axis=0)
+        for g in per_example
+    ]
+    return summed, norms
+
+
+def add_noise(
+    summed: list[np.ndarray], clip: float, noise_multiplier: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """``summed`` plus independent Gaussian noise of std ``noise_multiplier * clip`` each."""
+    std = noise_multiplier * clip
+    return [
+        np.asarray(s, np.float32) + rng.normal(0.0, std, np.shape(s)).astype(np.float32)
+        for s in summed
+    ]
+
+
+def _per_example_fn(model: keras.Model):
+    """A traced ``(x, y, weights) -> (clipped grad sum, norms, loss sum, correct)``."""
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+
+    def one(args):
+        x, y = args
+        with tf.GradientTape() as tape:
+            probs = model(x[None], training=True)
+            loss = keras.losses.sparse_categorical_crossentropy(y[None], probs)[0]
+        grads = tape.gradient(loss, variables)
+        correct = tf.cast(tf.equal(tf.argmax(probs[0], output_type=tf.int64), y), tf.float32)
+        return grads, loss, correct
+
+    @tf.function(reduce_retracing=True)
+    def run(x, y, weights, clip):
+        grads, losses, correct = tf.vectorized_map(one, (x, y))
+        summed, norms = clip_and_sum(grads, clip, weights)
+        return summed, norms, tf.reduce_sum(losses * weights), tf.reduce_sum(correct * weights)
+
+    return run
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """One client's DP-SGD settings for a round.
+
+    Attributes:
+        clip: Per-example L2 clipping norm C.
+        noise_multiplier: z: the noise std is ``z * C``.
+        batch_size: Expected batch size ``q * N`` (the sample rate follows from it).
+        steps: DP-SGD steps this round.
+        learning_rate: SGD learning rate.
+        momentum: SGD momentum.
+        seed: Seed of this round's sampling and noise.
+    """
+
+    clip: float
+    noise_multiplier: float
+    batch_size: int
+    steps: int
+    learning_rate: float
+    momentum: float = 0.9
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrivateFit:
+    """What a round of DP-SGD produced (the FitResult fields plus the privacy spent so far)."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    seconds: float
+    epsilon: float
+    delta: float
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+
+
+class DPSGD:
+    """DP-SGD for a Keras model with softmax outputs and integer labels (TensorFlow backend).
+
+    Args:
+        model: The model to train in place (its trainable weights).
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        if keras.backend.backend() != "tensorflow":
+            raise NotImplementedError(
+                "pollen's DP-SGD computes per-example gradients on the TensorFlow backend"
+            )
+        self.model = model
+        self.run = _per_example_fn(model)
+        self.velocity = [np.zeros(v.shape, np.float32) for v in model.trainable_variables]
+
+    def gradient(
+        self, x: np.ndarray, y: np.ndarray, clip: float
+    ) -> tuple[list[np.ndarray], np.ndarray, float, float]:
+        """Sum of clipped per-example gradients of a batch, unclipped norms, loss sum, correct."""
+        total = None
+        norms, loss, correct = [], 0.0, 0.0
+        for start in range(0, len(x), MICROBATCH):
+            xb, yb = x[start : start + MICROBATCH], y[start : start + MICROBATCH]
+            pad = MICROBATCH - len(xb)
+            weights = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
+            if pad:
+                xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+                yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+            summed, n, lsum, csum = self.run(
+                xb.astype(np.float32), yb.astype(np.int64), weights, np.float32(clip)
+            )
+            summed = [np.asarray(s) for s in summed]
+            total = summed if total is None else [a + b for a, b in zip(total, summed, strict=True)]
+            norms.append(np.asarray(n)[: MICROBATCH - pad])
+            loss, correct = loss + float(lsum), correct + float(csum)
+        if total is None:  # an empty Poisson batch: only noise is released
+            total = [np.zeros(v.shape, np.float32) for v in self.model.trainable_variables]
+        return total, np.concatenate(norms) if norms else np.zeros(0), loss, correct
+
+    def train(self, x: np.ndarray, y: np.ndarray, settings: DPSettings) -> tuple[float, float, int]:
+        """Run ``settings.steps`` DP-SGD steps; return mean loss, accuracy, examples seen."""
+        rng = np.random.default_rng(settings.seed)
+        q = sample_rate(len(x), settings.batch_size)
+        expected = q * len(x)
+        loss = correct = 0.0
+        seen = 0
+        variables = self.model.trainable_variables
+        for batch in poisson_batches(len(x), q, settings.steps, rng):
+            summed, _, lsum, csum = self.gradient(x[batch], y[batch], settings.clip)
+            noisy = add_noise(summed, settings.clip, settings.noise_multiplier, rng)
+            for i, (v, g) in enumerate(zip(variables, noisy, strict=True)):
+                self.velocity[i] = settings.momentum * self.velocity[i] + g / expected
+                v.assign(np.asarray(v.numpy()) - settings.learning_rate * self.velocity[i])
+            loss, correct, seen = loss + lsum, correct + csum, seen + len(batch)
+        return loss / max(seen, 1), correct / max(seen, 1), seen
+
+
+#: Feature arrays kept per process (a simulation worker may serve several clients).
+MAX_CACHED = 16
+_FEATURES: dict[tuple, np.ndarray] = {}
+
+
+def cached_features(extractor: keras.Model, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """``extractor(x)``, computed once per image array in this process (the client's own data).
+
+    The transform is fixed (no weights are trained before it), so the
+    features of a client's images never change across rounds. The key is a
+    hash of the images themselves: a simulation worker reloads a client's data
+    (new arrays) when it serves several clients in turn.
+    """
+    key = (x.shape, hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest())
+    hit = _FEATURES.get(key)
+    if hit is not None:
+        return hit
+    features = np.asarray(extractor.predict(x, batch_size=batch_size, verbose=0), np.float32)
+    while len(_FEATURES) >= MAX_CACHED:  # the newest arrays only
+        del _FEATURES[next(iter(_FEATURES))]
+    _FEATURES[key] = features
+    return features
+
+
+def trainable_part(model: keras.Model, x: np.ndarray) -> tuple[keras.Model, np.ndarray]:
+    """The model DP-SGD trains and its inputs: a ScatterNet's head on cached features, else all."""
+    from pollen.models.scatternet import HEAD_INPUT, feature_extractor, head_of
+
+    names = {layer.name for layer in model.layers}
+    if HEAD_INPUT not in names:
+        return model, x
+    head = getattr(model, "_pollen_dp_head", None)
+    if head is None:
+        head = head_of(model)
+        model._pollen_dp_head = head
+        model._pollen_dp_features = feature_extractor(model)
+    return head, cached_features(model._pollen_dp_features, x)
+
+
+def train_private(  # parameters: the round's place in the run is part of the accounting
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: DPSettings,
+    *,
+    steps_before: int,
+    delta: float,
+) -> PrivateFit:
+    """One round of DP-SGD on local data; the privacy spent includes the earlier rounds.
+
+    Args:
+        model: The (global) model, trained in place.
+        x: ``uint8`` images ``(N, H, W, C)``.
+        y: ``int64`` labels ``(N,)``.
+        settings: This round's DP-SGD settings.
+        steps_before: DP-SGD steps this client ran in earlier rounds of the run.
+        delta: The delta of the reported (epsilon, delta).
+    """
+    start = time.perf_counter()
+    trained, inputs = trainable_part(model, x)
+    sgd = getattr(trained, "_pollen_dpsgd", None)
+    if sgd is None:
+        sgd = DPSGD(trained)
+        trained._pollen_dpsgd = sgd
+    sgd.velocity = [np.zeros_like(v) for v in sgd.velocity]  # new global weights: fresh momentum
+    loss, accuracy, _ = sgd.train(inputs, y, settings)
+    q = sample_rate(len(x), settings.batch_size)
+    total = steps_before + settings.steps
+    return PrivateFit(
+        loss=loss,
+        accuracy=accuracy,
+        num_examples=len(x),
+        seconds=time.perf_counter() - start,
+        epsilon=epsilon_spent(settings.noise_multiplier, q, total, delta),
+        delta=delta,
+        sample_rate=q,
+        noise_multiplier=settings.noise_multiplier,
+        steps=total,
+    )
+
+
+__all__ = ["SAMPLING", "DPSGD", "DPSettings", "PrivateFit", "train_private", "poisson_batches"]

@@ -1,0 +1,57 @@
+"""The ``scatternet`` model: fixed ScatterNet features, GroupNorm, a linear head."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from pollen.models.registry import MODELS, batchnorm_stat_indices, build_model
+from pollen.models.scatternet import HEAD_INPUT, feature_extractor, head_of
+from pollen.training.dp_sgd import cached_features, trainable_part
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+
+
+def test_registered_without_batchnorm() -> None:
+    assert "scatternet" in MODELS
+    model = build_model("scatternet", num_classes=10)
+    assert batchnorm_stat_indices(model) == []
+    assert model.get_layer(HEAD_INPUT).trainable_weights == []  # the transform is fixed
+    shapes = sorted(tuple(w.shape) for w in model.trainable_weights)
+    assert shapes == [(10,), (243,), (243,), (15552, 10)]
+
+
+def test_features_and_head_give_the_models_output(tmp_path) -> None:
+    model = build_model("scatternet", num_classes=4, seed=3)
+    model.get_layer("classifier").set_weights(
+        [np.random.default_rng(1).normal(0, 0.01, (15552, 4)), np.zeros(4)]
+    )
+    x = _images(6)
+    features = np.asarray(feature_extractor(model).predict(x, verbose=0))
+    assert features.shape == (6, 8, 8, 243)
+    # the same image gives the same features whatever the model's weights: data-independent
+    other = build_model("scatternet", num_classes=4, seed=9)
+    np.testing.assert_allclose(
+        np.asarray(feature_extractor(other).predict(x, verbose=0)), features, rtol=1e-5
+    )
+    full = model.predict(x, verbose=0)
+    np.testing.assert_allclose(head_of(model).predict(features, verbose=0), full, atol=1e-6)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), full, atol=1e-6)
+
+
+def test_dp_trains_the_head_on_features_computed_once() -> None:
+    model = build_model("scatternet", num_classes=3)
+    x = _images(4)
+    head, inputs = trainable_part(model, x)
+    assert inputs.shape == (4, 8, 8, 243)
+    again_head, again = trainable_part(model, x)
+    assert again is inputs and again_head is head  # cached: computed once per array
+    assert cached_features(model._pollen_dp_features, x.copy()) is inputs  # same images
+    assert cached_features(model._pollen_dp_features, x[::-1].copy()) is not inputs
+    head.get_layer("classifier").kernel.assign(np.ones((15552, 3), np.float32))
+    assert np.all(np.asarray(model.get_layer("classifier").kernel) == 1.0)  # shared weights
