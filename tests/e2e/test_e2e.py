@@ -147,6 +147,7 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
 
     from pollen.deploy.fleet_proxy import FleetProxy
     from pollen.deploy.processes import free_port, port_open
+    from pollen.models.registry import batchnorm_stat_indices, build_model
 
     server_port = free_port()
     run = tmp_path / "run"
@@ -170,7 +171,9 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
             "0.003",
             "--bn-calibration-examples",
             "64",
-        ),
+            "--compress",  # the clients' updates travel as int8 changes (issue 21)
+            "int8",
+        ),  # fmt: skip
         env=pollen_env,
         stdout=logs["server"],
         stderr=subprocess.STDOUT,
@@ -236,6 +239,21 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
     assert all(s < 0.75 * sent[0] for s in sent[1:]), sent
     assert "sending the whole weights" not in (run / "logs" / "server-app.log").read_text()
 
+    # --compress int8: each client sent its update as an int8 change (a quarter of its
+    # float32 weights, plus a scale per array and .npy headers) and the evaluation's float32
+    # BatchNorm statistics; the server rebuilt float32 weights, and the model learned.
+    history = json.loads((run / "history.json").read_text())
+    assert history["config"]["compress"] == "int8"
+    model = build_model("cnn", 3)
+    weights = model.get_weights()
+    whole = sum(w.nbytes for w in weights)
+    stats = sum(weights[k].nbytes for k in batchnorm_stat_indices(model))
+    for rnd in history["rounds"]:
+        for c in rnd["clients"]:
+            assert 0.25 * whole < c["bytes_received"] < 0.27 * whole + stats + 8192, (c, whole)
+        assert rnd["bytes_received"] == sum(c["bytes_received"] for c in rnd["clients"])
+    assert history["rounds"][-1]["server"]["accuracy"] > 0.6
+
     # The consoles say what matters (issue 22); every other line is in a log.
     server_console = (tmp_path / "server.log").read_text()
     assert "pollen: Round 2/2" in server_console, server_console
@@ -281,12 +299,15 @@ def test_deployment_end_to_end(tmp_path, tiny_data, pollen_env):
         "ConfigRecord",
     }, object_types
     # Records travel packed (pollen.wire): the weights, or the BatchNorm statistics, as
-    # one float32 vector, beside their shapes and keys.
+    # one float32 vector, beside their shapes and keys; an int8 update's float32 part is its
+    # one scale per array (pollen.compress).
     weights = _cnn_weights()
-    from pollen.models.registry import batchnorm_stat_indices, build_model
-
     stats = batchnorm_stat_indices(build_model("cnn", 3))
-    allowed_values = {sum(w.size for w in weights), sum(weights[i].size for i in stats)}
+    allowed_values = {
+        sum(w.size for w in weights),
+        sum(weights[i].size for i in stats),
+        len(weights),
+    }
     values = {shape for dtype, shape in array_shapes if "float32" in dtype}
     assert values and {n for (n,) in values} <= allowed_values, (values, allowed_values)
     assert all(len(shape) == 1 for _, shape in array_shapes), array_shapes
