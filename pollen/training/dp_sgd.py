@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from pollen.errors import PollenError
 from pollen.training.accountant import SAMPLING, epsilon_spent, sample_rate
 
 #: Examples per vectorised per-example-gradient call (memory: this many gradient copies).
@@ -153,8 +154,11 @@ class DPSGD:
 
     def __init__(self, model: keras.Model) -> None:
         if keras.backend.backend() != "tensorflow":
-            raise NotImplementedError(
-                "pollen's DP-SGD computes per-example gradients on the TensorFlow backend"
+            raise PollenError(
+                f"--dp example runs DP-SGD on Keras's TensorFlow backend only (its per-example "
+                f"gradients use tf.vectorized_map); this process uses "
+                f"{keras.backend.backend()!r}. Unset KERAS_BACKEND (or set it to tensorflow) "
+                "on the clients, or use client-level DP (--dp client)."
             )
         self.model = model
         self.run = _per_example_fn(model)
