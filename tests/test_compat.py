@@ -251,7 +251,11 @@ def test_start_parent_process_monitor() -> None:
     _has_params(monitor, ["parent_pid"], internal, compat.FLOWER)
     # Behaviour: a child whose parent ends is interrupted (as by Ctrl-C), then exits.
     code = (
-        "import os, subprocess, sys, time\n"
+        "import os, signal, subprocess, sys, time\n"
+        # SIGINT as a fresh process has it: a blocked mask or an ignored disposition is
+        # inherited from whatever started this one (in the whole suite, the test runner).
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from pollen.compat import flower as compat_flower\n"
         "parent = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.5)'])\n"
         "compat_flower.start_parent_process_monitor(parent.pid)\n"
