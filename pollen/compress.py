@@ -36,6 +36,7 @@ libraries (zlib, blosc) do not promise for their own formats.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 from typing import ClassVar
@@ -59,7 +60,7 @@ __all__ = [
 Payload = dict[str, np.ndarray]
 
 
-class Codec:
+class Codec(abc.ABC):
     """One way to compress a flat ``float32`` vector made of arrays of ``sizes``.
 
     Attributes:
@@ -75,18 +76,18 @@ class Codec:
     bounded: ClassVar[bool] = True
     downlink: ClassVar[bool] = True
 
+    @abc.abstractmethod
     def encode(self, flat: np.ndarray, sizes: Sequence[int]) -> Payload:
         """The payload of ``flat`` (``float32``, ``sum(sizes)`` values)."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def decode(cls, payload: Payload, sizes: Sequence[int]) -> np.ndarray:
         """The ``float32`` vector of ``sum(sizes)`` values ``payload`` encodes.
 
         Raises:
             ValueError: The payload does not fit ``sizes`` (checked before allocating).
         """
-        raise NotImplementedError
 
     @property
     def spec(self) -> str:
