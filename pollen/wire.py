@@ -38,7 +38,8 @@ client sends its train reply's weights as the change to the weights it received,
 compressed, with what the codec left out of its earlier updates added
 (:func:`wire_mod`); the server rebuilds them as ``float32`` weights from the
 ones it sent (:func:`unpack_reply`'s ``base``) before anything checks them.
-See ``docs/compression.md``.
+The reply's other ``float32`` records (an evaluation's BatchNorm statistics)
+then travel as ``fp16``. See ``docs/compression.md``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 
-from pollen.compress import CODECS, Codec, Feedback, parse, with_feedback
+from pollen.compress import CODECS, Codec, Feedback, Fp16, parse, with_feedback
 from pollen.errors import PollenError
 
 __all__ = [
@@ -376,24 +377,43 @@ def pack_content(
     codec: Codec | None = None,
     base: ArrayRecord | None = None,
     feedback: Feedback | None = None,
+    others: Codec | None = None,
 ) -> RecordDict:
     """``content`` with every ArrayRecord packed, and marked.
 
     ``codec``, ``base`` and ``feedback`` apply to its ``arrays`` record (the
-    model's weights) only; see :func:`pack_record`.
+    model's weights) only; see :func:`pack_record`. ``others`` compresses its
+    other records (a client's BatchNorm statistics: ``fp16``), each one that
+    the codec keeps finite (else it is packed as it is).
     """
     out = RecordDict(
         {
             k: (
-                pack_record(v, *((codec, base, feedback) if k == "arrays" else ()))
-                if isinstance(v, ArrayRecord)
-                else v
+                pack_record(v, codec, base, feedback)
+                if k == "arrays"
+                else pack_record(v, others if _keeps_finite(others, v) else None)
             )
+            if isinstance(v, ArrayRecord)
+            else v
             for k, v in content.items()
         }
     )
     out[MARK] = ConfigRecord({"packed": True})
     return out
+
+
+def _keeps_finite(codec: Codec | None, record: ArrayRecord) -> bool:
+    """Whether ``codec`` (``fp16``) keeps every finite value of ``record`` finite."""
+    if codec is None:
+        return False
+    with np.errstate(over="ignore"):
+        for array in record.values():
+            a = array.numpy()
+            if a.dtype == np.float32 and not np.array_equal(
+                np.isfinite(a), np.isfinite(a.astype(np.float16))
+            ):
+                return False
+    return True
 
 
 def unpack_content(content: RecordDict, base: ArrayRecord | None = None) -> RecordDict:
@@ -447,7 +467,9 @@ def wire_mod(msg: Message, context: Context, call_next: Callable) -> Message:
     (:func:`held_weights`). A train reply's weights travel compressed as the
     change to the weights received when the run config's ``compress`` names a
     codec (:func:`uplink_codec`), with what the codec left out of this node's
-    earlier updates in this process carried over (error feedback).
+    earlier updates in this process carried over (error feedback). With a codec,
+    a reply's other ``float32`` records (an evaluation's ``bn-stats``) travel as
+    ``fp16``, which the server decodes like the weights (:func:`unpack_reply`).
     """
     if not msg.has_content() or MARK not in msg.content:
         return call_next(msg, context)
@@ -466,9 +488,13 @@ def wire_mod(msg: Message, context: Context, call_next: Callable) -> Message:
     if reply.has_content():
         if "keep" in note and _kept.get(node, ("",))[0] == note["keep"]:
             reply.content[HELD] = ConfigRecord({"kept": note["keep"]})
-        codec = uplink_codec(context.run_config) if base is not None else None
-        feedback = _feedback.setdefault((context.run_id, node), Feedback()) if codec else None
-        reply.content = pack_content(reply.content, codec, base, feedback)
+        codec = uplink_codec(context.run_config)
+        # The update's codec for the weights; fp16 for the rest (BatchNorm statistics:
+        # int8 would lose small variances' relative precision).
+        update = codec if base is not None else None
+        feedback = _feedback.setdefault((context.run_id, node), Feedback()) if update else None
+        others = Fp16() if codec is not None else None
+        reply.content = pack_content(reply.content, update, base, feedback, others)
     return reply
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from pollen.wire import (
     pack_record,
     unpack_content,
     unpack_record,
+    unpack_reply,
     wire_mod,
 )
 
@@ -36,18 +38,18 @@ RNG = np.random.default_rng(1)
 SHAPES = {"0": (3, 3, 3, 16), "1": (16,), "2": (), "3": (256, 40), "4": (0,), "5": (10,)}
 
 
-def _record(shapes=SHAPES, scale: float = 0.1) -> ArrayRecord:
+def _record(shapes=SHAPES, scale: float = 0.1, rng: np.random.Generator = RNG) -> ArrayRecord:
     return ArrayRecord(
         array_dict={
-            k: Array(RNG.normal(scale=scale, size=s).astype(np.float32)) for k, s in shapes.items()
+            k: Array(rng.normal(scale=scale, size=s).astype(np.float32)) for k, s in shapes.items()
         }
     )
 
 
-def _plus(record: ArrayRecord, scale: float) -> ArrayRecord:
+def _plus(record: ArrayRecord, scale: float, rng: np.random.Generator = RNG) -> ArrayRecord:
     return ArrayRecord(
         array_dict={
-            k: Array(np.asarray(a.numpy() + RNG.normal(scale=scale, size=a.shape), np.float32))
+            k: Array(np.asarray(a.numpy() + rng.normal(scale=scale, size=a.shape), np.float32))
             for k, a in record.items()
         }
     )
@@ -105,7 +107,9 @@ def test_top_k_not_sent_as_a_change_is_refused() -> None:
     [
         ({"packed-codec": np.frombuffer(b"zip", np.uint8).copy()}, "names no codec"),
         ({"packed-scales": np.ones(2, np.float32)}, "2 scales for 6 arrays"),
-        ({"packed-values": np.zeros(3, np.int8)}, "3 values for"),
+        ({"packed-values": np.zeros(3, np.int8)}, "not deflated bytes"),
+        ({"packed-values": np.frombuffer(zlib.compress(bytes(3)), np.uint8)}, "bytes for"),
+        ({"packed-values": np.arange(2000, dtype=np.uint8)}, "not a deflate stream"),
         ({"packed-index": np.zeros(3, np.uint32)}, "has the arrays"),
         ({"packed-scales": -np.ones(6, np.float32)}, "negative"),
     ],
@@ -163,6 +167,64 @@ def test_a_client_sends_its_update_compressed_and_carries_what_top_k_left_out() 
     assert "packed-codec" not in reply.content["arrays"]
 
 
+def test_an_int8_update_travels_in_under_a_quarter_of_its_fp32_bytes() -> None:
+    sent = _record(scale=0.1)
+    # A change as training makes it: heavier-tailed than a Gaussian.
+    trained = ArrayRecord(
+        array_dict={
+            k: Array(np.asarray(a.numpy() + 1e-3 * RNG.standard_t(3, a.shape), np.float32))
+            for k, a in sent.items()
+        }
+    )
+    plain = content_bytes(pack_content(RecordDict({"arrays": trained})))
+    packed = pack_content(RecordDict({"arrays": trained}), Int8(), base=sent)
+    values = packed["arrays"]["packed-values"].numpy()
+    assert values.nbytes < 0.7 * sum(a.numpy().size for a in trained.values())  # deflated
+    assert content_bytes(packed) < 0.25 * plain  # .npy headers, keys, shapes and scales too
+    _close(unpack_content(packed, base=sent)["arrays"], trained, atol=1e-3)
+
+
+def _evaluate_reply(stats: dict[str, np.ndarray], config: dict) -> Message:
+    """What wire_mod sends back for an evaluate message whose handler re-estimated ``stats``."""
+
+    def handler(msg: Message, _context: Context) -> Message:
+        arrays = {k: Array(v) for k, v in stats.items()}
+        content = RecordDict({"bn-stats": ArrayRecord(array_dict=arrays)})
+        return Message(metadata=msg.metadata, content=content)
+
+    context = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config=config)
+    msg = _train()
+    msg.metadata.message_type = MessageType.EVALUATE
+    msg.content = pack_content(RecordDict({"arrays": _record()}))
+    return wire_mod(msg, context, handler)
+
+
+def test_batchnorm_statistics_travel_as_fp16_under_an_uplink_codec() -> None:
+    means = RNG.normal(scale=0.5, size=64).astype(np.float32)
+    variances = np.r_[RNG.uniform(1e-3, 4.0, 63), 1e-7].astype(np.float32)  # one tiny
+    stats = {"3": means, "4": variances}
+    reply = _evaluate_reply(stats, {"compress": "int8"})
+    sent = reply.content["bn-stats"]
+    assert bytes(sent["packed-codec"].numpy()) == b"fp16"
+    assert sent["packed-values"].numpy().dtype == np.float16
+    plain = _evaluate_reply(stats, {"compress": "none"}).content["bn-stats"]
+    assert "packed-codec" not in plain
+    assert sent["packed-values"].numpy().nbytes == plain["packed-values"].numpy().nbytes / 2
+    # The server decodes them (unpack_reply) before anything checks or uses them.
+    arrived = unpack_reply(reply)
+    assert arrived.has_content() and wire.MARK not in arrived.content
+    for key, value in stats.items():
+        got = arrived.content["bn-stats"][key].numpy()
+        assert got.dtype == np.float32 and got.shape == value.shape
+        np.testing.assert_allclose(got, value, rtol=2**-11, atol=2**-25)
+        assert not np.array_equal(got, value)  # rounded: they did travel as fp16
+    # Statistics beyond fp16's range travel as they are, not as inf.
+    big = {"3": means, "4": np.r_[variances[:-1], 1e5].astype(np.float32)}
+    sent = _evaluate_reply(big, {"compress": "int8"}).content["bn-stats"]
+    assert "packed-codec" not in sent
+    np.testing.assert_array_equal(unpack_record(sent)["4"].numpy(), big["4"])
+
+
 def test_content_bytes_counts_what_travels() -> None:
     content = RecordDict({"arrays": _record(), "config": ConfigRecord({"a": 1})})
     whole = content_bytes(pack_content(content))
@@ -188,9 +250,11 @@ _packable = st.dictionaries(
 def _mutated(draw) -> tuple[ArrayRecord, ArrayRecord]:
     """A compressed record (and its base) with one part's bytes flipped, cut or extended."""
     shapes = draw(_packable)
-    base = _record(shapes)
+    # Seeded per case: a deflated payload's length depends on the values.
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    base = _record(shapes, rng=rng)
     codec = draw(st.sampled_from([Fp16(), Int8(), TopK(0.3)]))
-    packed = pack_record(_plus(base, 0.1), codec, base=base)
+    packed = pack_record(_plus(base, 0.1, rng), codec, base=base)
     part = draw(st.sampled_from(sorted(packed)))
     data = bytearray(packed[part].data)
     kind = draw(st.sampled_from(["flip", "truncate", "extend"]))

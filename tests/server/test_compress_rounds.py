@@ -57,11 +57,12 @@ def test_compressed_updates_are_checked_and_aggregated_as_float32(compressing_cl
         np.testing.assert_allclose(got, want, atol=0.3 / 254 + 1e-6)
     by_name = {c.name: c for c in clients.sorted()}
     assert by_name["c"].error == "train: rejected: update has NaN/inf values (array 0)"
-    # Bytes that travelled: the whole weights down, a quarter (int8) and a little up.
+    # Bytes that travelled: the whole weights down; up, int8 deflated: under a quarter (a
+    # uniform change deflates to about a bit per value, the least Huffman coding sends).
     whole = sum(a.numpy().nbytes for a in _weights().values())
     for c in (by_name["a"], by_name["b"]):
         assert whole < c.bytes_sent < 1.2 * whole
-        assert 0.2 * whole < c.bytes_received < 0.3 * whole
+        assert whole / 32 < c.bytes_received < 0.25 * whole  # int8, deflated
     assert record.bytes_received == sum(c.bytes_received for c in clients.sorted())
     assert record.bytes_sent == sum(c.bytes_sent for c in clients.sorted())
 
