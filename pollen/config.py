@@ -170,6 +170,11 @@ class RunConfig:
         dp_delta: The delta of the reported (epsilon, delta). Default 1e-5.
         dp_epsilon: Privacy budget epsilon for the whole run (0 = none). The
             run refuses to start if its noise cannot keep it within budget.
+        client_sampling: How client-level DP samples clients: ``"seeded"``
+            (the default: a fixed-size sample drawn from ``seed``, no
+            amplification credited) or ``"poisson"`` (each client joins a round
+            with probability ``fraction-train``, from the OS's randomness;
+            amplification credited; ``dp = "client"`` only).
         compress: How clients send their updates (:mod:`pollen.compress`):
             ``none``, ``fp16``, ``int8`` or ``topk:K``, as the change to the
             weights received, with error feedback. Not with ``secagg``.
@@ -246,6 +251,7 @@ class RunConfig:
     dp_clip: float = 1.0
     dp_delta: float = 1e-5
     dp_epsilon: float = 0.0
+    client_sampling: str = "seeded"
     compress: str = "none"
     compress_down: str = "none"
     image_size: str = "auto"
@@ -366,6 +372,10 @@ class RunConfig:
             (self.dp_clip > 0, "dp-clip must be positive"),
             (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
             (self.dp_epsilon >= 0, "dp-epsilon must be >= 0 (0 = no budget)"),
+            (
+                self.client_sampling in ("seeded", "poisson"),
+                "client-sampling must be seeded or poisson",
+            ),
             (self.freeze_rounds >= 0, "freeze-rounds must be >= 0"),
             (self.fine_tune_lr > 0, "fine-tune-lr must be positive"),
             (

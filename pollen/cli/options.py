@@ -633,6 +633,17 @@ OPTIONS: tuple[Option, ...] = (
         group=_PRIVACY,
         on_resume=KEEP,
     ),
+    Option(
+        "--client-sampling",
+        FEDERATION,
+        "client-level DP: seeded (fixed-size sample from --seed, no amplification credited) "
+        "or poisson (each client joins with probability --fraction-train, unseeded; "
+        "amplification credited) (default: %(default)s)",
+        field="client_sampling",
+        choices=("seeded", "poisson"),
+        group=_PRIVACY,
+        on_resume=KEEP,
+    ),
     # ---- compression (simulate and server): pollen/compress.py
     Option(
         "--compress",

@@ -12,6 +12,7 @@ variances exceed the ``+-clipping_range`` every value is clipped to.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from pollen.client.dp_mod import with_noise_share
 from pollen.protocol import FITINS_PARAMETERS
 
 
@@ -37,10 +39,13 @@ def secagg_client_mod(msg: Message, context: Context, call_next: Any) -> Message
 
     ``secaggplus_mod`` handles every TRAIN message and fails on one without
     its config record; a plain Pollen run sends such messages, so they pass
-    straight to the handler here.
+    straight to the handler here. Under distributed DP (the train config
+    carries ``dp-clip``), :func:`pollen.client.dp_mod.with_noise_share` clips
+    and noises the update between the handler and the masking.
     """
     if is_secagg_message(msg):
-        return secaggplus_mod(msg, context, call_next)
+        # Distributed DP: the handler's update is clipped and noised before it is masked.
+        return secaggplus_mod(msg, context, functools.partial(with_noise_share, call_next))
     return call_next(msg, context)
 
 

@@ -15,7 +15,13 @@ What the guarantee covers (see also docs/privacy.md):
   (add or remove one client), not by one example;
 - the accountant uses ``SamplingMethod.NO_AMPLIFICATION`` (the only one Flower
   1.42 supports with fixed clipping), so sampling a fraction of the clients
-  per round is not credited: the epsilon is an upper bound;
+  per round is not credited: the epsilon is an upper bound. That is also
+  honest: Pollen's default sample is drawn from the run's seed
+  (:mod:`pollen.server.sampling`), so it is predictable;
+- ``--client-sampling poisson`` (unseeded Poisson sampling, amplification
+  credited) and ``--secagg`` (distributed DP: the clients add the noise) use
+  :class:`pollen.server.distributed_dp.ClientLevelDP` instead, with an accountant
+  of Pollen's over ``dp-accounting`` (:func:`make_private` picks);
 - the guarantee covers the global weights released after each round; the
   clients' plain-text metrics (loss, accuracy, example counts) are not
   covered, and per-client BatchNorm re-estimation is switched off under DP
@@ -26,8 +32,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from logging import WARNING
 from typing import Any
 
+from flwr.common.logger import log
 from flwr.serverapp import (
     NeighboringRelation,
     PrivacyConfig,
@@ -39,11 +47,16 @@ from flwr.serverapp import strategy as fl
 
 from pollen.config import RunConfig
 from pollen.errors import PollenError
+from pollen.server.distributed_dp import (
+    SEEDED,
+    ClientLevelDP,
+    LedgerAccountant,
+    ledger_epsilon,
+    ledger_problem,
+)
 
 #: Noise multipliers above this drown any model's update: refuse such a budget.
 MAX_NOISE_MULTIPLIER = 100.0
-
-#: The metric every client sends as its aggregation weight under DP (always 1):
 
 
 class CopyableRdpAccountant(RdpAccountant):
@@ -84,22 +97,30 @@ def _accountant(
     )
 
 
-def epsilon_after(noise_multiplier: float, rounds: int, delta: float) -> float:
+def epsilon_after(
+    noise_multiplier: float, rounds: int, delta: float, sample_rate: float = 1.0
+) -> float:
     """Epsilon at ``delta`` after ``rounds`` Gaussian releases of ``noise_multiplier``.
 
     Args:
         noise_multiplier: z = noise standard deviation / clipping norm (> 0).
         rounds: Releases (rounds) composed, >= 1.
         delta: Target delta in (0, 1).
+        sample_rate: q < 1: each round a Poisson sample of rate q (amplification
+            credited, ``dp-accounting`` directly); 1: Flower's accountant, no
+            amplification.
     """
     from flwr.serverapp import GaussianPrivacyEvent
+
+    if sample_rate < 1:
+        return ledger_epsilon([[sample_rate, noise_multiplier, rounds]], delta)
 
     accountant = _accountant(delta)
     accountant.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), rounds)
     return accountant.get_epsilon(delta)
 
 
-def noise_for_budget(epsilon: float, rounds: int, delta: float) -> float:
+def noise_for_budget(epsilon: float, rounds: int, delta: float, sample_rate: float = 1.0) -> float:
     """The smallest noise multiplier that keeps ``rounds`` releases within ``epsilon``.
 
     Bisection on :func:`epsilon_after` (epsilon falls as z grows), to a
@@ -109,7 +130,7 @@ def noise_for_budget(epsilon: float, rounds: int, delta: float) -> float:
         PollenError: Even ``MAX_NOISE_MULTIPLIER`` spends more than ``epsilon``.
     """
     hi = MAX_NOISE_MULTIPLIER
-    if epsilon_after(hi, rounds, delta) > epsilon:
+    if epsilon_after(hi, rounds, delta, sample_rate) > epsilon:
         raise PollenError(
             f"A privacy budget of epsilon={epsilon:g} at delta={delta:g} over {rounds} rounds "
             f"needs a noise multiplier above {MAX_NOISE_MULTIPLIER:g}, which leaves nothing "
@@ -119,7 +140,7 @@ def noise_for_budget(epsilon: float, rounds: int, delta: float) -> float:
     lo = 1e-3
     while hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
-        if epsilon_after(mid, rounds, delta) > epsilon:
+        if epsilon_after(mid, rounds, delta, sample_rate) > epsilon:
             lo = mid
         else:
             hi = mid
@@ -129,17 +150,20 @@ def noise_for_budget(epsilon: float, rounds: int, delta: float) -> float:
 def resolve_noise(cfg: RunConfig) -> float:
     """The noise multiplier a DP run uses; checks the budget before anything starts.
 
-    ``dp-noise`` if given (then it must keep the run within ``dp-epsilon`` if
-    that is set), else the smallest multiplier within ``dp-epsilon``.
+    Under ``client-sampling = poisson`` the budget credits sampling at rate
+    ``fraction-train`` (:func:`client_sample_rate`). ``dp-noise`` if given
+    (then it must keep the run within ``dp-epsilon`` if that is set), else
+    the smallest multiplier within ``dp-epsilon``.
 
     Raises:
         PollenError: Neither is given, or the budget cannot be kept.
     """
+    q = client_sample_rate(cfg) or 1.0
     if cfg.dp_noise > 0:
         if cfg.dp_epsilon > 0:
-            spent = epsilon_after(cfg.dp_noise, cfg.num_rounds, cfg.dp_delta)
+            spent = epsilon_after(cfg.dp_noise, cfg.num_rounds, cfg.dp_delta, q)
             if spent > cfg.dp_epsilon:
-                need = noise_for_budget(cfg.dp_epsilon, cfg.num_rounds, cfg.dp_delta)
+                need = noise_for_budget(cfg.dp_epsilon, cfg.num_rounds, cfg.dp_delta, q)
                 raise PollenError(
                     f"--dp-noise {cfg.dp_noise:g} spends epsilon={spent:.3g} (delta="
                     f"{cfg.dp_delta:g}) over {cfg.num_rounds} rounds, more than --dp-epsilon "
@@ -148,7 +172,7 @@ def resolve_noise(cfg: RunConfig) -> float:
                 )
         return cfg.dp_noise
     if cfg.dp_epsilon > 0:
-        return noise_for_budget(cfg.dp_epsilon, cfg.num_rounds, cfg.dp_delta)
+        return noise_for_budget(cfg.dp_epsilon, cfg.num_rounds, cfg.dp_delta, q)
     raise PollenError(
         "--dp needs a noise level: give --dp-epsilon E (the budget for the whole run; Pollen "
         "picks the noise) or --dp-noise Z (the noise multiplier)."
@@ -160,8 +184,29 @@ def sample_size(cfg: RunConfig, connected: int) -> int:
     return max(int(connected * cfg.fraction_train), cfg.min_clients)
 
 
+def short_round_risk(population: int, rate: float, least: int, rounds: int) -> float:
+    """Probability that some of ``rounds`` Poisson rounds samples fewer than ``least`` clients.
+
+    A round's size is Binomial(``population``, ``rate``).
+    """
+    below = sum(
+        math.comb(population, k) * rate**k * (1 - rate) ** (population - k)
+        for k in range(min(least, population + 1))
+    )
+    return 1.0 - (1.0 - min(below, 1.0)) ** rounds
+
+
+def client_sample_rate(cfg: RunConfig) -> float | None:
+    """The sample rate: ``fraction-train`` under Poisson sampling; None for the seeded sample."""
+    return cfg.fraction_train if cfg.client_sampling == "poisson" else None
+
+
 def make_private(strategy: fl.FedAvg, cfg: RunConfig, connected: int) -> fl.Strategy:
-    """Wrap ``strategy`` in server-side fixed-clipping DP with an accountant.
+    """Wrap ``strategy`` in client-level DP with an accountant.
+
+    Flower's server-side fixed clipping for the default (central noise, seeded
+    sample); :class:`ClientLevelDP` under ``--secagg`` (distributed noise) or
+    ``client-sampling = poisson`` (amplification credited).
 
     Args:
         strategy: A FedAvg (or FedProx) built with ``weighted_by_key =
@@ -172,6 +217,27 @@ def make_private(strategy: fl.FedAvg, cfg: RunConfig, connected: int) -> fl.Stra
             (noise is calibrated to that count).
     """
     noise = resolve_noise(cfg)
+    q = client_sample_rate(cfg)
+    if q is not None:
+        risk = short_round_risk(max(connected, 1), q, cfg.min_clients, cfg.num_rounds)
+        if risk > 0.01:
+            log(
+                WARNING,
+                "Poisson sampling: with %d clients at rate %g, some round samples fewer than "
+                "--min-clients %d with probability %.2g, and such a round stops the run "
+                "(resumable). Lower --min-clients or raise --fraction-train.",
+                connected, q, cfg.min_clients, risk,
+            )  # fmt: skip
+    if cfg.secagg or q is not None:
+        return ClientLevelDP(
+            strategy,
+            noise,
+            cfg.dp_clip,
+            LedgerAccountant(cfg.dp_delta),
+            population=max(connected, 1),
+            sample_rate=client_sample_rate(cfg),
+            distributed=cfg.secagg,
+        )
     return fl.DifferentialPrivacyServerSideFixedClipping(
         strategy,
         noise_multiplier=noise,
@@ -190,8 +256,19 @@ def private_state(strategy: Any) -> dict[str, Any] | None:
 
     The noise multiplier and clipping norm (checked against the run config on
     resume), the sample size the noise is calibrated to and the accountant's
-    ``state_dict`` (its configuration and the ledger of releases).
+    ``state_dict`` (its configuration and the ledger of releases); for a
+    :class:`ClientLevelDP`, its population and :class:`LedgerAccountant` ledger.
     """
+    if isinstance(strategy, ClientLevelDP):
+        return {
+            "noise-multiplier": float(strategy.noise_multiplier),
+            "clipping-norm": float(strategy.clipping_norm),
+            "num-sampled-clients": int(strategy.num_sampled_clients),
+            "accountant": {
+                "population": strategy.population,
+                "ledger": strategy.accountant.state(),
+            },
+        }
     if not isinstance(strategy, fl.DifferentialPrivacyServerSideFixedClipping):
         return None
     accountant = strategy.accountant
@@ -205,7 +282,7 @@ def private_state(strategy: Any) -> dict[str, Any] | None:
 
 def restore_private(
     strategy: fl.FedAvg, cfg: RunConfig, state: Any, max_releases: int
-) -> fl.DifferentialPrivacyServerSideFixedClipping:
+) -> fl.Strategy:
     """``strategy`` wrapped as :func:`make_private` did, with :func:`private_state`'s ``state``.
 
     The noise multiplier and clipping norm come from ``cfg`` (as on a fresh
@@ -234,6 +311,8 @@ def restore_private(
     sampled, ledger = state["num-sampled-clients"], state["accountant"]
     if isinstance(sampled, bool) or not isinstance(sampled, int) or sampled < 1:
         raise ValueError("num-sampled-clients is not a positive integer")
+    if cfg.secagg or client_sample_rate(cfg) is not None:
+        return _restore_client_level(strategy, cfg, noise, ledger, max_releases)
     if not isinstance(ledger, dict) or not isinstance(ledger.get("config"), dict):
         raise ValueError("the accountant's state is not an object with a config")
     orders, releases = ledger.get("orders"), ledger.get("compositions")
@@ -257,20 +336,50 @@ def restore_private(
     )
 
 
-def privacy_record(strategy: Any) -> dict[str, float]:
-    """``{"epsilon", "delta", "noise_multiplier", "clipping_norm", "releases"}`` so far.
+def _restore_client_level(
+    strategy: fl.FedAvg, cfg: RunConfig, noise: float, ledger: Any, max_releases: int
+) -> ClientLevelDP:
+    """:func:`restore_private` for a :class:`ClientLevelDP` state."""
+    if not isinstance(ledger, dict) or set(ledger) != {"population", "ledger"}:
+        raise ValueError('the accountant\'s state is not an object with "population", "ledger"')
+    population = ledger["population"]
+    if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+        raise ValueError("the accountant's population is not a positive integer")
+    problem = ledger_problem(ledger["ledger"], max_releases)
+    if problem is not None:
+        raise ValueError(problem)
+    return ClientLevelDP(
+        strategy,
+        noise,
+        cfg.dp_clip,
+        LedgerAccountant(cfg.dp_delta, ledger["ledger"]),
+        population=population,
+        sample_rate=client_sample_rate(cfg),
+        distributed=cfg.secagg,
+    )
 
-    Empty for a strategy without DP.
+
+def privacy_record(strategy: Any) -> dict[str, Any]:
+    """The DP spent so far, with how it was spent; {} for a strategy without DP.
+
+    Keys: ``epsilon``, ``delta``, ``noise_multiplier``, ``clipping_norm``,
+    ``releases``, ``mode`` and ``sampling``.
+    ``mode``: ``"central"`` (the server adds the noise) or ``"distributed"``
+    (each client adds its share before SecAgg+ masks its update);
+    ``sampling``: whether sampling was credited (:data:`SEEDED`, :data:`POISSON`).
     """
     spent: PrivacySpent | None = getattr(strategy, "privacy_spent", lambda: None)()
     if spent is None:
         return {}
+    private = isinstance(strategy, ClientLevelDP)
     return {
         "epsilon": spent.epsilon,
         "delta": spent.delta,
         "noise_multiplier": strategy.noise_multiplier,
         "clipping_norm": strategy.clipping_norm,
         "releases": spent.num_releases,
+        "mode": strategy.mode if private else "central",
+        "sampling": strategy.sampling if private else SEEDED,
     }
 
 

@@ -93,8 +93,11 @@ def seeded_sampling(grid: Grid, names: Mapping[int, str], seed: int, rnd: int) -
     - a round's train and evaluate phases sample the same clients, as long as
       the connected clients did not change between them.
 
-    ``random``'s state is restored on exit. The seed carries no secret: Pollen's
-    DP accounting takes no amplification from sampling (:mod:`pollen.server.privacy`).
+    ``random``'s state is restored on exit. The seed carries no secret, so this
+    sample is predictable and client-level DP credits no amplification for it
+    (``"sampling": "fixed-size, seeded: ..."``, :mod:`pollen.server.privacy`);
+    ``--client-sampling poisson`` draws the train sample from the OS's randomness
+    instead (:func:`pollen.server.distributed_dp.poisson_sample`).
 
     Args:
         grid: The run's grid; configure the strategy with the yielded one.

@@ -47,6 +47,7 @@ threshold 2, no dropout tolerated; 3 -> 3/2, 1 dropout; 5 -> 5/3, 2;
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ from pollen.config import RunConfig
 from pollen.errors import PollenError
 from pollen.protocol import NUM_EXAMPLES_KEY, TRAIN_EXAMPLES_REQUEST
 from pollen.server.aggregation import validate_update
+from pollen.server.distributed_dp import RANGE_SIGMAS, ClientLevelDP, clipping_range_for
 from pollen.server.exchange import exchange, learn_names, readable_reason, record_bytes
 from pollen.server.history import RoundRecord
 from pollen.server.phases import RoundClients, RoundContext
@@ -329,7 +331,7 @@ def plaintext_part(reply: Message) -> tuple[int, dict[str, float]]:
     count = reply.content.metric_records.get("fitres.num_examples")
     if count is not None:
         n = example_count(count, "num_examples")
-    else:
+    if count is None or NUM_EXAMPLES_KEY in metrics:  # under DP the weight is 1, not the count
         n = example_count(metrics, NUM_EXAMPLES_KEY)
     return n, checked_values(metrics, TRAIN_METRICS)
 
@@ -759,6 +761,9 @@ class SecureAggregation:
         max_weight = float(max(known)) if known else 1000.0
         p = self.protocol
         shares, thr = resolve_protocol(p.num_shares, p.reconstruction_threshold, len(nodes))
+        dp = ctx.strategy if isinstance(ctx.strategy, ClientLevelDP) else None
+        if dp is not None:  # distributed DP: each client adds a share of the noise
+            config, max_weight, p = _distributed_dp(dp, config, p, thr, rnd)
         log(
             INFO,
             "Round %d: SecAgg+ over %d clients, %d shares, threshold %d, max weight %g",
@@ -769,8 +774,43 @@ class SecureAggregation:
             max_weight,
         )
         start = time.perf_counter()
-        new, _ = secure_train_phase(
+        new, wrapped = secure_train_phase(
             ctx, nodes, arrays, config, p, max_weight=max_weight, min_valid=min_valid
         )
+        if dp is not None:
+            dp.account_secure_round(rnd, len(wrapped.collected), thr)
         log(INFO, "Round %d: secure aggregation took %.1f s", rnd, time.perf_counter() - start)
         return new
+
+
+def _distributed_dp(
+    dp: ClientLevelDP, config: dict, protocol: SecAggSettings, shares: int, rnd: int
+) -> tuple[dict, float, SecAggSettings]:
+    """The train config, weight bound and protocol of a round under distributed DP.
+
+    Every client adds noise of std ``z * C / sqrt(shares)`` (``shares``: the
+    round's reconstruction threshold, the fewest clients a completed round
+    sums), weighs 1 (``max_weight`` 1: SecAgg+'s weight factor is then exactly
+    1 for everyone), and SecAgg+'s clipping range is widened where it would
+    clip the noisy values (:func:`pollen.server.distributed_dp.clipping_range_for`).
+    """
+    std = dp.client_noise_std(shares)
+    wanted = clipping_range_for(dp.clipping_norm, std, protocol.clipping_range)
+    if wanted > protocol.clipping_range:
+        log(
+            INFO,
+            "Round %d: distributed DP: SecAgg+ clipping range %g widened to %.4g "
+            "(clipping norm %g + %g x client noise std %.4g) so no noisy value is clipped",
+            rnd, protocol.clipping_range, wanted, dp.clipping_norm, RANGE_SIGMAS, std,
+        )  # fmt: skip
+    log(
+        INFO,
+        "Round %d: distributed DP: every client clips to %g and adds noise of std %.4g "
+        "(z %g, sized for the %d clients a completed round sums at least)",
+        rnd, dp.clipping_norm, std, dp.noise_multiplier, shares,
+    )  # fmt: skip
+    return (
+        {**config, **dp.noise_config(shares)},
+        1.0,
+        dataclasses.replace(protocol, clipping_range=wanted),
+    )

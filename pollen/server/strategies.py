@@ -149,10 +149,18 @@ def check_config(cfg: RunConfig) -> None:
             "client's examples for the whole run; each client picks its noise from its data "
             "size, batch size and steps) or --dp-noise Z (the noise multiplier)."
         )
-    if cfg.secagg and cfg.dp == "client":
+    if cfg.client_sampling == "poisson" and cfg.dp != "client":
         raise PollenError(
-            "--secagg and --dp cannot be combined yet: Pollen's DP clips each client's "
-            "update on the server, which SecAgg+ hides. Choose one of them."
+            "--client-sampling poisson changes only how client-level differential privacy "
+            "samples and accounts (amplification by sampling), so it needs --dp client. Add "
+            "--dp client with a budget, or leave --client-sampling at seeded."
+        )
+    if cfg.client_sampling == "poisson" and cfg.secagg:
+        raise PollenError(
+            "--client-sampling poisson cannot be combined with --secagg yet: a Poisson round "
+            "may sample fewer than the 2 clients SecAgg+ needs, and distributed noise is "
+            "sized from the round's SecAgg+ threshold. Use the seeded sample with --secagg "
+            "(no amplification credited), or drop --secagg for Poisson sampling."
         )
     if cfg.dp == "client" and not entry.dp:
         raise PollenError(

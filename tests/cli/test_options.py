@@ -129,6 +129,7 @@ def test_resume_compares_the_training_options() -> None:
         "dp_clip": "dp_clip",
         "dp_delta": "dp_delta",
         "dp_epsilon": "dp_epsilon",
+        "client_sampling": "client_sampling",
         "compress": "compress",
         "compress_down": "compress_down",
     }
