@@ -11,10 +11,15 @@ generated data: a 3-class image folder split into one partition per client; the
 - peak RSS of the server's process tree (``pollen server``, its SuperLink, the relay
   and the server app), its peak thread count and its CPU seconds, sampled every 0.5 s
   with psutil;
-- peak RSS of one client's process tree (the largest) and of all clients together.
+- peak RSS of one client's process tree (the largest) and of all clients together;
+- what the clients really take: the peak of their USS summed (memory no other process
+  shares: RSS counts TensorFlow's shared libraries once per process, though the machine
+  holds them once), sampled every few seconds, and the peak of the machine's used memory
+  (``psutil.virtual_memory().used``) above what it was before the server started.
 
-Memory is the limit on one machine: a client tree with TensorFlow loaded is several
-hundred MB, so ``--deployed-clients`` is what the machine can hold.
+Memory is the limit on one machine: a client tree with TensorFlow loaded has an RSS of
+several hundred MB, most of it shared libraries; ``--deployed-clients`` is what the
+machine can hold.
 """
 
 from __future__ import annotations
@@ -92,14 +97,33 @@ class Peaks:
         self.server, self.clients, self.interval = server, clients, interval
         self.server_rss = self.server_threads = self.clients_rss = 0
         self.client_rss: dict[int, int] = {}
+        self.clients_uss = self.machine_used = 0
+        self.machine_before = psutil.virtual_memory().used
         # CPU seconds of each server-tree process by pid; "threads:<role>": peak threads
         self.server_cpu: dict = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _uss(self) -> int:
+        """USS of every client tree summed (reads each process's smaps: slow, so sampled less)."""
+        total = 0
+        for pid in self.clients:
+            for p in _tree(pid):
+                try:
+                    total += p.memory_full_info().uss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+        return total
+
     def _run(self) -> None:
+        ticks = 0
         while not self._stop.wait(self.interval):
+            ticks += 1
+            if ticks % 10 == 0:
+                self.clients_uss = max(self.clients_uss, self._uss())
+            used = psutil.virtual_memory().used - self.machine_before
+            self.machine_used = max(self.machine_used, used)
             rss, threads = _rss_threads(self.server, self.server_cpu)
             self.server_rss = max(self.server_rss, rss)
             self.server_threads = max(self.server_threads, threads)
@@ -184,6 +208,8 @@ def run_deployed(clients: int, rounds: int, model: str, work: Path) -> dict:
         },
         "client_tree_rss_mb_max": round(max(peaks.client_rss.values(), default=0) / 2**20),
         "all_clients_rss_mb": round(peaks.clients_rss / 2**20),
+        "all_clients_uss_mb": round(peaks.clients_uss / 2**20),
+        "machine_used_mb": round(peaks.machine_used / 2**20),
         "wall_s": round(wall, 1),
     }
 
@@ -210,6 +236,8 @@ DEPLOY_COLUMNS = (
     ("server_cpu_s", "server tree CPU s"),
     ("client_tree_rss_mb_max", "one client tree peak RSS MB"),
     ("all_clients_rss_mb", "all clients peak RSS MB"),
+    ("all_clients_uss_mb", "all clients peak USS MB"),
+    ("machine_used_mb", "machine memory used, peak MB"),
     ("wall_s", "whole run s"),
 )
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pollen.cli.options import (
     SIMULATE,
@@ -33,6 +33,9 @@ from pollen.files import atomic_write
 from pollen.server.privacy import sample_size
 from pollen.server.strategies import check_sample_size
 from pollen.server.tracking import resolve_mlflow
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_parser(commands: Any) -> None:
@@ -91,9 +94,31 @@ def _check_clients_have_data(ds: Dataset, clients: int, cfg: RunConfig) -> None:
     simulation engine's start-up, by the first client. ``ds`` is dropped after.
     """
     try:
-        check_partitions(ds, clients, method=cfg.partition, alpha=cfg.alpha, seed=cfg.seed)
+        sizes = check_partitions(ds, clients, method=cfg.partition, alpha=cfg.alpha, seed=cfg.seed)
     except PollenError as err:
         raise PollenError(f"--clients {clients} does not fit the data: {err}") from None
+    _check_example_budget(cfg, sizes)
+
+
+def _check_example_budget(cfg: RunConfig, sizes: np.ndarray) -> None:
+    """Refuse, before the run starts, an example-level DP budget some client cannot keep.
+
+    Each client calibrates its own noise from its number of examples
+    (:func:`pollen.training.accountant.example_noise`); the smallest and the
+    largest client are the extremes of the sample rate and of the steps, so a
+    budget both can keep is one every client can. A deployment's server does not
+    know its clients' sizes: there each client refuses in round 1.
+    """
+    if cfg.dp != "example" or len(sizes) == 0:
+        return
+    from pollen.training.accountant import example_noise, steps_per_round
+
+    for n in sorted({int(sizes.min()), int(sizes.max())}):
+        steps = cfg.num_rounds * steps_per_round(n, cfg.batch_size, cfg.local_epochs)
+        try:
+            example_noise(cfg.dp_epsilon, cfg.dp_noise, cfg.dp_delta, n, cfg.batch_size, steps)
+        except PollenError as err:
+            raise PollenError(f"A client with {n} training examples cannot start: {err}") from None
 
 
 def _new_run_config(args: argparse.Namespace, data_dir: str) -> RunConfig:

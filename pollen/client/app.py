@@ -298,7 +298,7 @@ def train_example_dp(cfg: RunConfig, model, data, server_round: int, lr: float):
         batch_size=cfg.batch_size,
         steps=steps,
         learning_rate=lr,
-        seed=cfg.seed * 1000 + server_round,
+        # no seed: batches and noise from the OS's entropy (the run's seed is known to the server)
     )
     before = (server_round - 1) * steps
     return train_private(

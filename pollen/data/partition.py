@@ -150,7 +150,7 @@ def check_partitions(
     method: str = "iid",
     alpha: float = 0.5,
     seed: int = 42,
-) -> None:
+) -> np.ndarray:
     """Refuse, before any client starts, a split that cannot give every client its share.
 
     Every one of ``num_partitions`` clients needs at least one training and one test
@@ -159,11 +159,25 @@ def check_partitions(
     computed here, once, and kept in the disk cache the clients then read; ``"iid"`` only
     checks the sizes (each client computes its own share).
 
+    Returns:
+        The number of training examples of each client, ``(num_partitions,)``
+        (what a client's privacy accounting depends on).
+
     Raises:
         PollenError: A split cannot be partitioned for ``num_partitions`` clients.
     """
     for labels, what in ((ds.y_train, "training data"), (ds.y_test, "test data")):
         _partition(_check_labels(labels), num_partitions, 0, method, alpha, seed, None, what)
+    n = len(ds.y_train)
+    if str(method).strip().lower() == "iid":
+        size, longer = divmod(n, int(num_partitions))
+        return np.array([size + (i < longer) for i in range(int(num_partitions))], np.int64)
+    labels = _check_labels(ds.y_train)
+    minimum = max(1, min(10, n // (2 * int(num_partitions))))  # as _partition's default
+    parts = _dirichlet_partitions(
+        labels.tobytes(), int(num_partitions), float(alpha), int(seed), minimum
+    )
+    return np.diff(np.asarray(parts.offsets)).astype(np.int64)
 
 
 def label_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -35,6 +35,12 @@ if TYPE_CHECKING:  # keras is imported where a model is built: listing names sta
 #: Shape of one input image: height, width, channels (pixels 0-255).
 INPUT_SHAPE = (32, 32, 3)
 
+#: Name of the last layer of a model's *fixed* transform, where a model has one: every
+#: layer up to it has no weights and looks at no data (e.g. ``scatternet``'s scattering
+#: transform). Training and evaluation compute that prefix once per image set and run
+#: only the layers after it (:mod:`pollen.training.features`).
+FIXED_FEATURES = "fixed_features"
+
 
 @dataclass(frozen=True)
 class Recipe:

@@ -12,6 +12,7 @@ import numpy as np
 
 from pollen.compat.keras import flatten_layers
 from pollen.models.registry import batchnorm_stat_indices
+from pollen.training.features import cached_features, split_fixed
 from pollen.training.pipeline import image_batches, make_dataset
 
 #: Pixels per image that the batch sizes of this module are given for (32x32): larger
@@ -43,8 +44,13 @@ def predict_proba(
     Returns:
         ``float32`` probabilities, ``(N, classes)``.
     """
+    split = split_fixed(model)
 
     def run(images: np.ndarray) -> np.ndarray:
+        if split is not None:  # a fixed transform: its features once per image set, then the head
+            transform, head = split
+            features = cached_features(transform, images)
+            return np.asarray(head.predict(features, batch_size=1024, verbose=0), np.float32)
         ds = image_batches(images, images_per_pass(batch_size, images))
         return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
 
@@ -64,7 +70,9 @@ def evaluate(
 ) -> tuple[float, float]:
     """Return ``(loss, accuracy)`` of a compiled model on ``(x, y)``.
 
-    Without ``flip_tta`` both come from the model's compiled loss and metric.
+    Without ``flip_tta`` both come from the model's compiled loss and metric
+    (for a model with a fixed prefix, :mod:`pollen.training.features`, from its
+    head on cached features: the cross-entropy and arg-max accuracy below).
     With it (see :func:`predict_proba`) the loss is the cross-entropy of the
     averaged probabilities and the accuracy that of their arg-max.
 
@@ -79,13 +87,13 @@ def evaluate(
         ``(loss, accuracy)``, accuracy in [0, 1]; ``(nan, nan)`` for no
         examples with ``flip_tta``.
     """
-    if not flip_tta:
+    if not flip_tta and split_fixed(model) is None:
         batches = make_dataset(x, y, images_per_pass(batch_size, x))
         loss, accuracy = model.evaluate(batches, verbose=0)
         return float(loss), float(accuracy)
     if len(y) == 0:
         return float("nan"), float("nan")
-    probs = predict_proba(model, x, flip_tta=True, batch_size=batch_size)
+    probs = predict_proba(model, x, flip_tta=flip_tta, batch_size=batch_size)
     labels = np.asarray(y, dtype=np.int64)
     picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
     return float(-np.mean(np.log(picked))), float(np.mean(probs.argmax(axis=1) == labels))

@@ -20,7 +20,15 @@ from pollen.training.accountant import (
     sample_rate,
     steps_per_round,
 )
-from pollen.training.dp_sgd import DPSGD, DPSettings, add_noise, poisson_batches, train_private
+from pollen.training.dp_sgd import (
+    DPSGD,
+    DPSettings,
+    _per_example_fn,
+    add_noise,
+    linear_softmax_layer,
+    poisson_batches,
+    train_private,
+)
 
 
 def _model(seed: int = 0) -> keras.Model:
@@ -76,6 +84,67 @@ def test_small_gradients_are_left_alone() -> None:
     for k, got in enumerate(summed):
         np.testing.assert_allclose(got, sum(gs[k] for gs in own), rtol=1e-4, atol=1e-7)
     assert (norms < 1e6).all()
+
+
+def _linear(seed: int = 0, features: int = 6) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((features,))
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+
+
+def test_linear_softmax_closed_form_equals_per_example_gradients() -> None:
+    model = _linear()
+    model.layers[-1].set_weights(
+        [np.random.default_rng(2).normal(0, 0.3, (6, 3)), np.array([0.1, -0.2, 0.05])]
+    )
+    x, y = _data(30)
+    sgd = DPSGD(model)
+    assert sgd.dense is model.layers[-1]  # the closed form is used
+    clip = 0.5
+    summed, norms, loss, correct = sgd.gradient(x, y, clip)
+    own = [_own_gradient(model, x[i], y[i]) for i in range(len(x))]
+    own_norms = np.array([np.sqrt(sum(float(np.sum(g**2)) for g in gs)) for gs in own])
+    np.testing.assert_allclose(norms, own_norms, rtol=1e-4)
+    assert (own_norms > clip).sum() > 5 and (own_norms < clip).sum() > 0  # both cases occur
+    for k in range(2):
+        want = sum(gs[k] * min(1.0, clip / n) for gs, n in zip(own, own_norms, strict=True))
+        np.testing.assert_allclose(summed[k], want, rtol=1e-4, atol=1e-6)
+    # and the general (vectorised) path gives the same sums, loss and accuracy
+    general = _per_example_fn(model)(
+        x.astype(np.float32), y, np.ones(len(x), np.float32), np.float32(clip)
+    )
+    for got, want in zip(summed, general[0], strict=True):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-6)
+    assert loss == pytest.approx(float(general[2]), rel=1e-4)
+    assert correct == float(general[3])
+
+
+def test_only_a_single_softmax_dense_layer_takes_the_closed_form() -> None:
+    assert linear_softmax_layer(_model()) is None  # two layers
+    inputs = keras.Input((4,))
+    relu = keras.Model(inputs, keras.layers.Dense(3, activation="relu")(inputs))
+    assert linear_softmax_layer(relu) is None
+    no_bias = keras.Model(inputs, keras.layers.Dense(3, "softmax", use_bias=False)(inputs))
+    assert linear_softmax_layer(no_bias) is None
+
+
+def test_noise_and_batches_are_unseeded_unless_a_test_asks() -> None:
+    x, y = _data(200, 3)
+    settings = DPSettings(clip=1.0, noise_multiplier=1.0, batch_size=50, steps=3, learning_rate=0.1)
+    assert settings.seed is None  # what clients use: the OS's entropy
+    weights = []
+    for _ in range(2):
+        model = _linear(4)
+        train_private(model, x, y, settings, steps_before=0, delta=1e-5)
+        weights.append(model.get_weights()[0])
+    assert not np.allclose(weights[0], weights[1])  # nobody can regenerate the noise
+    seeded = DPSettings(**{**settings.__dict__, "seed": 7})
+    again = []
+    for _ in range(2):
+        model = _linear(4)
+        train_private(model, x, y, seeded, steps_before=0, delta=1e-5)
+        again.append(model.get_weights()[0])
+    np.testing.assert_array_equal(again[0], again[1])
 
 
 def test_noise_has_the_configured_standard_deviation() -> None:
@@ -151,3 +220,17 @@ def test_train_private_learns_and_reports_the_accountant() -> None:
     assert fit.sample_rate == q
     assert fit.steps == 2 * steps
     assert fit.epsilon == epsilon_spent(0.8, q, 2 * steps, 1e-5)
+
+
+def test_clients_train_with_unseeded_noise(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import pollen.training.dp_sgd as dp_sgd
+    from pollen.client.app import train_example_dp
+
+    seen = []
+    monkeypatch.setattr(dp_sgd, "train_private", lambda *a, **k: seen.append(a[3]))
+    cfg = RunConfig(dp="example", dp_epsilon=3.0, seed=5, num_rounds=2, batch_size=10)
+    data = SimpleNamespace(x_train=np.zeros((100, 6)), y_train=np.zeros(100, np.int64))
+    train_example_dp(cfg, _linear(), data, server_round=1, lr=0.1)
+    assert seen[0].seed is None  # never derived from the run's seed, which the server knows
