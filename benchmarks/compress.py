@@ -13,9 +13,10 @@ the model learned:
   (central evaluation on the data's test split), and its difference from
   ``none`` in points.
 
-Data: a class-balanced subset of an image folder (default the CIFAR-10 JPEG
-copy at ``/work/data/cifar10-jpg``): ``--train-per-class`` and
-``--test-per-class`` images of each class are copied into the work folder.
+Data: a class-balanced subset of an image folder or ``.tar.gz`` (default the CIFAR-10
+JPEG copy ``../shared/data/cifar10-jpg.tar.gz`` beside the checkout, unpacked once):
+``--train-per-class`` and ``--test-per-class`` images of each class are copied into
+the work folder.
 
 Usage:
     python benchmarks/compress.py [--models fastnet mobilenetv2] [--rounds 3]
@@ -39,9 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import machine  # noqa: E402
-
-DATA = Path("/work/data/cifar10-jpg")
+from reference import machine, resolve_data  # noqa: E402
 
 
 def subset(source: Path, target: Path, train: int, test: int) -> Path:
@@ -127,7 +126,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--data-dir", type=Path, default=DATA)
+    parser.add_argument("--data-dir", default=None, help="default: the shared CIFAR-10 JPEGs")
     parser.add_argument("--train-per-class", type=int, default=250)
     parser.add_argument("--test-per-class", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
@@ -139,6 +138,11 @@ def main() -> int:
         args.codecs.insert(0, "none/none")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="compress-"))
+    source = resolve_data(args.data_dir)
+    if source is None:
+        print("compress: no CIFAR-10 copy found; pass --data-dir PATH", file=sys.stderr)
+        return 2
+    args.data_dir = Path(source)
     data = subset(args.data_dir, work / "data", args.train_per_class, args.test_per_class)
     print(
         f"machine: {machine()}\ndata: {args.data_dir} subset, {args.train_per_class} train and "

@@ -19,7 +19,10 @@ generated data: a 3-class image folder split into one partition per client; the
 
 Memory is the limit on one machine: a client tree with TensorFlow loaded has an RSS of
 several hundred MB, most of it shared libraries; ``--deployed-clients`` is what the
-machine can hold.
+machine can hold. When the machine's available memory falls under
+:data:`MIN_AVAILABLE_BYTES` the run is stopped (every process killed) before the
+kernel's OOM killer picks a victim, perhaps not one of ours, and its row says
+``out of memory`` with how many clients had started.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +42,9 @@ import numpy as np
 import psutil
 
 CLASSES = ("red", "green", "blue")
+
+#: Stop a run when the machine has less memory available than this.
+MIN_AVAILABLE_BYTES = 1 << 30
 
 
 def make_folder(root: Path, clients: int) -> Path:
@@ -99,6 +106,7 @@ class Peaks:
         self.client_rss: dict[int, int] = {}
         self.clients_uss = self.machine_used = 0
         self.machine_before = psutil.virtual_memory().used
+        self.out_of_memory = threading.Event()
         # CPU seconds of each server-tree process by pid; "threads:<role>": peak threads
         self.server_cpu: dict = {}
         self._stop = threading.Event()
@@ -122,8 +130,10 @@ class Peaks:
             ticks += 1
             if ticks % 10 == 0:
                 self.clients_uss = max(self.clients_uss, self._uss())
-            used = psutil.virtual_memory().used - self.machine_before
-            self.machine_used = max(self.machine_used, used)
+            memory = psutil.virtual_memory()
+            self.machine_used = max(self.machine_used, memory.used - self.machine_before)
+            if memory.available < MIN_AVAILABLE_BYTES:
+                self.out_of_memory.set()
             rss, threads = _rss_threads(self.server, self.server_cpu)
             self.server_rss = max(self.server_rss, rss)
             self.server_threads = max(self.server_threads, threads)
@@ -172,25 +182,48 @@ def run_deployed(clients: int, rounds: int, model: str, work: Path) -> dict:
     with open(logs / "server.log", "w") as out:
         server = subprocess.Popen(_cmd("server", *server_args), env=env, stdout=out, stderr=out)
     procs.append(server)
+    client_pids: list[int] = []  # Peaks reads this list as clients start
+    peaks = Peaks(server.pid, client_pids)
+    server_rc, codes = None, []
     try:
         _wait_port(port)
         for i in range(clients):
+            if peaks.out_of_memory.is_set():
+                break
             client_args = ["--server", f"127.0.0.1:{port}", "--data-dir", str(data)]
             client_args += ["--partition-id", str(i), "--num-partitions", str(clients)]
             client_args += ["--name", f"c{i:03d}", "--threads", "1"]
+            client_args += ["--log-dir", str(logs / f"c{i:03d}-flower")]
             with open(logs / f"c{i:03d}.log", "w") as out:
                 procs.append(
                     subprocess.Popen(_cmd("client", *client_args), env=env, stdout=out, stderr=out)
                 )
-        peaks = Peaks(server.pid, [p.pid for p in procs[1:]])
-        server_rc = server.wait(timeout=1800)
-        codes = [p.wait(timeout=180) for p in procs[1:]]
-        peaks.stop()
+            client_pids.append(procs[-1].pid)
+        deadline = time.monotonic() + 1800
+        while server.poll() is None and not peaks.out_of_memory.is_set():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        server_rc = server.poll()
+        if server_rc is not None:
+            codes = [p.wait(timeout=180) for p in procs[1:]]
     finally:
+        peaks.stop()
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    if server_rc is None:  # out of memory or past the deadline: what was measured so far
+        why = "out of memory" if peaks.out_of_memory.is_set() else "timed out"
+        return {
+            "clients": clients,
+            "status": f"stopped: {why} with {len(client_pids)} clients started",
+            "clients_exit_0": 0,
+            "client_tree_rss_mb_max": round(max(peaks.client_rss.values(), default=0) / 2**20),
+            "all_clients_uss_mb": round(peaks.clients_uss / 2**20),
+            "machine_used_mb": round(peaks.machine_used / 2**20),
+            "wall_s": round(time.monotonic() - start, 1),
+        }
     wall = time.monotonic() - start
     seconds = [r["seconds"] for r in json.loads((run / "history.json").read_text())["rounds"]]
     status = json.loads((run / "status.json").read_text())["status"]
@@ -215,11 +248,19 @@ def run_deployed(clients: int, rounds: int, model: str, work: Path) -> dict:
 
 
 def table_deploy(args: argparse.Namespace) -> list[dict]:
-    """The ``deploy`` table: one row per count of ``--deployed-clients``."""
+    """The ``deploy`` table: one row per count of ``--deployed-clients``.
+
+    A run that did not complete with every client exiting 0 keeps its logs and run
+    folder under ``runs/scale-deploy-N-<time>/`` to read.
+    """
     rows = []
     for clients in args.deployed_clients:
         with tempfile.TemporaryDirectory(prefix=f"pollen-deploy-{clients}-") as tmp:
             row = run_deployed(clients, args.rounds, args.model, Path(tmp))
+            if row["status"] != "completed" or row["clients_exit_0"] != clients:
+                keep = Path("runs") / f"scale-deploy-{clients}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.copytree(tmp, keep, ignore=shutil.ignore_patterns("data", "cache"))
+                row["kept"] = str(keep)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

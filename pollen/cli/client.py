@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,13 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _log_dir(given: Path | None) -> Path:
-    """``--log-dir``, or ``./runs/client-<timestamp>/logs``; absolute."""
+    """``--log-dir``, or ``./runs/client-<timestamp>-<pid>/logs``; absolute.
+
+    The process id keeps apart clients started in the same second on one machine.
+    """
     if given is None:
-        given = Path("runs") / f"client-{datetime.now().strftime('%Y%m%d-%H%M%S')}" / "logs"
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        given = Path("runs") / f"client-{stamp}-{os.getpid()}" / "logs"
     return given.expanduser().resolve()
 
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
 from flwr.app import Context, Message
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
@@ -107,6 +105,9 @@ def check_requested_noise(clip: float, z: float, shares: int, context: Context) 
 
 def gaussian_epsilon(z: float, rounds: int, delta: float) -> float:
     """Epsilon at ``delta`` of ``rounds`` Gaussian releases of multiplier ``z`` (RDP)."""
+    import dp_accounting  # here: ~60 MB with scipy, which only a DP run needs
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     )

@@ -69,9 +69,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     """Whether something accepts TCP connections on ``host:port`` (``timeout`` in seconds)."""
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-        return True
-    return False
+    return probe_port(host, port, timeout) == "open"
+
+
+def probe_port(host: str, port: int, timeout: float) -> str:
+    """``"open"``, ``"closed"`` (refused: nothing listens) or ``"silent"`` (no answer in time).
+
+    A busy server may answer late (``"silent"``); only a refusal says that no
+    process listens there any more.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return "open"
+    except ConnectionRefusedError:
+        return "closed"
+    except OSError:
+        return "silent"
 
 
 class ManagedProcess:

@@ -44,6 +44,8 @@ __all__ = [
     "BUSY_POLL_SHARE",
     "BUSY_WINDOW_SECONDS",
     "DEFAULT_POLL_SECONDS",
+    "IDLE_POLL_MAX_SECONDS",
+    "IDLE_RAMP_SECONDS",
     "LOCAL_WAIT_SECONDS",
     "PARENT_ENV",
     "POLL_ENV",
@@ -61,6 +63,12 @@ BUSY_WINDOW_SECONDS = 10.0
 #: Longest wait, seconds, on the node's own state: its app's reply, an object's
 #: content in its store (Flower's own: 0.5 s). Each check is in memory.
 LOCAL_WAIT_SECONDS = 0.02
+#: An idle node polls less and less often: its cap grows from the idle one by itself
+#: every IDLE_RAMP_SECONDS of idleness after the busy window, up to Flower's own 3 s.
+#: Fifty nodes polling every 0.5 s kept 2 cores busy (each poll is a signed HTTP
+#: request through the relay to the SuperLink), so that they answered their own
+#: clients' connection checks late (benchmarks/scale_deploy.py).
+IDLE_RAMP_SECONDS, IDLE_POLL_MAX_SECONDS = 20.0, 3.0
 #: Flower's sleeps at least this long are idle polls of the server (3 s in 1.42);
 #: shorter ones wait on the node's own state (0.5 s).
 _POLL_SLEEP_AT_LEAST = 1.0
@@ -80,10 +88,13 @@ def capped_time(
     """A stand-in for the ``time`` module whose ``sleep`` waits less than Flower asks.
 
     A requested sleep of 1 s or more is an idle poll of the server: it waits
-    at most ``longest`` seconds, or ``busy`` seconds while less than
-    ``window`` seconds have passed since the last shorter sleep. A shorter
-    sleep waits on the node's own state (its app's reply): at most ``local``
-    seconds, and it starts the busy window.
+    at most ``busy`` seconds while less than ``window`` seconds have passed
+    since the last shorter sleep; after that at most ``longest`` seconds, growing
+    by ``longest`` every :data:`IDLE_RAMP_SECONDS` of further idleness up to
+    :data:`IDLE_POLL_MAX_SECONDS` (or ``longest`` if that is more). The node's
+    start opens a busy window too. A shorter sleep waits on
+    the node's own state (its app's reply): at most ``local`` seconds, and it
+    starts the busy window.
 
     Args:
         longest: Cap on an idle poll, in seconds (> 0).
@@ -101,16 +112,19 @@ def capped_time(
             f"the poll caps must be positive seconds, got {longest!r}, {busy!r}, {local!r} "
             f"(window {window!r})"
         )
-    last_local = [-float("inf")]  # monotonic time of the last wait on the node's own state
+    # Monotonic time of the last wait on the node's own state; a node that starts is
+    # about to get work (a federation waits for it), so its start counts as one.
+    last_local = [time.monotonic()]
 
     def sleep(seconds: float) -> None:
         if seconds < _POLL_SLEEP_AT_LEAST:
             last_local[0] = time.monotonic()
             time.sleep(min(seconds, local))
-        elif time.monotonic() - last_local[0] < window:
+        elif (idle := time.monotonic() - last_local[0] - window) < 0:
             time.sleep(min(seconds, busy, longest))
         else:
-            time.sleep(min(seconds, longest))
+            ramp = longest * (1 + idle / IDLE_RAMP_SECONDS)
+            time.sleep(min(seconds, max(longest, min(ramp, IDLE_POLL_MAX_SECONDS))))
 
     capped = ModuleType("time")
     capped.__dict__.update(vars(time))

@@ -37,16 +37,17 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid, PrivacySpent
 from flwr.serverapp import strategy as fl
 
 from pollen.errors import PollenError
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 #: Train-config keys of the noise every client adds under distributed DP
 #: (the same strings as :mod:`pollen.client.dp_mod`'s; a test checks it).
@@ -131,6 +132,10 @@ class LedgerAccountant:
 
 
 def _event(sample_rate: float, noise_multiplier: float, count: int) -> dp_accounting.DpEvent:
+    # dp-accounting (and the scipy it loads) is imported where it is used: the checkpoint
+    # and CLI modules import this one, and `pollen client` should not pay ~60 MB for it.
+    import dp_accounting
+
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     one = (
         gaussian if sample_rate >= 1 else dp_accounting.PoissonSampledDpEvent(sample_rate, gaussian)
@@ -140,6 +145,9 @@ def _event(sample_rate: float, noise_multiplier: float, count: int) -> dp_accoun
 
 def ledger_epsilon(ledger: Iterable[Sequence[float]], delta: float) -> float:
     """Epsilon at ``delta`` of the releases in ``ledger`` (0 for none)."""
+    import dp_accounting
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     )

@@ -14,12 +14,17 @@ figures are the library's for the same parameters (``tests/training``).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-
-import dp_accounting
-from dp_accounting import rdp
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from pollen.errors import PollenError
+
+if TYPE_CHECKING:
+    import dp_accounting
+    from dp_accounting import rdp
 
 #: Noise multipliers above this drown any gradient: refuse a budget that needs more.
 MAX_NOISE_MULTIPLIER = 100.0
@@ -31,7 +36,29 @@ MIN_NOISE_MULTIPLIER = 0.01
 SAMPLING = "poisson"
 
 
+@contextlib.contextmanager
+def _quiet_orders() -> Iterator[None]:
+    """Silence dp-accounting's warning for each fractional RDP order it skips.
+
+    For large sample rates its series for orders such as 1.25 or 1.5 does not
+    converge; the library then leaves that order out of the minimum (the epsilon
+    stays a valid bound) and logs one absl WARNING per order and call, dozens
+    per calibration, which only buries Pollen's own console lines.
+    """
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
+    # dp-accounting (and the scipy it loads, ~60 MB) is imported where it is used: every
+    # client app imports this module, and only DP runs need it.
+    import dp_accounting
+
     step = dp_accounting.PoissonSampledDpEvent(
         sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
     )
@@ -39,6 +66,9 @@ def _event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accoun
 
 
 def _accountant() -> rdp.RdpAccountant:
+    import dp_accounting
+    from dp_accounting import rdp
+
     return rdp.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     )
@@ -57,7 +87,8 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
         return 0.0
     accountant = _accountant()
     accountant.compose(_event(noise_multiplier, sample_rate, steps))
-    return float(accountant.get_epsilon(delta))
+    with _quiet_orders():
+        return float(accountant.get_epsilon(delta))
 
 
 def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -79,14 +110,17 @@ def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: in
         )
     if epsilon_spent(MIN_NOISE_MULTIPLIER, sample_rate, steps, delta) <= epsilon:
         return MIN_NOISE_MULTIPLIER  # the budget allows (almost) no noise
-    z = dp_accounting.calibrate_dp_mechanism(
-        _accountant,
-        lambda noise: _event(noise, sample_rate, steps),
-        epsilon,
-        delta,
-        dp_accounting.ExplicitBracketInterval(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
-        tol=1e-5,
-    )
+    import dp_accounting
+
+    with _quiet_orders():
+        z = dp_accounting.calibrate_dp_mechanism(
+            _accountant,
+            lambda noise: _event(noise, sample_rate, steps),
+            epsilon,
+            delta,
+            dp_accounting.ExplicitBracketInterval(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
+            tol=1e-5,
+        )
     return math.ceil(float(z) * 1e4) / 1e4
 
 

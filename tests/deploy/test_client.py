@@ -145,3 +145,89 @@ def test_another_local_process_cannot_take_the_clients_tasks(tmp_path: Path) -> 
         client.close()
     finally:
         node.stop()
+
+
+def test_probe_port_tells_open_from_closed() -> None:
+    import socket
+
+    from pollen.deploy.processes import free_port, probe_port
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert probe_port("127.0.0.1", listener.getsockname()[1], 2.0) == "open"
+    assert probe_port("127.0.0.1", free_port(), 2.0) == "closed"
+
+
+class _FakeWatch:
+    """What ``_watch_until_done`` uses of a ``_NodeWatch``: alive processes and restarts."""
+
+    class _Alive:
+        def alive(self) -> bool:
+            return True
+
+    def __init__(self) -> None:
+        self.node = self.apps = self._Alive()
+        self.restarts: list[str] = []
+
+    def echo(self) -> None:
+        pass
+
+    def restart(self, why: str) -> None:
+        self.restarts.append(why)
+
+
+def _watch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, probes: list[str]) -> _FakeWatch:
+    """Run the watch loop on a fake clock over ``probes`` (one per check); the run then ends."""
+    import pollen.deploy.client as client
+
+    clock = [0.0]
+    done = tmp_path / "done"
+    answers = iter(probes)
+
+    class FakeTime:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            clock[0] += seconds
+
+    def probe(host: str, port: int, timeout: float) -> str:
+        state = next(answers, None)
+        if state is None:
+            done.touch()
+            return "open"
+        return state
+
+    monkeypatch.setattr(client, "time", FakeTime)
+    monkeypatch.setattr(client, "probe_port", probe)
+    watch = _FakeWatch()
+    client._watch_until_done(watch, done, "127.0.0.1", 1, 120.0, None)  # type: ignore[arg-type]
+    return watch
+
+
+def test_a_busy_server_that_answers_late_is_not_taken_for_a_restart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under load, checks time out; rejoining then made a new node in mid-round."""
+    watch = _watch(monkeypatch, tmp_path, ["silent", "silent", "silent", "open", "open"])
+    assert watch.restarts == []
+    assert capsys.readouterr().out.count("lost the server") == 1  # said once, not per check
+
+
+def test_a_server_whose_port_closed_and_came_back_is_joined_afresh(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    watch = _watch(monkeypatch, tmp_path, ["closed", "closed", "open"])
+    assert watch.restarts == ["the server restarted"]
+
+
+def test_a_server_silent_past_the_connect_timeout_ends_the_client(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pollen.errors import PollenError
+
+    with pytest.raises(PollenError, match="for more than 120 s"):
+        _watch(monkeypatch, tmp_path, ["silent"] * 100)

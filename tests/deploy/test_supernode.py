@@ -27,6 +27,8 @@ def test_capped_time_caps_sleep_and_forwards_the_rest() -> None:
 
 def test_polls_are_quick_right_after_a_message_and_local_waits_short() -> None:
     capped = supernode.capped_time(0.4, busy=0.02, window=1.5, local=0.01)
+    assert _slept(capped, 3) < 0.2  # the node's start opens a busy window
+    time.sleep(1.6)
     assert 0.35 <= _slept(capped, 3) < 1.0  # idle: the poll cap
     assert _slept(capped, 0.5) < 0.2  # Flower's wait for the app's reply: the local cap
     assert _slept(capped, 3) < 0.2  # and the next polls come quickly for a while
@@ -34,6 +36,18 @@ def test_polls_are_quick_right_after_a_message_and_local_waits_short() -> None:
     assert _slept(capped, 3) >= 0.35  # until the window has passed
     assert _slept(capped, 0.4) < 0.2
     assert _slept(supernode.capped_time(0.4, window=0), 3) >= 0.35  # no window
+
+
+def test_an_idle_node_polls_less_and_less_often_up_to_flowers_own_wait(monkeypatch) -> None:
+    """Fifty nodes polling every 0.5 s kept 2 cores busy; idle ones now back off."""
+    monkeypatch.setattr(supernode, "IDLE_RAMP_SECONDS", 0.2)
+    monkeypatch.setattr(supernode, "IDLE_POLL_MAX_SECONDS", 0.4)
+    capped = supernode.capped_time(0.1, window=0)
+    assert _slept(capped, 3) < 0.2  # just idle: the poll cap
+    time.sleep(0.3)
+    assert 0.2 <= _slept(capped, 3) < 0.6  # idle a while: longer, at most the maximum
+    assert _slept(capped, 0.01) < 0.1  # a message: the node is busy again
+    assert _slept(capped, 3) < 0.2
 
 
 @pytest.mark.parametrize(
