@@ -225,6 +225,13 @@ def run_deployed(clients: int, rounds: int, model: str, work: Path) -> dict:
             "wall_s": round(time.monotonic() - start, 1),
         }
     wall = time.monotonic() - start
+    if not (run / "history.json").exists():  # the server stopped before a round ended
+        return {
+            "clients": clients,
+            "status": f"failed (server exit {server_rc}, no round completed)",
+            "clients_exit_0": sum(c == 0 for c in codes),
+            "wall_s": round(wall, 1),
+        }
     seconds = [r["seconds"] for r in json.loads((run / "history.json").read_text())["rounds"]]
     status = json.loads((run / "status.json").read_text())["status"]
     return {

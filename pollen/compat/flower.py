@@ -147,21 +147,29 @@ def start_parent_process_monitor(parent_pid: int) -> None:
     monitor(parent_pid)
 
 
-def run_superexec_with(executor: Callable[[], Any], **kwargs: Any) -> None:
+def run_superexec_with(
+    executor: Callable[[], Any], time_module: ModuleType | None = None, **kwargs: Any
+) -> None:
     """Run Flower's SuperExec loop with ``executor()`` in place of the one it picks.
 
     Relies on ``flwr.supercore.superexec.run_superexec``: ``run_superexec(...)``
     gets its executor from the module global ``get_executor`` (subprocess or
-    Kubernetes, by name), the one place to hand it another. Checked: flwr==1.42.0.
+    Kubernetes, by name), the one place to hand it another, and waits between
+    two requests for tasks with ``time.sleep`` through its module global
+    ``time``. Checked: flwr==1.42.0.
 
     Args:
         executor: Builds the executor (a ``flwr`` ``Executor``; called once).
+        time_module: A stand-in for the ``time`` module whose ``sleep`` the loop
+            waits with between two requests for tasks (None: Flower's).
         **kwargs: ``run_superexec``'s keywords: ``runtime_api_address``,
             ``insecure``, ``root_certificates_path``, ``superexec_auth_secret``
             (bytes that sign its requests for tasks), ``parent_pid``.
     """
     superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
     superexec.get_executor = lambda *_, **__: executor()
+    if time_module is not None:
+        superexec.time = time_module
     superexec.run_superexec(**kwargs)
 
 

@@ -17,8 +17,9 @@ seconds (default :data:`DEFAULT_POLL_SECONDS`), or a fifth of that
 SuperNode last handled a message (a round's next message follows its last
 reply within a second or two), and a wait for the node's own app at most
 :data:`LOCAL_WAIT_SECONDS`. Each poll is one small HTTP request to the
-server, so the default keeps an idle client at 2 requests a second (10 in a
-busy window); raise it for very large fleets. The SuperNode's downloads of a
+server: a client polls 10 times a second in a busy window, twice a second just
+after it, and less often the longer it stays idle, down to Flower's own once
+every 3 s (:data:`IDLE_RAMP_SECONDS`, :data:`IDLE_POLL_MAX_SECONDS`). The SuperNode's downloads of a
 message's content also retry sooner
 (:func:`pollen.compat.flower.quick_pulls`). With ``POLLEN_PARENT_PID`` set (``pollen
 client`` sets its own pid) the SuperNode stops, as on Ctrl-C, once that

@@ -37,11 +37,13 @@ import importlib
 import io
 import queue
 import threading
+import time
 import tomllib
 import zipfile
 import zlib
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from flwr.app import Message
@@ -242,6 +244,36 @@ def run_task(spec: ExecutionSpec) -> str:
     return outcome
 
 
+#: Seconds after its last task during which the runner asks its SuperNode for the next
+#: one at the quick interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.1 s); after that the
+#: wait grows by that interval every IDLE_RAMP_SECONDS, up to Flower's own 1 s. Each ask is
+#: an HTTP request the SuperNode answers: at 10 a second, 50 idle clients on one machine
+#: kept a core busy (benchmarks/scale_deploy.py).
+BUSY_WINDOW_SECONDS, IDLE_RAMP_SECONDS, IDLE_WAIT_MAX_SECONDS = 10.0, 2.0, 1.0
+
+
+def task_wait_time(last_task: list[float]) -> ModuleType:
+    """A stand-in for ``time`` whose ``sleep`` waits longer the longer no task came.
+
+    Args:
+        last_task: One monotonic time, of the runner's start or last task
+            (:class:`WarmExecutor` updates it).
+    """
+
+    def sleep(seconds: float) -> None:
+        idle = time.monotonic() - last_task[0] - BUSY_WINDOW_SECONDS
+        if idle > 0:
+            seconds = max(
+                seconds, min(seconds * (1 + idle / IDLE_RAMP_SECONDS), IDLE_WAIT_MAX_SECONDS)
+            )
+        time.sleep(seconds)
+
+    stand_in = ModuleType("time")
+    stand_in.__dict__.update(vars(time))
+    stand_in.sleep = sleep
+    return stand_in
+
+
 class WarmExecutor(SubprocessExecutor):
     """Runs ClientApp tasks in this process on one worker thread, in arrival order.
 
@@ -250,8 +282,10 @@ class WarmExecutor(SubprocessExecutor):
     would install and run the task's app bundle).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, last_task: list[float] | None = None) -> None:
         super().__init__()
+        #: Monotonic time of the start or the last task, for :func:`task_wait_time`.
+        self.last_task = last_task if last_task is not None else [time.monotonic()]
         self._tasks: queue.Queue[ExecutionSpec | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="pollen-clientapp", daemon=True)
         self._worker.start()
@@ -267,6 +301,7 @@ class WarmExecutor(SubprocessExecutor):
         if spec.task_type != TaskType.CLIENT_APP:
             log(WARNING, "[pollen] refused task %s of type %s", spec.task_id, spec.task_type)
             return LaunchResult.failed(f"pollen runs only ClientApp tasks, not {spec.task_type}")
+        self.last_task[0] = time.monotonic()
         self._tasks.put(spec)
         return LaunchResult.accepted()
 
@@ -280,6 +315,7 @@ class WarmExecutor(SubprocessExecutor):
                 log(INFO, "[pollen] task %s: %s", spec.task_id, run_task(spec))
             except Exception as ex:  # noqa: BLE001 - keep serving the next tasks
                 log(ERROR, "[pollen] task %s could not run", spec.task_id, exc_info=ex)
+            self.last_task[0] = time.monotonic()  # the next message follows soon
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,8 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     serve_later_messages()  # weights kept for the next message are still here then
     # Flower 1.42 picks its executor by name (subprocess or kubernetes) inside
     # run_superexec; compat hands it ours.
+    last_task = [time.monotonic()]
     run_superexec_with(
-        WarmExecutor,
+        lambda: WarmExecutor(last_task),
+        time_module=task_wait_time(last_task),
         runtime_api_address=args.runtime_api_address,
         insecure=args.insecure,
         root_certificates_path=args.root_certificates,

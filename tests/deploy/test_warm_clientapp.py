@@ -350,3 +350,28 @@ def test_main_hands_the_secret_to_flowers_superexec_loop(tmp_path: Path, monkeyp
                 str(secret),
             ]
         )
+
+
+def test_the_runner_asks_for_tasks_less_often_the_longer_none_came(monkeypatch) -> None:
+    """At 10 asks a second, 50 idle clients on one machine kept a core busy."""
+    import time
+
+    monkeypatch.setattr(warm, "BUSY_WINDOW_SECONDS", 0.2)
+    monkeypatch.setattr(warm, "IDLE_RAMP_SECONDS", 0.1)
+    monkeypatch.setattr(warm, "IDLE_WAIT_MAX_SECONDS", 0.4)
+    last_task = [time.monotonic()]
+    waits = warm.task_wait_time(last_task)
+
+    def slept(seconds: float) -> float:
+        start = time.monotonic()
+        waits.sleep(seconds)
+        return time.monotonic() - start
+
+    assert slept(0.05) < 0.15  # just after a task: the quick interval
+    time.sleep(0.6)  # idle 0.4 s past the window: 0.05 s x (1 + 0.4 / 0.1)
+    assert 0.2 <= slept(0.05) < 0.4
+    time.sleep(1.0)
+    assert 0.35 <= slept(0.05) < 0.7  # long idle: the maximum
+    last_task[0] = time.monotonic()  # a task came
+    assert slept(0.05) < 0.15
+    assert waits.monotonic is time.monotonic
