@@ -33,7 +33,6 @@ Flower's own wraps, over a JSON ledger of releases):
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import random
 from collections.abc import Iterable, Sequence
@@ -45,6 +44,7 @@ from flwr.serverapp import Grid, PrivacySpent
 from flwr.serverapp import strategy as fl
 
 from pollen.errors import PollenError
+from pollen.training.accountant import quiet_orders
 
 if TYPE_CHECKING:
     import dp_accounting
@@ -154,17 +154,10 @@ def ledger_epsilon(ledger: Iterable[Sequence[float]], delta: float) -> float:
     entries = [e for e in ledger if e[2] > 0]
     if not entries:
         return 0.0
-    # At small z and low orders dp-accounting logs that a series did not converge and
-    # leaves that order out (the epsilon is then the best of the others): not a problem.
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
+    with quiet_orders():  # dp-accounting's warnings for the orders it leaves out
         for q, z, count in entries:
             accountant.compose(_event(q, z, int(count)))
         return float(accountant.get_epsilon(delta))
-    finally:
-        absl.setLevel(level)
 
 
 def ledger_problem(ledger: Any, max_releases: int) -> str | None:

@@ -37,7 +37,7 @@ SAMPLING = "poisson"
 
 
 @contextlib.contextmanager
-def _quiet_orders() -> Iterator[None]:
+def quiet_orders() -> Iterator[None]:
     """Silence dp-accounting's warning for each fractional RDP order it skips.
 
     For large sample rates its series for orders such as 1.25 or 1.5 does not
@@ -87,7 +87,7 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
         return 0.0
     accountant = _accountant()
     accountant.compose(_event(noise_multiplier, sample_rate, steps))
-    with _quiet_orders():
+    with quiet_orders():
         return float(accountant.get_epsilon(delta))
 
 
@@ -112,7 +112,7 @@ def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: in
         return MIN_NOISE_MULTIPLIER  # the budget allows (almost) no noise
     import dp_accounting
 
-    with _quiet_orders():
+    with quiet_orders():
         z = dp_accounting.calibrate_dp_mechanism(
             _accountant,
             lambda noise: _event(noise, sample_rate, steps),
