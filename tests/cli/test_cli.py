@@ -75,7 +75,11 @@ CASES: list[tuple[str, list[str], str]] = [
         ["simulate", "--secagg", "--strategy", "fedmedian"],
         "fedavg strategy only",
     ),
-    ("sim-secagg-dp", ["simulate", "--secagg", "--dp", "--dp-noise", "1"], "cannot be combined"),
+    (  # --secagg --dp alone is distributed DP now; Poisson sampling cannot join it
+        "sim-secagg-poisson",
+        ["simulate", "--secagg", "--dp", "--dp-noise", "1", "--client-sampling", "poisson"],
+        "cannot be combined with --secagg",
+    ),
     ("sim-attack", ["simulate", "--attack", "poison"], "invalid choice: 'poison'"),
     (
         "sim-malicious-too-many",
