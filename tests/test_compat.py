@@ -288,6 +288,11 @@ def test_run_superexec_with() -> None:
         compat.FLOWER,
     )
     _attr(module, "get_executor", compat.FLOWER)
+    _attr(module, "register_signal_handlers", compat.FLOWER)
+    assert "register_signal_handlers(" in inspect.getsource(run), (
+        f"{internal}: run_superexec no longer registers signal handlers through its module "
+        f"global (checked against {compat.FLOWER}); on the SuperNode's thread it would fail."
+    )
     assert "get_executor(" in inspect.getsource(run), (
         f"{internal}: run_superexec no longer picks its executor with get_executor "
         f"(checked against {compat.FLOWER}); the warm app runner would not be used."
@@ -308,6 +313,43 @@ def test_run_superexec_with_hands_over_the_executor(monkeypatch) -> None:
     compat_flower.run_superexec_with(lambda: mine, runtime_api_address="127.0.0.1:1", insecure=True)
     assert seen == {"executor": mine, "kwargs": {"runtime_api_address": "127.0.0.1:1",
                                                 "insecure": True}}  # fmt: skip
+
+
+def test_run_superexec_with_on_a_thread_leaves_signals_alone(monkeypatch) -> None:
+    """``signals=False``: Flower's loop registers no handler (a thread cannot)."""
+    import threading
+
+    superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
+    for name in ("get_executor", "register_signal_handlers"):
+        monkeypatch.setattr(superexec, name, getattr(superexec, name))  # restored after
+    seen: dict = {}
+
+    def fake_run(**_kwargs):
+        superexec.register_signal_handlers(event_type=None, exit_message="", grpc_servers=[])
+        seen["ran"] = True
+
+    monkeypatch.setattr(superexec, "run_superexec", fake_run)
+    thread = threading.Thread(
+        target=compat_flower.run_superexec_with, args=(object,), kwargs={"signals": False}
+    )
+    thread.start()
+    thread.join(30)
+    assert seen == {"ran": True}
+
+
+def test_declare_heartbeat_interval(monkeypatch) -> None:
+    internal = "flwr.supernode.fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL"
+    _require(compat.FLOWER, internal)
+    module = importlib.import_module("flwr.supernode.fleet_http_connection")
+    default = _attr("flwr.supernode.fleet_http_connection", "HEARTBEAT_DEFAULT_INTERVAL",
+                    compat.FLOWER)  # fmt: skip
+    assert inspect.getsource(module).count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") >= 2, (
+        f"{internal}: the SuperNode no longer declares its heartbeat interval with it "
+        f"(checked against {compat.FLOWER})"
+    )
+    monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", default)  # restored after
+    compat_flower.declare_heartbeat_interval(60)
+    assert module.HEARTBEAT_DEFAULT_INTERVAL == 60
 
 
 def test_is_simulation_grid() -> None:

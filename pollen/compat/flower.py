@@ -20,6 +20,7 @@ __all__ = [
     "PULL_RETRY_CAP",
     "WARM_CLIENTAPP_NAMES",
     "cap_supernode_sleeps",
+    "declare_heartbeat_interval",
     "is_simulation_grid",
     "quick_clientapp_pulls",
     "quick_pulls",
@@ -133,6 +134,20 @@ def cap_supernode_sleeps(time_module: ModuleType) -> None:
     start_client_internal.time = time_module
 
 
+def declare_heartbeat_interval(seconds: int) -> None:
+    """Make the SuperNode in this process declare a heartbeat every ``seconds`` to the SuperLink.
+
+    Relies on ``flwr.supernode.fleet_http_connection`` sending its module global
+    ``HEARTBEAT_DEFAULT_INTERVAL`` (30 s) as the interval when it activates the
+    node and with every heartbeat; the SuperLink takes a node for gone after
+    twice that without one. The heartbeats themselves still leave every ~20 s
+    (``flwr.supercore.heartbeat`` keeps its own constant). Checked: flwr==1.42.0.
+    """
+    from flwr.supernode import fleet_http_connection
+
+    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = seconds
+
+
 def start_parent_process_monitor(parent_pid: int) -> None:
     """Interrupt this process (as Ctrl-C would) once process ``parent_pid`` has ended.
 
@@ -148,7 +163,11 @@ def start_parent_process_monitor(parent_pid: int) -> None:
 
 
 def run_superexec_with(
-    executor: Callable[[], Any], time_module: ModuleType | None = None, **kwargs: Any
+    executor: Callable[[], Any],
+    time_module: ModuleType | None = None,
+    *,
+    signals: bool = True,
+    **kwargs: Any,
 ) -> None:
     """Run Flower's SuperExec loop with ``executor()`` in place of the one it picks.
 
@@ -162,6 +181,10 @@ def run_superexec_with(
         executor: Builds the executor (a ``flwr`` ``Executor``; called once).
         time_module: A stand-in for the ``time`` module whose ``sleep`` the loop
             waits with between two requests for tasks (None: Flower's).
+        signals: Whether the loop registers Flower's signal handlers (module global
+            ``register_signal_handlers``). ``False`` for a loop on a thread beside
+            a SuperNode, whose own handlers end the process (Python sets signal
+            handlers on the main thread only).
         **kwargs: ``run_superexec``'s keywords: ``runtime_api_address``,
             ``insecure``, ``root_certificates_path``, ``superexec_auth_secret``
             (bytes that sign its requests for tasks), ``parent_pid``.
@@ -170,6 +193,8 @@ def run_superexec_with(
     superexec.get_executor = lambda *_, **__: executor()
     if time_module is not None:
         superexec.time = time_module
+    if not signals:
+        superexec.register_signal_handlers = lambda **_: None
     superexec.run_superexec(**kwargs)
 
 

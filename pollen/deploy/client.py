@@ -1,13 +1,12 @@
 """``pollen client``: take part in a federation run by a ``pollen server``.
 
 :func:`join` runs Flower's SuperNode (through :mod:`pollen.deploy.supernode`,
-which polls more often) against the server, with
-:mod:`pollen.deploy.warm_clientapp` beside it to run the client app in one warm
-process for all messages, and watches both (:class:`_NodeWatch`): the
-SuperNode never exits on its own, so the client app leaves a marker file when
-the server announces the end of the run, and the watchdog then stops both and
-returns 0. A SuperNode that stops, or a server that restarts, makes the client
-join again.
+which polls more often) against the server; the same process runs
+:mod:`pollen.deploy.warm_clientapp` on a thread, the client app warm for all
+messages. :class:`_NodeWatch` watches that process: the SuperNode never exits
+on its own, so the client app leaves a marker file when the server announces
+the end of the run, and the watchdog then stops it and returns 0. A SuperNode
+that stops, or a server that restarts, makes the client join again.
 
 With a client bundle (:mod:`pollen.deploy.tls`) the client verifies the server
 against its ``ca.crt`` and signs its requests with ``client.key``.
@@ -21,11 +20,9 @@ cannot take this client's tasks. See docs/security.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -170,7 +167,7 @@ def _supernode_argv(
         f"{host}:{port}",
         "--node-config",
         " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
-        # Pollen's own app runner serves the SuperNode's tasks in one warm
+        # Pollen's own app runner serves the SuperNode's tasks on a thread of its
         # process (pollen.deploy.warm_clientapp), instead of a process per message.
         *("--isolation", "process"),
         *("--superexec-auth-secret-file", str(secret)),
@@ -203,7 +200,7 @@ def _watch_until_done(
     next_probe = time.monotonic() + PROBE_SECONDS
     while not done_file.exists():
         watch.echo()
-        if not watch.node.alive() or not watch.apps.alive():
+        if not watch.node.alive():
             watch.echo()
             failure = _supernode_failure(watch.node, f"{host}:{port}", tls)
             if not _restartable(failure) or not watch.may_restart():
@@ -279,10 +276,8 @@ class _NodeWatch:
             self.home,
             {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", PARENT_ENV: str(os.getpid())},
         )
+        # Its app runner is a thread of the same process (pollen.deploy.warm_clientapp).
         self.node = ManagedProcess("supernode", argv, env, self.log)
-        self.apps = ManagedProcess(
-            "clientapp", _runner_argv(argv, self.node.proc.pid), env, self.log
-        )
 
     def echo(self) -> None:
         """Pass the SuperNode's new output to the console router (what matters: to stdout)."""
@@ -301,31 +296,9 @@ class _NodeWatch:
         self._start()
 
     def stop(self) -> None:
-        """Stop the app runner and the SuperNode; show the rest of their output."""
-        node_gone = not self.node.alive()
-        if node_gone:
-            # The app runner ends by itself once its SuperNode is gone: Flower's parent
-            # monitor raises SIGINT in it within 0.2 s. A SIGTERM landing on top of that
-            # SIGINT makes CPython print "Signal 15 ignored due to race condition" with a
-            # traceback (Flower's handler puts the default handlers back while it exits).
-            # So it gets 5 s, then SIGKILL only; it holds no state.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.apps.proc.wait(timeout=5)
-        self.apps.stop(term=not node_gone)
+        """Stop the SuperNode (and its app runner); show the rest of their output."""
         self.node.stop()
         self.echo()
-
-
-def _runner_argv(supernode_argv: list[str], supernode_pid: int) -> list[str]:
-    """The app runner's command line for the SuperNode started with ``supernode_argv``."""
-    port = supernode_argv[supernode_argv.index("--port") + 1]
-    secret = supernode_argv[supernode_argv.index("--superexec-auth-secret-file") + 1]
-    return [
-        *(sys.executable, "-m", "pollen.deploy.warm_clientapp", "--insecure"),
-        *("--runtime-api-address", f"127.0.0.1:{port}"),
-        *("--superexec-auth-secret-file", secret),
-        *("--parent-pid", str(supernode_pid)),
-    ]
 
 
 def _restartable(failure: PollenError) -> bool:

@@ -136,7 +136,13 @@ def _fresh(stamp: bytes) -> bool:
 def flower_refusal(path: str, status: int) -> str:
     """Why Flower refused a client, from the call and its answer."""
     if status == 401:
-        return "its request signature did not verify (wrong key or clock)"
+        # Flower's NodeAuthMiddleware: a bad signature or timestamp, or a key whose node
+        # the SuperLink no longer has under that id (dropped for late heartbeats, or
+        # joined again). The relay checks signatures itself when it knows the keys.
+        return (
+            "Flower did not accept its signed request: the server no longer knows its node "
+            "(late heartbeats, or it joined again), or a wrong key or clock"
+        )
     if path.endswith("/activate-node"):
         return "its public key is not among the server's authorized clients"
     return "it tried to register itself, but only authorized client keys may join"

@@ -36,6 +36,7 @@ from types import ModuleType
 
 from pollen.compat.flower import (
     cap_supernode_sleeps,
+    declare_heartbeat_interval,
     quick_supernode_pulls,
     start_parent_process_monitor,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "BUSY_POLL_SHARE",
     "BUSY_WINDOW_SECONDS",
     "DEFAULT_POLL_SECONDS",
+    "HEARTBEAT_DECLARED_SECONDS",
     "IDLE_POLL_MAX_SECONDS",
     "IDLE_RAMP_SECONDS",
     "LOCAL_WAIT_SECONDS",
@@ -73,6 +75,12 @@ IDLE_RAMP_SECONDS, IDLE_POLL_MAX_SECONDS = 20.0, 3.0
 #: Flower's sleeps at least this long are idle polls of the server (3 s in 1.42);
 #: shorter ones wait on the node's own state (0.5 s).
 _POLL_SLEEP_AT_LEAST = 1.0
+#: The heartbeat interval the SuperNode declares (Flower's: 30 s); the SuperLink drops a
+#: node after twice that without a heartbeat. Heartbeats still leave every ~20 s: the
+#: longer allowance keeps a client whose heartbeats come late on a busy machine (50
+#: clients training on 2 cores beside the server, benchmarks/scale_deploy.py: 14 of
+#: 50 were dropped as "Node Unavailable" in round 1) two minutes instead of one.
+HEARTBEAT_DECLARED_SECONDS = 60
 #: Environment variable that overrides :data:`DEFAULT_POLL_SECONDS`.
 POLL_ENV = "POLLEN_SUPERNODE_POLL"
 #: Environment variable naming the process whose end stops the SuperNode.
@@ -162,6 +170,12 @@ def main() -> None:
         start_parent_process_monitor(int(os.environ[PARENT_ENV]))
     cap_supernode_sleeps(capped_time(poll_seconds()))
     quick_supernode_pulls()  # a message's content from the server
+    declare_heartbeat_interval(HEARTBEAT_DECLARED_SECONDS)
+    if "--isolation" in sys.argv and sys.argv[sys.argv.index("--isolation") + 1] == "process":
+        # Its tasks run in this process, on Pollen's warm app runner's thread.
+        from pollen.deploy.warm_clientapp import serve_beside_supernode
+
+        serve_beside_supernode(sys.argv[1:])
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())
 

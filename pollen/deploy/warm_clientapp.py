@@ -7,7 +7,8 @@ Keras's imports, the client's data loading, the model build and the first
 traced train step again (see docs/performance.md#warm-clientapp).
 
 ``pollen client`` instead runs its SuperNode with ``--isolation process`` and
-this module beside it (``python -m pollen.deploy.warm_clientapp``): Flower's own
+this module on a thread of the SuperNode's process (:func:`serve_beside_supernode`;
+``python -m pollen.deploy.warm_clientapp`` runs it alone): Flower's own
 SuperExec loop (``run_superexec``: it polls the SuperNode's Runtime API for
 tasks and hands each to an executor), given :class:`WarmExecutor`, which runs
 ClientApp tasks in this process, one after the other, on one worker thread.
@@ -35,7 +36,9 @@ import functools
 import hashlib
 import importlib
 import io
+import os
 import queue
+import signal
 import threading
 import time
 import tomllib
@@ -71,6 +74,7 @@ from flwr.supernode.runtime.run_clientapp import (
 
 from pollen.compat.flower import quick_clientapp_pulls, run_superexec_with
 from pollen.deploy.runtime import APP_COMPONENTS, APP_NAME, APP_PUBLISHER, app_version
+from pollen.errors import PollenError
 
 __all__ = ["FAB_FILES", "ForeignAppError", "WarmExecutor", "check_app", "main", "run_task"]
 
@@ -318,28 +322,22 @@ class WarmExecutor(SubprocessExecutor):
             self.last_task[0] = time.monotonic()  # the next message follows soon
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pollen.deploy.warm_clientapp``: Flower's SuperExec loop with :class:`WarmExecutor`.
+def serve(
+    runtime_api_address: str,
+    *,
+    insecure: bool = True,
+    root_certificates: str | None = None,
+    secret: bytes | None = None,
+    parent_pid: int | None = None,
+    signals: bool = True,
+) -> None:
+    """Serve the SuperNode at ``runtime_api_address``'s ClientApp tasks until the process ends.
 
-    Takes the arguments of ``flower-superexec`` that a SuperNode passes to it:
-    ``--runtime-api-address``, ``--insecure`` or ``--root-certificates``,
-    ``--parent-pid`` (exit when that process does) and
-    ``--superexec-auth-secret-file`` (the secret the SuperNode was started with:
-    it signs this runner's requests for tasks).
-    """  # noqa: E501 - the first line is also the --help description
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("--runtime-api-address", required=True)
-    parser.add_argument("--insecure", action="store_true")
-    parser.add_argument("--root-certificates", default=None)
-    parser.add_argument("--parent-pid", type=int, default=None)
-    parser.add_argument("--superexec-auth-secret-file", type=Path, default=None)
-    args = parser.parse_args(argv)
-    secret = (
-        args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
-    )
-    if secret == b"":
-        parser.error("--superexec-auth-secret-file: the file is empty")
-
+    Flower's SuperExec loop with :class:`WarmExecutor`. ``secret`` signs this
+    runner's requests for tasks (the SuperNode's ``--superexec-auth-secret-file``);
+    ``parent_pid``: stop when that process is gone; ``signals``: register Flower's
+    signal handlers (main thread only).
+    """
     from pollen.server.console import tag_pollen_lines
     from pollen.wire import serve_later_messages
 
@@ -353,10 +351,71 @@ def main(argv: list[str] | None = None) -> None:
     run_superexec_with(
         lambda: WarmExecutor(last_task),
         time_module=task_wait_time(last_task),
-        runtime_api_address=args.runtime_api_address,
-        insecure=args.insecure,
-        root_certificates_path=args.root_certificates,
+        signals=signals,
+        runtime_api_address=runtime_api_address,
+        insecure=insecure,
+        root_certificates_path=root_certificates,
         superexec_auth_secret=secret,
+        parent_pid=parent_pid,
+    )
+
+
+def serve_beside_supernode(supernode_argv: list[str]) -> threading.Thread:
+    """Start :func:`serve` on a daemon thread of this process, a SuperNode's, for its tasks.
+
+    ``supernode_argv``: the SuperNode's arguments (``--port`` of its Runtime API on
+    loopback, ``--superexec-auth-secret-file``). One process for the SuperNode and
+    its app runner holds Python, Flower and their libraries once: about 90 MB less
+    per client than two processes (docs/performance.md#deployed-clients). Should the
+    runner stop (a Flower exit on a broken Runtime API), the process ends with
+    SIGTERM, as the SuperNode does on its own failures: the client joins again.
+    """
+    port = supernode_argv[supernode_argv.index("--port") + 1]
+    key = None  # a SuperNode without a secret hands tasks to any local runner
+    if "--superexec-auth-secret-file" in supernode_argv:
+        secret = Path(supernode_argv[supernode_argv.index("--superexec-auth-secret-file") + 1])
+        if not (key := secret.read_bytes()):
+            raise PollenError(f"The app runner's secret file {secret} is empty.")
+
+    def run() -> None:
+        try:
+            serve(f"127.0.0.1:{port}", secret=key, signals=False)
+        finally:
+            log(ERROR, "[pollen] the client's app runner stopped; stopping its SuperNode")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=run, name="pollen-apprunner", daemon=True)
+    thread.start()
+    return thread
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pollen.deploy.warm_clientapp``: Flower's SuperExec loop with :class:`WarmExecutor`.
+
+    Takes the arguments of ``flower-superexec`` that a SuperNode passes to it:
+    ``--runtime-api-address``, ``--insecure`` or ``--root-certificates``,
+    ``--parent-pid`` (exit when that process does) and
+    ``--superexec-auth-secret-file`` (the secret the SuperNode was started with:
+    it signs this runner's requests for tasks). ``pollen client`` runs the same
+    loop on a thread of its SuperNode's process instead (:func:`serve_beside_supernode`).
+    """  # noqa: E501 - the first line is also the --help description
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates", default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--superexec-auth-secret-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+    secret = (
+        args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
+    )
+    if secret == b"":
+        parser.error("--superexec-auth-secret-file: the file is empty")
+    serve(
+        args.runtime_api_address,
+        insecure=args.insecure,
+        root_certificates=args.root_certificates,
+        secret=secret,
         parent_pid=args.parent_pid,
     )
 

@@ -17,7 +17,8 @@ import logging
 import re
 from pathlib import Path
 
-from flwr.common.logger import FLOWER_LOGGER
+#: Flower's logger (``flwr.common.logger.FLOWER_LOGGER``), by name: no need to import Flower.
+FLOWER_LOGGER = logging.getLogger("flwr")
 
 __all__ = ["TAG", "parse_tagged", "tag_pollen_lines"]
 

@@ -8,52 +8,6 @@ import pytest
 
 import pollen.deploy.processes as processes
 
-SAYS_SIGTERM = """
-import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(3)))
-print("up", flush=True)
-time.sleep(300)
-"""
-
-
-def test_a_client_whose_supernode_is_gone_stops_its_app_runner_without_sigterm(
-    tmp_path: Path,
-) -> None:
-    """The app runner is then already exiting on Flower's SIGINT; a SIGTERM on top made
-    CPython print a traceback ("Signal 15 ignored due to race condition")."""
-    import sys
-    import time
-
-    from pollen.deploy.client import _NodeWatch
-    from pollen.deploy.console import ConsoleRouter
-
-    watch = object.__new__(_NodeWatch)  # its two processes, without Flower
-    watch.log, watch.shown = tmp_path / "supernode.log", 0
-    watch.router = ConsoleRouter(None)
-    watch.node = processes.ManagedProcess("supernode", [sys.executable, "-c", "pass"], {}, None)
-    watch.apps = processes.ManagedProcess("clientapp", [sys.executable, "-c", SAYS_SIGTERM], {},
-                                        watch.log)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while "up" not in watch.log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    watch.node.proc.wait(30)
-    watch.stop()
-    assert not watch.apps.alive()
-    assert "got SIGTERM" not in watch.log.read_text()
-    # A SuperNode that is still up: both get SIGTERM as usual.
-    watch.node = processes.ManagedProcess("supernode", [sys.executable, "-c", SAYS_SIGTERM], {},
-                                        tmp_path / "node.log")  # fmt: skip
-    while "up" not in (tmp_path / "node.log").read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    watch.apps = processes.ManagedProcess("clientapp", [sys.executable, "-c", SAYS_SIGTERM], {},
-                                        tmp_path / "apps.log")  # fmt: skip
-    while "up" not in (tmp_path / "apps.log").read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    watch.stop()
-    assert "got SIGTERM" in (tmp_path / "apps.log").read_text()
-    assert "got SIGTERM" in (tmp_path / "node.log").read_text()
-
-
 # --- the SuperNode's Runtime API takes task requests from the client's own runner only ----------
 
 
@@ -73,21 +27,44 @@ def _argv(tmp_path: Path, port: int = 9) -> list[str]:
 
 def test_the_supernode_and_its_runner_share_a_private_secret(tmp_path: Path) -> None:
     """Flower's SuperExec auth: the SuperNode hands tasks only to requests signed with it."""
-    from pollen.deploy.client import _runner_argv, write_secret
+    from pollen.deploy.client import write_secret
 
     argv = _argv(tmp_path)
     secret = Path(argv[argv.index("--superexec-auth-secret-file") + 1])
     assert argv[argv.index("--isolation") + 1] == "process"  # never flwr-clientapp per task
     assert len(secret.read_bytes()) >= 32
-    runner = _runner_argv(argv, 1234)
-    assert runner[runner.index("--superexec-auth-secret-file") + 1] == str(secret)
-    assert runner[runner.index("--runtime-api-address") + 1].endswith(
-        argv[argv.index("--port") + 1]
-    )
     other = write_secret(tmp_path / "other")
     assert other.read_bytes() != secret.read_bytes()  # random per client
     with pytest.raises(FileExistsError):  # never written through a planted file or link
         write_secret(other)
+
+
+def test_the_supernode_process_runs_its_app_runner_on_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process per client for the SuperNode and its runner, which signs with the
+    client's secret; a runner that stops ends the process (the client joins again)."""
+    import os
+    import signal
+
+    import pollen.deploy.warm_clientapp as warm
+    from pollen.errors import PollenError
+
+    argv = _argv(tmp_path)
+    calls: list[tuple[str, dict]] = []
+    kills: list[tuple[int, int]] = []
+    monkeypatch.setattr(warm, "serve", lambda address, **kw: calls.append((address, kw)))
+    monkeypatch.setattr(os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    warm.serve_beside_supernode(argv[3:]).join(30)  # the arguments after `-m MODULE`
+    secret = Path(argv[argv.index("--superexec-auth-secret-file") + 1]).read_bytes()
+    port = argv[argv.index("--port") + 1]
+    assert calls == [(f"127.0.0.1:{port}", {"secret": secret, "signals": False})]
+    assert kills == [(os.getpid(), signal.SIGTERM)]
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    argv[argv.index("--superexec-auth-secret-file") + 1] = str(empty)
+    with pytest.raises(PollenError, match="empty"):
+        warm.serve_beside_supernode(argv)
 
 
 ACQUIRE_TASK = "/v1/runtime/acquire-task"
@@ -167,7 +144,7 @@ class _FakeWatch:
             return True
 
     def __init__(self) -> None:
-        self.node = self.apps = self._Alive()
+        self.node = self._Alive()
         self.restarts: list[str] = []
 
     def echo(self) -> None:
