@@ -38,7 +38,7 @@ from pollen.deploy.processes import (
     temporary_home,
 )
 from pollen.deploy.runtime import flower_env, split_address
-from pollen.deploy.supernode import PARENT_ENV, poll_seconds
+from pollen.deploy.supernode import PARENT_ENV, heartbeat_seconds, poll_seconds
 from pollen.deploy.tls import ClientCerts, probe_tls
 from pollen.errors import PollenError
 from pollen.protocol import DONE_FILE_KEY
@@ -99,6 +99,7 @@ def join(
             check, it refused this client's key, or the SuperNode failed.
     """
     poll_seconds()  # a bad POLLEN_SUPERNODE_POLL fails here, not inside the SuperNode
+    heartbeat_seconds()  # and a bad POLLEN_SUPERNODE_HEARTBEAT
     host, port = split_address(server)
     _wait_for_server(host, port, connect_timeout)
     probe_tls(host, port, tls.ca if tls else None)

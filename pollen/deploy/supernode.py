@@ -47,12 +47,14 @@ __all__ = [
     "BUSY_WINDOW_SECONDS",
     "DEFAULT_POLL_SECONDS",
     "HEARTBEAT_DECLARED_SECONDS",
+    "HEARTBEAT_ENV",
     "IDLE_POLL_MAX_SECONDS",
     "IDLE_RAMP_SECONDS",
     "LOCAL_WAIT_SECONDS",
     "PARENT_ENV",
     "POLL_ENV",
     "capped_time",
+    "heartbeat_seconds",
     "main",
 ]
 
@@ -81,6 +83,9 @@ _POLL_SLEEP_AT_LEAST = 1.0
 #: clients training on 2 cores beside the server, benchmarks/scale_deploy.py: 14 of
 #: 50 were dropped as "Node Unavailable" in round 1) two minutes instead of one.
 HEARTBEAT_DECLARED_SECONDS = 60
+#: Environment variable that overrides :data:`HEARTBEAT_DECLARED_SECONDS` (Flower accepts
+#: 10 to 1,800 s): shorter notices a dead client sooner, longer tolerates a busier machine.
+HEARTBEAT_ENV = "POLLEN_SUPERNODE_HEARTBEAT"
 #: Environment variable that overrides :data:`DEFAULT_POLL_SECONDS`.
 POLL_ENV = "POLLEN_SUPERNODE_POLL"
 #: Environment variable naming the process whose end stops the SuperNode.
@@ -162,6 +167,25 @@ def poll_seconds() -> float:
     return value
 
 
+def heartbeat_seconds() -> int:
+    """Seconds from ``POLLEN_SUPERNODE_HEARTBEAT``, or :data:`HEARTBEAT_DECLARED_SECONDS`.
+
+    Raises:
+        PollenError: The variable is set to something other than whole seconds from 10
+            to 1,800 (Flower's bounds).
+    """
+    raw = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not raw:
+        return HEARTBEAT_DECLARED_SECONDS
+    if not raw.isdigit() or not 10 <= int(raw) <= 1800:
+        raise PollenError(
+            f"{HEARTBEAT_ENV}={raw!r} is not a whole number of seconds from 10 to 1800. Set "
+            f"it to the heartbeat interval a client declares (the server drops a client "
+            f"after twice that without one; default {HEARTBEAT_DECLARED_SECONDS}), or unset it."
+        )
+    return int(raw)
+
+
 def main() -> None:
     """``python -m pollen.deploy.supernode ARGS``: ``flower-supernode ARGS`` with capped polls."""
     from flwr.supernode.cli import flower_supernode
@@ -170,7 +194,7 @@ def main() -> None:
         start_parent_process_monitor(int(os.environ[PARENT_ENV]))
     cap_supernode_sleeps(capped_time(poll_seconds()))
     quick_supernode_pulls()  # a message's content from the server
-    declare_heartbeat_interval(HEARTBEAT_DECLARED_SECONDS)
+    declare_heartbeat_interval(heartbeat_seconds())
     if "--isolation" in sys.argv and sys.argv[sys.argv.index("--isolation") + 1] == "process":
         # Its tasks run in this process, on Pollen's warm app runner's thread.
         from pollen.deploy.warm_clientapp import serve_beside_supernode

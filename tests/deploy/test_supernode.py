@@ -70,11 +70,32 @@ def test_a_bad_poll_setting_is_refused_with_a_message(monkeypatch, raw) -> None:
         supernode.poll_seconds()
 
 
+@pytest.mark.parametrize(("raw", "expected"), [(None, 60), ("", 60), ("30", 30), (" 1800 ", 1800)])
+def test_heartbeat_seconds_from_the_environment(monkeypatch, raw, expected) -> None:
+    if raw is None:
+        monkeypatch.delenv(supernode.HEARTBEAT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(supernode.HEARTBEAT_ENV, raw)
+    assert supernode.heartbeat_seconds() == expected
+    assert raw or expected == supernode.HEARTBEAT_DECLARED_SECONDS
+
+
+@pytest.mark.parametrize("raw", ["9", "1801", "2.5", "-30", "soon"])
+def test_a_bad_heartbeat_setting_is_refused_with_a_message(monkeypatch, raw) -> None:
+    from pollen.errors import PollenError
+
+    monkeypatch.setenv(supernode.HEARTBEAT_ENV, raw)
+    with pytest.raises(PollenError, match="POLLEN_SUPERNODE_HEARTBEAT=.*from 10 to 1800"):
+        supernode.heartbeat_seconds()
+
+
 def test_main_runs_flowers_supernode_with_the_capped_poll(monkeypatch, capsys) -> None:
-    from flwr.supernode import start_client_internal
+    from flwr.supernode import fleet_http_connection, start_client_internal
 
     monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    monkeypatch.setattr(fleet_http_connection, "HEARTBEAT_DEFAULT_INTERVAL", 30)
     monkeypatch.setenv(supernode.POLL_ENV, "0.05")
+    monkeypatch.delenv(supernode.HEARTBEAT_ENV, raising=False)
     monkeypatch.setattr(sys, "argv", ["pollen.deploy.supernode", "--help"])
     with pytest.raises(SystemExit) as exit_:
         supernode.main()
@@ -85,6 +106,7 @@ def test_main_runs_flowers_supernode_with_the_capped_poll(monkeypatch, capsys) -
     start = time.monotonic()
     patched.sleep(3)
     assert time.monotonic() - start < 1.0
+    assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 60  # declared to the SuperLink
 
 
 def test_pollen_client_refuses_a_bad_poll_setting_before_it_starts(monkeypatch) -> None:

@@ -263,6 +263,9 @@ def _status(run: Path) -> dict:
 def test_a_client_killed_mid_training_is_recorded_and_the_run_goes_on(fleet, tmp_path, tiny_data):
     from conftest import free_port
 
+    # Flower's 30-s heartbeat: the dead victim leaves the node list after 60 s, not 120 s,
+    # so round 2 is less likely to wait for it until --round-timeout (test time only).
+    fleet.env = {**fleet.env, "POLLEN_SUPERNODE_HEARTBEAT": "30"}
     port, run = free_port(), tmp_path / "run"
     server = _server(
         fleet, port, run, "--rounds", "2", "--min-clients", "2", "--epochs", "25",
