@@ -365,7 +365,7 @@ def serve_beside_supernode(supernode_argv: list[str]) -> threading.Thread:
 
     ``supernode_argv``: the SuperNode's arguments (``--port`` of its Runtime API on
     loopback, ``--superexec-auth-secret-file``). One process for the SuperNode and
-    its app runner holds Python, Flower and their libraries once: about 90 MB less
+    its app runner holds Python, Flower and their libraries once: 55 MB less
     per client than two processes (docs/scale.md#many-deployed-clients). Should the
     runner stop (a Flower exit on a broken Runtime API), the process ends with
     SIGTERM, as the SuperNode does on its own failures: the client joins again.
