@@ -3,19 +3,21 @@
 For each count of ``--deployed-clients`` (10, 25, 50 by default) this starts one
 ``pollen server`` and that many ``pollen client`` processes on loopback (tiny
 generated data: a 3-class image folder split into one partition per client; the
-``--model``; ``--rounds`` rounds; every client trains each round; the clients at a
-lower CPU priority, :data:`CLIENT_NICENESS`) and reports:
+``--model``; ``--rounds`` rounds; every client trains each round, and a round goes on
+with :data:`MIN_CLIENT_SHARE` of them; the clients at a lower CPU priority,
+:data:`CLIENT_NICENESS`) and reports:
 
-- whether the run completed and how many clients exited 0;
+- whether the run completed, how many clients exited 0, and how many updates each
+  round aggregated;
 - seconds per round from the run's ``history.json``: round 1 and the mean of the
   later rounds;
 - peak RSS of the server's process tree (``pollen server``, its SuperLink, the relay
-  and the server app), its peak thread count and its CPU seconds, sampled every 0.5 s
+  and the server app), its peak thread count and its CPU seconds, sampled every 2 s
   with psutil;
 - peak RSS of one client's process tree (the largest) and of all clients together;
 - what the clients really take: the peak of their USS summed (memory no other process
   shares: RSS counts TensorFlow's shared libraries once per process, though the machine
-  holds them once), sampled every few seconds, and the peak of the machine's used memory
+  holds them once), sampled every 20 s, and the peak of the machine's used memory
   (``psutil.virtual_memory().used``) above what it was before the server started.
 
 Memory is the limit on one machine: a client tree with TensorFlow loaded has an RSS of
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -48,7 +51,31 @@ CLASSES = ("red", "green", "blue")
 #: machines of their own, and 50 of them training at once on 2 cores otherwise starve
 #: the server's relay and SuperLink, which then answer heartbeats and uploads too late
 #: for Flower's windows (clients dropped as "Node Unavailable", upload sessions expired).
-CLIENT_NICENESS = 10
+#: ``pollen client`` passes its niceness on to its SuperNode's session
+#: (:func:`pollen.deploy.processes.keep_priority`): under Linux's autogroups a niceness
+#: counts only within a session, and at 10 without that the SuperLink waited 135 s for
+#: the CPU in its first 5 minutes and ran 20 s. The lowest priority, 19, leaves the
+#: server's processes most of the CPU whenever they want it.
+CLIENT_NICENESS = 19
+
+#: The heartbeat interval the clients declare (``POLLEN_SUPERNODE_HEARTBEAT``; the server
+#: takes a client for gone after twice that without one). Each of 50 clients on 2 cores
+#: gets 1/25 of a core while all of them start TensorFlow at once, and its heartbeats
+#: then came more than the default 2 minutes apart: nodes went offline and back, and the
+#: quorum wait before round 1 never saw them all at once.
+CLIENT_HEARTBEAT_SECONDS = 300
+
+#: The server's ``--min-clients``: this share of the clients (rounded up). A fleet's
+#: operator sets it below the fleet's size (docs/scale.md): a round then goes on
+#: without a client that is late; every client that replies in time is still in it.
+#: The table's ``updates`` column says how many updates each round aggregated.
+MIN_CLIENT_SHARE = 0.9
+
+
+def min_clients(clients: int) -> int:
+    """The server's ``--min-clients`` for ``clients`` clients (:data:`MIN_CLIENT_SHARE`)."""
+    return max(1, math.ceil(MIN_CLIENT_SHARE * clients))
+
 
 #: Stop a run when the machine has less memory available than this.
 MIN_AVAILABLE_BYTES = 1 << 30
@@ -107,7 +134,7 @@ def _rss_threads(pid: int, cpu: dict[int, float] | None = None) -> tuple[int, in
 class Peaks:
     """Peak RSS and threads of the server tree and of each client tree, in a thread."""
 
-    def __init__(self, server: int, clients: list[int], interval: float = 0.5) -> None:
+    def __init__(self, server: int, clients: list[int], interval: float = 2.0) -> None:
         self.server, self.clients, self.interval = server, clients, interval
         self.server_rss = self.server_threads = self.clients_rss = 0
         self.client_rss: dict[int, int] = {}
@@ -121,7 +148,12 @@ class Peaks:
         self._thread.start()
 
     def _uss(self) -> int:
-        """USS of every client tree summed (reads each process's smaps: slow, so sampled less)."""
+        """USS of every client tree summed (reads each process's smaps: slow, so sampled less).
+
+        The kernel walks every page of a process for it: at 50 clients sampled every 5 s,
+        with RSS every 0.5 s, this thread took a third of a core (68 s of system time in
+        5 minutes) from the run it measured. Now RSS every 2 s, USS every 20 s.
+        """
         total = 0
         for pid in self.clients:
             for p in _tree(pid):
@@ -135,7 +167,7 @@ class Peaks:
         ticks = 0
         while not self._stop.wait(self.interval):
             ticks += 1
-            if ticks % 10 == 0:
+            if ticks % 10 == 1:
                 self.clients_uss = max(self.clients_uss, self._uss())
             memory = psutil.virtual_memory()
             self.machine_used = max(self.machine_used, memory.used - self.machine_before)
@@ -178,11 +210,13 @@ def run_deployed(clients: int, rounds: int, model: str, work: Path) -> dict:
     data = make_folder(work / "data", clients)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env["POLLEN_CACHE_DIR"] = str(work / "cache")
+    client_env = {**env, "POLLEN_SUPERNODE_HEARTBEAT": str(CLIENT_HEARTBEAT_SECONDS)}
     port, run = free_port(), work / "run"
     logs = work / "logs"
     logs.mkdir()
     server_args = ["--address", f"127.0.0.1:{port}", "--rounds", str(rounds), "--model", model]
-    server_args += ["--num-classes", "3", "--min-clients", str(clients), "--out", str(run)]
+    quorum = min_clients(clients)
+    server_args += ["--num-classes", "3", "--min-clients", str(quorum), "--out", str(run)]
     server_args += ["--round-timeout", "900"]
     start = time.monotonic()
     procs: list[subprocess.Popen] = []
@@ -205,7 +239,7 @@ def run_deployed(clients: int, rounds: int, model: str, work: Path) -> dict:
                 procs.append(
                     subprocess.Popen(
                         ["nice", "-n", str(CLIENT_NICENESS), *_cmd("client", *client_args)],
-                        env=env,
+                        env=client_env,
                         stdout=out,
                         stderr=out,
                     )
@@ -244,12 +278,18 @@ def run_deployed(clients: int, rounds: int, model: str, work: Path) -> dict:
             "clients_exit_0": sum(c == 0 for c in codes),
             "wall_s": round(wall, 1),
         }
-    seconds = [r["seconds"] for r in json.loads((run / "history.json").read_text())["rounds"]]
+    rounds = json.loads((run / "history.json").read_text())["rounds"]
+    seconds = [r["seconds"] for r in rounds]
     status = json.loads((run / "status.json").read_text())["status"]
     return {
         "clients": clients,
         "status": status if server_rc == 0 else f"{status} (server exit {server_rc})",
         "clients_exit_0": sum(c == 0 for c in codes),
+        "min_clients": quorum,
+        "updates": [
+            sum(c["train_examples"] is not None and not c["error"] for c in r["clients"])
+            for r in rounds
+        ],
         "round1_s": round(seconds[0], 1),
         "later_round_s": round(float(np.mean(seconds[1:])), 1) if len(seconds) > 1 else None,
         "server_tree_rss_mb": round(peaks.server_rss / 2**20),
@@ -289,6 +329,8 @@ DEPLOY_COLUMNS = (
     ("clients", "clients"),
     ("status", "status"),
     ("clients_exit_0", "clients exit 0"),
+    ("min_clients", "min clients"),
+    ("updates", "updates per round"),
     ("round1_s", "round 1 s"),
     ("later_round_s", "later rounds s"),
     ("server_tree_rss_mb", "server tree peak RSS MB"),

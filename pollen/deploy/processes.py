@@ -87,6 +87,33 @@ def probe_port(host: str, port: int, timeout: float) -> str:
         return "silent"
 
 
+def keep_priority(pid: int) -> int:
+    """Give process ``pid``, the leader of a new session, this process's CPU niceness.
+
+    On Linux with autogroups (``/proc/sys/kernel/sched_autogroup_enabled``, the
+    default on desktops and many servers) each session is scheduled as one group,
+    and a process's ``nice`` weighs only against the processes of its own
+    session: a child started in a new session (as :class:`ManagedProcess` starts
+    every child) would compete at full weight, however low a priority its parent
+    was started at (``nice pollen client``). The group's own niceness
+    (``/proc/PID/autogroup``) is what counts between groups: it is set to this
+    process's niceness or its group's, whichever is lower in priority. Nothing
+    happens elsewhere, or where nothing is niced.
+
+    Returns:
+        The niceness given (0: none).
+    """
+    try:
+        ours = int(Path("/proc/self/autogroup").read_text().split()[-1])
+        nice = max(ours, os.getpriority(os.PRIO_PROCESS, 0))
+        if nice > 0:
+            Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+            return nice
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass  # no autogroups here (another OS, or disabled): nice works as it is
+    return 0
+
+
 class ManagedProcess:
     """A child process in its own process group, stopped with everything it spawned.
 
@@ -106,6 +133,7 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+        keep_priority(self.proc.pid)
 
     def alive(self) -> bool:
         """Whether the process is still running."""

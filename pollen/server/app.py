@@ -41,12 +41,14 @@ from pollen.server.exchange import (
     announce_run_over,
     learn_names,
     request_initial_arrays,
+    run_over_timeout,
     wait_for_clients,
 )
 from pollen.server.history import (
     History,
     RoundRecord,
     plot_history,
+    read_history,
     read_status,
     write_history,
     write_status,
@@ -158,7 +160,7 @@ def _run_and_report(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
         nonlocal announced
         if not announced:
             announced = True
-            announce_run_over(grid)
+            announce_run_over(grid, run_over_timeout(_round_seconds(run_dir), cfg.round_timeout))
 
     write_status(run_dir, "running")
     log(INFO, "Pollen run folder: %s", run_dir)
@@ -186,6 +188,14 @@ def _run_and_report(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
         **_target_status(cfg, history),
     )
     release()
+
+
+def _round_seconds(run_dir: Path) -> list[float]:
+    """The seconds of the rounds recorded in ``run_dir`` so far (none: an empty list)."""
+    try:
+        return [r.seconds for r in read_history(run_dir).rounds]
+    except (OSError, ValueError, TypeError):  # no history yet, or one this run cannot read
+        return []
 
 
 def _target_status(cfg: RunConfig, history: History) -> dict:

@@ -9,7 +9,20 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from server_fakes import FakeGrid, _trainer
 from server_fakes import task_identity as task_identity  # noqa: F401 - an autouse fixture
 
-from pollen.server.exchange import exchange, readable_reason
+from pollen.server.exchange import (
+    RUN_OVER_TIMEOUT,
+    exchange,
+    readable_reason,
+    run_over_timeout,
+)
+
+
+def test_the_end_of_run_wait_grows_with_the_rounds_within_the_round_timeout() -> None:
+    """A client busy with the last round's late work hears of the end only when done."""
+    assert run_over_timeout([], 3600) == RUN_OVER_TIMEOUT  # no round recorded yet
+    assert run_over_timeout([4.0, 9.5], 3600) == RUN_OVER_TIMEOUT  # quick rounds: the floor
+    assert run_over_timeout([380.8, 275.8], 3600) == 380.8  # 50 clients on 2 cores
+    assert run_over_timeout([380.8], 300) == 300  # never past the round timeout
 
 
 def test_readable_reason() -> None:
