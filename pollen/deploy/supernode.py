@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_POLL_SECONDS",
     "HEARTBEAT_DECLARED_SECONDS",
     "HEARTBEAT_ENV",
+    "HEARTBEAT_MIN_SECONDS",
     "IDLE_POLL_MAX_SECONDS",
     "IDLE_RAMP_SECONDS",
     "LOCAL_WAIT_SECONDS",
@@ -83,9 +84,15 @@ _POLL_SLEEP_AT_LEAST = 1.0
 #: clients training on 2 cores beside the server, benchmarks/scale_deploy.py: 14 of
 #: 50 were dropped as "Node Unavailable" in round 1) two minutes instead of one.
 HEARTBEAT_DECLARED_SECONDS = 60
-#: Environment variable that overrides :data:`HEARTBEAT_DECLARED_SECONDS` (Flower accepts
-#: 10 to 1,800 s): shorter notices a dead client sooner, longer tolerates a busier machine.
+#: Environment variable that overrides :data:`HEARTBEAT_DECLARED_SECONDS`, from
+#: :data:`HEARTBEAT_MIN_SECONDS` to 1,800 s (Flower's upper bound): shorter notices a dead
+#: client sooner, longer tolerates a busier machine.
 HEARTBEAT_ENV = "POLLEN_SUPERNODE_HEARTBEAT"
+#: The shortest interval it may declare: Flower's own. Flower accepts 10 s, but its
+#: heartbeats leave every 17.5-22.5 s whatever is declared (``flwr.supercore.heartbeat``),
+#: so a node declaring less than ~12 s (allowance: twice that) would go offline between two
+#: heartbeats, and one declaring 15 s on the smallest delay.
+HEARTBEAT_MIN_SECONDS = 30
 #: Environment variable that overrides :data:`DEFAULT_POLL_SECONDS`.
 POLL_ENV = "POLLEN_SUPERNODE_POLL"
 #: Environment variable naming the process whose end stops the SuperNode.
@@ -171,15 +178,16 @@ def heartbeat_seconds() -> int:
     """Seconds from ``POLLEN_SUPERNODE_HEARTBEAT``, or :data:`HEARTBEAT_DECLARED_SECONDS`.
 
     Raises:
-        PollenError: The variable is set to something other than whole seconds from 10
-            to 1,800 (Flower's bounds).
+        PollenError: The variable is set to something other than whole seconds from
+            :data:`HEARTBEAT_MIN_SECONDS` to 1,800.
     """
     raw = os.environ.get(HEARTBEAT_ENV, "").strip()
     if not raw:
         return HEARTBEAT_DECLARED_SECONDS
-    if not raw.isdigit() or not 10 <= int(raw) <= 1800:
+    if not raw.isdigit() or not HEARTBEAT_MIN_SECONDS <= int(raw) <= 1800:
         raise PollenError(
-            f"{HEARTBEAT_ENV}={raw!r} is not a whole number of seconds from 10 to 1800. Set "
+            f"{HEARTBEAT_ENV}={raw!r} is not a whole number of seconds from "
+            f"{HEARTBEAT_MIN_SECONDS} to 1800. Set "
             f"it to the heartbeat interval a client declares (the server drops a client "
             f"after twice that without one; default {HEARTBEAT_DECLARED_SECONDS}), or unset it."
         )
