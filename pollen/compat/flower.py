@@ -308,16 +308,18 @@ WARM_CLIENTAPP_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "flwr.common.constant": {"ErrorCode": (), "SubStatus": ()},
     "flwr.supercore": {"log": ()},
     "flwr.supercore.constant": {"TaskType": ()},
-    "flwr.supercore.heartbeat": {
-        "HeartbeatSender": ("heartbeat_fn",),
-        "make_task_heartbeat_fn_http": ("client",),
-    },
+    "flwr.proto.runtime_pb2": {"SendTaskHeartbeatRequest": ()},
+    "flwr.supercore.heartbeat": {"HeartbeatSender": ("heartbeat_fn",)},
     "flwr.supercore.interceptors": {
         "RuntimeTokenHttpInterceptor": ("token",),
         "RuntimeVersionHttpInterceptor": ("component_name",),
     },
-    "flwr.supercore.retry": {"make_simple_http_retry_invoker": ()},
+    "flwr.supercore.retry": {
+        "RetryInvoker": ("should_giveup",),
+        "make_simple_http_retry_invoker": (),
+    },
     "flwr.supercore.runtime": {
+        "RuntimeHttpClient.SendTaskHeartbeat": ("request",),
         "RuntimeHttpClient.from_server_address": (
             "server_address",
             "insecure",

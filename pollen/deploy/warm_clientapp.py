@@ -44,23 +44,26 @@ import time
 import tomllib
 import zipfile
 import zlib
+from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.clientapp.client_app import LoadClientAppError
 from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
 from flwr.supercore import log
 from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
@@ -168,6 +171,57 @@ def _client_app() -> Any:
         raise LoadClientAppError(f"Cannot import {APP_COMPONENTS['clientapp']}: {ex}") from ex
 
 
+# This runner is a thread of the SuperNode's process (serve_beside_supernode). Flower's
+# runtime client pieces end their process with SIGINT when the SuperNode no longer knows a
+# task (made for a `flwr-clientapp` process of its own): here that signal would stop the
+# SuperNode. At 25 clients on 2 cores one heartbeat that left as its task was closed ended
+# a client's SuperNode between two rounds (it joined again and missed round 3). The two
+# below keep Flower's behaviour but for the signal: a task that is over ends its calls.
+
+
+def without_signals(invoker: RetryInvoker) -> RetryInvoker:
+    """Flower's HTTP retry invoker, but an HTTP 401 gives up the call instead of sending SIGINT.
+
+    ``flwr.supercore.retry.make_simple_http_retry_invoker``'s ``should_giveup``
+    signals its own process on a 401 (for the runtime API: "Runtime task-token
+    authentication failed", the task is over). Checked: flwr==1.42.0.
+    """
+    flowers = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+            return True
+        return bool(flowers(exc)) if flowers is not None else False
+
+    invoker.should_giveup = should_giveup
+    return invoker
+
+
+def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """A task's heartbeat to its SuperNode, without the SIGINT of Flower's own.
+
+    Flower's ``flwr.supercore.heartbeat.make_task_heartbeat_fn_http`` signals its
+    process when the SuperNode no longer knows the task. Checked: flwr==1.42.0.
+
+    Returns:
+        The function a ``HeartbeatSender`` calls: False to try again soon (the
+        SuperNode did not answer), True otherwise (a task that is over has nothing
+        to keep alive).
+    """
+    request = SendTaskHeartbeatRequest()
+
+    def heartbeat() -> bool:
+        try:
+            client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            return err.response.status_code not in (503, 504)
+        return True
+
+    return heartbeat
+
+
 def run_task(spec: ExecutionSpec) -> str:
     """Run one ClientApp task in this process, as ``flwr-clientapp --token`` would.
 
@@ -184,7 +238,7 @@ def run_task(spec: ExecutionSpec) -> str:
     Returns:
         ``"completed"``, ``"failed"`` or ``"refused"`` (another app's task).
     """
-    retry_invoker = make_simple_http_retry_invoker()
+    retry_invoker = without_signals(make_simple_http_retry_invoker())
     client = RuntimeHttpClient.from_server_address(
         server_address=spec.runtime_api_address,
         insecure=spec.insecure,
@@ -198,7 +252,7 @@ def run_task(spec: ExecutionSpec) -> str:
         ],
         retry_invoker=retry_invoker,
     )
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(task_heartbeat(client))
     message: Any = None
     reply: Any = None
     context: Any = None
@@ -240,10 +294,11 @@ def run_task(spec: ExecutionSpec) -> str:
                 push_message(client, reply, context)
             except Exception as ex:  # noqa: BLE001
                 log(ERROR, "Failed to push reply message", exc_info=ex)
-        retry_invoker.max_tries = 1  # do not hang on a SuperNode that is gone
-        push_task_output(client=client, context=context, sub_status=status, details=details)
+        # Before the task is closed: a heartbeat for a closed task is refused.
         if heartbeat.is_running:
             heartbeat.stop()
+        retry_invoker.max_tries = 1  # do not hang on a SuperNode that is gone
+        push_task_output(client=client, context=context, sub_status=status, details=details)
         client.close()
     return outcome
 

@@ -187,7 +187,7 @@ class _FakeRuntime:
             warm.RuntimeHttpClient, "from_server_address", staticmethod(from_server_address)
         )
         monkeypatch.setattr(warm, "HeartbeatSender", Heartbeat)
-        monkeypatch.setattr(warm, "make_task_heartbeat_fn_http", lambda client: None)
+        monkeypatch.setattr(warm, "task_heartbeat", lambda client: None)
         monkeypatch.setattr(warm, "pull_task_input", lambda client: runtime.tasks[client.token])
         monkeypatch.setattr(warm, "push_message", self._push_message)
         monkeypatch.setattr(warm, "push_task_output", self._push_task_output)
@@ -375,3 +375,51 @@ def test_the_runner_asks_for_tasks_less_often_the_longer_none_came(monkeypatch) 
     last_task[0] = time.monotonic()  # a task came
     assert slept(0.05) < 0.15
     assert waits.monotonic is time.monotonic
+
+
+# --- no SIGINT from a thread of the SuperNode's process ---------------------------------
+
+
+def _status_error(code: int):
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/send-task-heartbeat")
+    return httpx.HTTPStatusError("refused", request=request, response=httpx.Response(code))
+
+
+def test_a_refused_runtime_call_gives_up_without_signalling_the_supernodes_process(
+    monkeypatch,
+) -> None:
+    """Flower's retry invoker sends SIGINT to its process on a 401; here that process is the
+    SuperNode's (a heartbeat that left as its task was closed ended a client's SuperNode)."""
+    import os
+
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    signals: list = []
+    monkeypatch.setattr(os, "kill", lambda *args: signals.append(args))
+    invoker = warm.without_signals(make_simple_http_retry_invoker())
+    assert invoker.should_giveup(_status_error(401)) is True  # the task is over: give up
+    assert invoker.should_giveup(_status_error(503)) is False  # Flower's: try again
+    assert signals == []
+
+
+def test_the_task_heartbeat_never_signals(monkeypatch) -> None:
+    import signal
+
+    import httpx
+
+    raised: list = []
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
+    answers = iter([_status_error(401), httpx.ConnectError("down"), _status_error(503), None])
+
+    class Client:
+        def SendTaskHeartbeat(self, request):  # noqa: N802 - Flower's name
+            answer = next(answers)
+            if answer is not None:
+                raise answer
+            return object()  # Flower's answer; its `success` is not read
+
+    beat = warm.task_heartbeat(Client())
+    assert [beat(), beat(), beat(), beat()] == [True, False, False, True]
+    assert raised == []
