@@ -90,8 +90,8 @@ HEARTBEAT_DECLARED_SECONDS = 60
 HEARTBEAT_ENV = "POLLEN_SUPERNODE_HEARTBEAT"
 #: The shortest interval it may declare: Flower's own. Flower accepts 10 s, but its
 #: heartbeats leave every 17.5-22.5 s whatever is declared (``flwr.supercore.heartbeat``),
-#: so a node declaring less than ~12 s (allowance: twice that) would go offline between two
-#: heartbeats, and one declaring 15 s on the smallest delay.
+#: and the allowance is twice what is declared: a node declaring less than ~12 s would go
+#: offline between two heartbeats, and one declaring 15 s after any late one.
 HEARTBEAT_MIN_SECONDS = 30
 #: Environment variable that overrides :data:`DEFAULT_POLL_SECONDS`.
 POLL_ENV = "POLLEN_SUPERNODE_POLL"
