@@ -55,9 +55,10 @@ def test_a_child_in_a_new_session_keeps_its_parents_niceness() -> None:
 
     import pytest
 
-    if not Path("/proc/self/autogroup").exists():
-        pytest.skip("no autogroups on this system: nice works across sessions as it is")
-    ours = int(Path("/proc/self/autogroup").read_text().split()[-1])
+    try:  # "/autogroup-676 nice 0"; absent, or empty in some sandboxes (CI's)
+        ours = int(Path("/proc/self/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        pytest.skip("no readable autogroups on this system: nice works across sessions as it is")
     prio = os.getpriority(os.PRIO_PROCESS, 0)  # what this test runs at
     out = subprocess.run(
         ["nice", "-n", "7", sys.executable, "-c", NICED_PARENT],
