@@ -16,11 +16,16 @@ the model learned:
 Data: a class-balanced subset of an image folder or ``.tar.gz`` (default the CIFAR-10
 JPEG copy ``../shared/data/cifar10-jpg.tar.gz`` beside the checkout, unpacked once):
 ``--train-per-class`` and ``--test-per-class`` images of each class are copied into
-the work folder.
+the work folder; ``--train-per-class 0`` uses the whole data set as it is.
+
+With several ``--seeds`` every codec runs once per seed and is compared with the
+``none`` run *of the same seed* (paired): a run repeats to the digit on one machine,
+so the paired difference is the codec's alone, while different seeds (different
+partitions, initial weights and batch orders) differ by a point or more.
 
 Usage:
     python benchmarks/compress.py [--models fastnet mobilenetv2] [--rounds 3]
-        [--codecs none/none fp16/fp16 int8/int8 topk:0.05/none]
+        [--codecs none/none fp16/fp16 int8/int8 topk:0.05/none] [--seeds 42 1 2]
         [--train-per-class 250] [--test-per-class 50] [--json OUT.json]
 """
 
@@ -55,13 +60,15 @@ def subset(source: Path, target: Path, train: int, test: int) -> Path:
     return target
 
 
-def run_once(args: argparse.Namespace, model: str, codecs: str, data: Path, out: Path) -> dict:
+def run_once(
+    args: argparse.Namespace, model: str, codecs: str, data: Path, out: Path, seed: int
+) -> dict:
     """One ``pollen simulate`` run with ``codecs`` (``UP/DOWN``); per-client figures."""
     up, _, down = codecs.partition("/")
     cmd = [
         sys.executable, "-m", "pollen.cli", "simulate", "--model", model,
         "--clients", str(args.clients), "--rounds", str(args.rounds),
-        "--data-dir", str(data), "--out", str(out), "--seed", str(args.seed),
+        "--data-dir", str(data), "--out", str(out), "--seed", str(seed),
         "--compress", up, "--compress-down", down or "none", *args.extra,
     ]  # fmt: skip
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
@@ -88,6 +95,7 @@ def run_once(args: argparse.Namespace, model: str, codecs: str, data: Path, out:
     return {
         "model": model,
         "codecs": codecs,
+        "seed": seed,
         "up": float(np.mean([c["bytes_received"] for c in per_client])),
         "down": float(np.mean([c["bytes_sent"] for c in per_client])),
         "accuracy": rounds[-1]["server"].get("accuracy"),
@@ -97,19 +105,35 @@ def run_once(args: argparse.Namespace, model: str, codecs: str, data: Path, out:
 
 
 def table(results: list[dict]) -> str:
-    """The results as a Markdown table, each run against its model's ``none/none`` run."""
+    """The results as a Markdown table, each codec pair against ``none/none``.
+
+    Bytes are means over the seeds; each seed's accuracy is compared with the
+    ``none/none`` run of the same seed.
+    """
+    seeds = sorted({r["seed"] for r in results}, key=[r["seed"] for r in results].index)
+    head = " / ".join(str(s) for s in seeds)
     lines = [
         "| model | up/down codec | up MB/client/round | % of none | down MB/client/round "
-        "| % of none | test accuracy | vs none (points) |",
+        f"| % of none | test accuracy (seed {head}) | vs none, points (mean; per seed) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in results:
-        base = next(b for b in results if b["model"] == r["model"] and b["codecs"] == "none/none")
-        acc, ref = r["accuracy"], base["accuracy"]
+    pairs = sorted(
+        {(r["model"], r["codecs"]) for r in results},
+        key=[(r["model"], r["codecs"]) for r in results].index,
+    )
+    for model, codecs in pairs:
+        runs = [r for r in results if (r["model"], r["codecs"]) == (model, codecs)]
+        base = {r["seed"]: r for r in results if (r["model"], r["codecs"]) == (model, "none/none")}
+        up = np.mean([r["up"] for r in runs]) / np.mean([b["up"] for b in base.values()])
+        down = np.mean([r["down"] for r in runs]) / np.mean([b["down"] for b in base.values()])
+        diffs = [100 * (r["accuracy"] - base[r["seed"]]["accuracy"]) for r in runs]
+        accs = " / ".join(f"{r['accuracy']:.4f}" for r in runs)
+        per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
         lines.append(
-            f"| {r['model']} | {r['codecs']} | {r['up'] / 1e6:.3f} | "
-            f"{100 * r['up'] / base['up']:.1f} | {r['down'] / 1e6:.3f} | "
-            f"{100 * r['down'] / base['down']:.1f} | {acc:.4f} | {100 * (acc - ref):+.2f} |"
+            f"| {model} | {codecs} | {np.mean([r['up'] for r in runs]) / 1e6:.3f} | "
+            f"{100 * up:.1f} | {np.mean([r['down'] for r in runs]) / 1e6:.3f} | "
+            f"{100 * down:.1f} | {accs} | {np.mean(diffs):+.2f}"
+            + (f"; {per_seed} |" if len(runs) > 1 else " |")
         )
     return "\n".join(lines)
 
@@ -125,9 +149,11 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--data-dir", default=None, help="default: the shared CIFAR-10 JPEGs")
-    parser.add_argument("--train-per-class", type=int, default=250)
+    parser.add_argument(
+        "--train-per-class", type=int, default=250, help="0: the whole data set as it is"
+    )
     parser.add_argument("--test-per-class", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
     parser.add_argument("--json", type=Path, default=None)
@@ -143,24 +169,32 @@ def main() -> int:
         print("compress: no CIFAR-10 copy found; pass --data-dir PATH", file=sys.stderr)
         return 2
     args.data_dir = Path(source)
-    data = subset(args.data_dir, work / "data", args.train_per_class, args.test_per_class)
+    if args.train_per_class > 0:
+        data = subset(args.data_dir, work / "data", args.train_per_class, args.test_per_class)
+        what = (
+            f"subset, {args.train_per_class} train and {args.test_per_class} test images per class"
+        )
+    else:
+        data, what = args.data_dir, "whole"
+    seeds = " ".join(str(s) for s in args.seeds)
     print(
-        f"machine: {machine()}\ndata: {args.data_dir} subset, {args.train_per_class} train and "
-        f"{args.test_per_class} test images per class; {args.clients} clients, {args.rounds} "
-        f"rounds, seed {args.seed}",
+        f"machine: {machine()}\ndata: {args.data_dir} {what}; {args.clients} clients, "
+        f"{args.rounds} rounds, seeds {seeds}",
         flush=True,
     )
     results = []
     for model in args.models:
-        for codecs in args.codecs:
-            out = work / f"{model}-{codecs.replace('/', '-').replace(':', '')}"
-            r = run_once(args, model, codecs, data, out)
-            results.append(r)
-            print(
-                f"  {model} {codecs}: up {r['up'] / 1e6:.3f} MB, down {r['down'] / 1e6:.3f} MB "
-                f"per client per round, accuracy {r['accuracy']:.4f} ({r['seconds']:.0f} s)",
-                flush=True,
-            )
+        for seed in args.seeds:
+            for codecs in args.codecs:
+                name = f"{model}-{codecs.replace('/', '-').replace(':', '')}-seed{seed}"
+                r = run_once(args, model, codecs, data, work / name, seed)
+                results.append(r)
+                print(
+                    f"  {model} {codecs} seed {seed}: up {r['up'] / 1e6:.3f} MB, down "
+                    f"{r['down'] / 1e6:.3f} MB per client per round, accuracy "
+                    f"{r['accuracy']:.4f} ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
     print("\n" + table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
