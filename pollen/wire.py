@@ -249,6 +249,11 @@ def _flat(record: ArrayRecord) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
 
 
+def as_received(record: ArrayRecord, codec: Codec | None) -> ArrayRecord:
+    """``record`` as its receiver decodes it when sent with ``codec`` (unchanged for None)."""
+    return record if codec is None else unpack_record(pack_record(record, codec))
+
+
 def unpack_record(record: ArrayRecord, base: ArrayRecord | None = None) -> ArrayRecord:
     """Inverse of :func:`pack_record`; a record that is not packed is returned unchanged.
 

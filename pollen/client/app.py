@@ -298,6 +298,7 @@ def train_example_dp(cfg: RunConfig, model, data, server_round: int, lr: float):
         batch_size=cfg.batch_size,
         steps=steps,
         learning_rate=lr,
+        mirror=MODELS[cfg.model].flip_tta,  # augmentation multiplicity where mirrors keep the class
         # no seed: batches and noise from the OS's entropy (the run's seed is known to the server)
     )
     before = (server_round - 1) * steps

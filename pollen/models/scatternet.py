@@ -132,5 +132,8 @@ register(
         build_scatternet,
         "ScatterNet features (kymatio, fixed) + GroupNorm + linear head: for --dp example",
         recipe=Recipe(optimizer="sgd", learning_rate=4.0, batch_size=1024, lr_schedule="constant"),
+        # CIFAR-like classes look the same mirrored: evaluation averages both views, and
+        # DP-SGD averages each example's gradient over both (augmentation multiplicity).
+        flip_tta=True,
     ),
 )

@@ -39,7 +39,7 @@ from pollen.server.phases import (
     train_phase,
 )
 from pollen.server.privacy import example_privacy, privacy_record
-from pollen.wire import HeldWeights
+from pollen.wire import HeldWeights, as_received
 
 EvaluateFn = Callable[[int, ArrayRecord], "dict[str, float] | None"]
 
@@ -188,7 +188,7 @@ class _RoundLoop:
                 if self.pending is not None:  # the previous round is recorded before this one
                     previous, self.pending = self.pending, None
                     previous.wait()
-                if self.server_phase(record, arrays, start):
+                if self.server_phase(record, self.recorded(arrays), start):
                     break
         except BaseException:
             if self.pending is not None:  # the completed round is still recorded and checkpointed
@@ -232,6 +232,26 @@ class _RoundLoop:
         record.clients = clients.sorted()
         record.seconds = time.perf_counter() - start
         return record, arrays
+
+    def recorded(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model a round evaluates, saves and checkpoints: the one the clients hold.
+
+        With ``codec_down`` and clients' BatchNorm statistics, that is the
+        weights as the clients decoded them (``codec_down``'s rounding) with the
+        statistics merged from their re-estimates, which describe *those*
+        weights: the server's exact weights with them scored 1.5-2 points lower
+        (docs/compression.md). The server keeps its exact weights for the next
+        round, so the rounding never accumulates.
+        """
+        codec = self.settings.codec_down
+        if codec is None or self.bn_keys is None:
+            return arrays
+        stats = set(self.bn_keys())
+        weights = ArrayRecord(array_dict={k: a for k, a in arrays.items() if k not in stats})
+        decoded = as_received(weights, codec) if len(weights) else weights
+        return ArrayRecord(
+            array_dict={k: a if k in stats else decoded[k] for k, a in arrays.items()}
+        )
 
     def server_phase(self, record: RoundRecord, arrays: ArrayRecord, start: float) -> bool:
         """Evaluate centrally and record the round, beside the next one if it can.

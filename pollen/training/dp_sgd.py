@@ -28,6 +28,13 @@ Per-example gradients:
 A model with a fixed prefix (:mod:`pollen.training.features`, e.g. ScatterNet)
 trains only the layers after it, on features computed once.
 
+Augmentation multiplicity (De et al. 2022, "Unlocking high-accuracy differentially
+private image classification through scale"): with ``DPSettings.mirror`` an
+example's gradient is the *mean* of its gradients on the image and on its mirror
+image, clipped as one. Each sampled example still adds one gradient of norm at
+most ``C``, so the sensitivity, and the accounting, are unchanged; the mirror
+image is not a second example.
+
 The batches and the noise are drawn from the operating system's entropy, never
 from the run's seed: anyone who knows the seed (the server sends it) could
 otherwise regenerate the noise and subtract it.
@@ -36,6 +43,7 @@ otherwise regenerate the noise and subtract it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
@@ -108,44 +116,75 @@ def linear_softmax_layer(model: keras.Model) -> keras.layers.Dense | None:
     return dense
 
 
+def views_of(x: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """``x`` as a tuple of views of the same examples (one array: a single view)."""
+    return (x,) if isinstance(x, np.ndarray) else tuple(x)
+
+
 def linear_gradient(
-    kernel: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray, clip: float
+    kernel: np.ndarray,
+    bias: np.ndarray,
+    x: np.ndarray | Sequence[np.ndarray],
+    y: np.ndarray,
+    clip: float,
 ) -> tuple[list[np.ndarray], np.ndarray, float, float]:
     """Clipped per-example gradient sum of softmax cross-entropy of ``x @ kernel + bias``.
+
+    With several views of each example (``x`` a sequence of ``V`` arrays), an
+    example's gradient is the mean over its views, ``(1/V) sum_v x_v g_v^T``,
+    whose squared norm is ``(1/V^2) sum_{v,w} (x_v.x_w + 1)(g_v.g_w)`` (bias
+    included); its loss is the mean of the views' and its prediction the arg-max
+    of their mean probabilities.
 
     Returns:
         ``([kernel sum, bias sum], norms before clipping, loss sum, correct)``,
         as :meth:`DPSGD.gradient`.
     """
-    x = np.asarray(x, np.float32).reshape(len(x), -1)
-    logits = x @ kernel + bias
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
+    xs = [np.asarray(v, np.float32).reshape(len(v), -1) for v in views_of(x)]
     rows = np.arange(len(y))
-    picked = probs[rows, y]
-    g = probs.copy()
-    g[rows, y] -= 1.0  # d loss_i / d logits_i
-    norms = np.sqrt((np.einsum("ij,ij->i", x, x) + 1.0) * np.einsum("ij,ij->i", g, g))
-    g *= np.minimum(1.0, clip / (norms + 1e-12))[:, None].astype(np.float32)
-    loss = float(-np.log(np.clip(picked, 1e-7, 1.0)).sum())
-    correct = float(np.sum(probs.argmax(axis=1) == y))
-    return [x.T @ g, g.sum(axis=0)], norms, loss, correct
+    gs, mean_probs, loss = [], 0.0, 0.0
+    for xv in xs:
+        logits = xv @ kernel + bias
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        loss += float(-np.log(np.clip(probs[rows, y], 1e-7, 1.0)).sum()) / len(xs)
+        mean_probs = mean_probs + probs / len(xs)
+        g = probs.copy()
+        g[rows, y] -= 1.0  # d loss_i / d logits_i, for this view
+        gs.append(g)
+    squares = np.zeros(len(y), np.float64)
+    for v, (xv, gv) in enumerate(zip(xs, gs, strict=True)):
+        for xw, gw in zip(xs[v:], gs[v:], strict=True):
+            term = (np.einsum("ij,ij->i", xv, xw) + 1.0) * np.einsum("ij,ij->i", gv, gw)
+            squares += term if xw is xv else 2.0 * term
+    norms = np.sqrt(np.maximum(squares, 0.0)) / len(xs)
+    scale = (np.minimum(1.0, clip / (norms + 1e-12)) / len(xs))[:, None].astype(np.float32)
+    kernel_sum = sum(xv.T @ (gv * scale) for xv, gv in zip(xs, gs, strict=True))
+    bias_sum = sum((gv * scale).sum(axis=0) for gv in gs)
+    correct = float(np.sum(np.asarray(mean_probs).argmax(axis=1) == y))
+    return [kernel_sum, bias_sum], norms, loss, correct
 
 
 def _per_example_fn(model: keras.Model):
-    """A traced ``(x, y, weights) -> (clipped grad sum, norms, loss sum, correct)``."""
+    """A traced ``(x, y, weights) -> (clipped grad sum, norms, loss sum, correct)``.
+
+    ``x`` is ``(B, V, ...)``: ``V`` views of each of ``B`` examples; an example's
+    gradient and loss are the means over its views.
+    """
     import tensorflow as tf
 
     variables = model.trainable_variables
 
     def one(args):
-        x, y = args
+        x, y = args  # x: (V, ...) the views of one example
         with tf.GradientTape() as tape:
-            probs = model(x[None], training=True)
-            loss = keras.losses.sparse_categorical_crossentropy(y[None], probs)[0]
+            probs = model(x, training=True)
+            labels = tf.fill([tf.shape(x)[0]], y)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
         grads = tape.gradient(loss, variables)
-        correct = tf.cast(tf.equal(tf.argmax(probs[0], output_type=tf.int64), y), tf.float32)
+        mean = tf.reduce_mean(probs, axis=0)
+        correct = tf.cast(tf.equal(tf.argmax(mean, output_type=tf.int64), y), tf.float32)
         return grads, loss, correct
 
     @tf.function(reduce_retracing=True)
@@ -168,6 +207,10 @@ class DPSettings:
         steps: DP-SGD steps this round.
         learning_rate: SGD learning rate.
         momentum: SGD momentum.
+        mirror: Augmentation multiplicity with the mirror image: each example's
+            gradient is the mean of its gradients on the image and on the image
+            flipped left to right, clipped as one (the accounting is unchanged).
+            For models whose classes look the same mirrored (``flip_tta``).
         seed: Seed of the sampling and noise, for tests only: ``None`` (what
             clients use) draws them from the operating system's entropy.
     """
@@ -178,6 +221,7 @@ class DPSettings:
     steps: int
     learning_rate: float
     momentum: float = 0.9
+    mirror: bool = False
     seed: int | None = None
 
 
@@ -219,16 +263,22 @@ class DPSGD:
         self.run = _per_example_fn(model)
 
     def gradient(
-        self, x: np.ndarray, y: np.ndarray, clip: float
+        self, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray, clip: float
     ) -> tuple[list[np.ndarray], np.ndarray, float, float]:
-        """Sum of clipped per-example gradients of a batch, unclipped norms, loss sum, correct."""
+        """Sum of clipped per-example gradients of a batch, unclipped norms, loss sum, correct.
+
+        ``x`` is one array, or a sequence of views of the same examples (each
+        example's gradient is then the mean over its views, clipped as one).
+        """
         if self.dense is not None:
             kernel, bias = (np.asarray(w, np.float32) for w in self.dense.get_weights())
             return linear_gradient(kernel, bias, x, np.asarray(y, np.int64), clip)
+        views = views_of(x)
         total = None
         norms, loss, correct = [], 0.0, 0.0
-        for start in range(0, len(x), MICROBATCH):
-            xb, yb = x[start : start + MICROBATCH], y[start : start + MICROBATCH]
+        for start in range(0, len(y), MICROBATCH):
+            xb = np.stack([v[start : start + MICROBATCH] for v in views], axis=1)
+            yb = y[start : start + MICROBATCH]
             pad = MICROBATCH - len(xb)
             weights = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
             if pad:
@@ -245,16 +295,24 @@ class DPSGD:
             total = [np.zeros(v.shape, np.float32) for v in self.model.trainable_variables]
         return total, np.concatenate(norms) if norms else np.zeros(0), loss, correct
 
-    def train(self, x: np.ndarray, y: np.ndarray, settings: DPSettings) -> tuple[float, float, int]:
-        """Run ``settings.steps`` DP-SGD steps; return mean loss, accuracy, examples seen."""
+    def train(
+        self, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray, settings: DPSettings
+    ) -> tuple[float, float, int]:
+        """Run ``settings.steps`` DP-SGD steps; return mean loss, accuracy, examples seen.
+
+        ``x``: the examples, or a sequence of views of them (see :meth:`gradient`).
+        """
+        views = views_of(x)
         rng = np.random.default_rng(settings.seed)
-        q = sample_rate(len(x), settings.batch_size)
-        expected = q * len(x)
+        q = sample_rate(len(y), settings.batch_size)
+        expected = q * len(y)
         loss = correct = 0.0
         seen = 0
         variables = self.model.trainable_variables
-        for batch in poisson_batches(len(x), q, settings.steps, rng):
-            summed, _, lsum, csum = self.gradient(x[batch], y[batch], settings.clip)
+        for batch in poisson_batches(len(y), q, settings.steps, rng):
+            summed, _, lsum, csum = self.gradient(
+                [v[batch] for v in views], y[batch], settings.clip
+            )
             noisy = add_noise(summed, settings.clip, settings.noise_multiplier, rng)
             for i, (v, g) in enumerate(zip(variables, noisy, strict=True)):
                 self.velocity[i] = settings.momentum * self.velocity[i] + g / expected
@@ -263,13 +321,25 @@ class DPSGD:
         return loss / max(seen, 1), correct / max(seen, 1), seen
 
 
-def trainable_part(model: keras.Model, x: np.ndarray) -> tuple[keras.Model, np.ndarray]:
-    """The model DP-SGD trains and its inputs: the head on cached fixed features, else all."""
+def trainable_part(
+    model: keras.Model, x: np.ndarray, *, mirror: bool = False
+) -> tuple[keras.Model, tuple[np.ndarray, ...]]:
+    """The model DP-SGD trains and its inputs' views: the head on cached fixed features, else all.
+
+    Args:
+        model: The whole model.
+        x: Images ``(N, H, W, C)``.
+        mirror: Add the mirror images (flipped left to right) as a second view.
+
+    Returns:
+        ``(trained model, views)``: one array per view, ``N`` rows each.
+    """
+    images = (x, x[:, :, ::-1]) if mirror else (x,)
     split = split_fixed(model)
     if split is None:
-        return model, x
+        return model, images
     transform, head = split
-    return head, cached_features(transform, x)
+    return head, tuple(cached_features(transform, np.ascontiguousarray(v)) for v in images)
 
 
 def train_private(  # parameters: the round's place in the run is part of the accounting
@@ -292,7 +362,7 @@ def train_private(  # parameters: the round's place in the run is part of the ac
         delta: The delta of the reported (epsilon, delta).
     """
     start = time.perf_counter()
-    trained, inputs = trainable_part(model, x)
+    trained, inputs = trainable_part(model, x, mirror=settings.mirror)
     sgd = getattr(trained, "_pollen_dpsgd", None)
     if sgd is None:
         sgd = DPSGD(trained)
@@ -314,4 +384,12 @@ def train_private(  # parameters: the round's place in the run is part of the ac
     )
 
 
-__all__ = ["SAMPLING", "DPSGD", "DPSettings", "PrivateFit", "train_private", "poisson_batches"]
+__all__ = [
+    "SAMPLING",
+    "DPSGD",
+    "DPSettings",
+    "PrivateFit",
+    "train_private",
+    "poisson_batches",
+    "views_of",
+]

@@ -94,6 +94,8 @@ def test_flip_tta_is_on_for_models_trained_with_flips_and_the_reference() -> Non
     # MobileNetV2 trains without flips; mirror images help it all the same (CIFAR-10).
     assert MODELS["mobilenetv2"].flip_tta and not MODELS["mobilenetv2"].augment
     assert not MODELS["cnn"].flip_tta
+    # scatternet (DP): mirror views in training (augmentation multiplicity) and evaluation
+    assert MODELS["scatternet"].flip_tta
 
 
 def test_preferred_backend(monkeypatch) -> None:

@@ -54,12 +54,17 @@ def test_dp_trains_the_head_on_features_computed_once(tmp_path, monkeypatch) -> 
     monkeypatch.setenv("POLLEN_CACHE_DIR", str(tmp_path))
     model = build_model("scatternet", num_classes=3)
     x = _images(4)
-    head, inputs = trainable_part(model, x)
+    head, (inputs,) = trainable_part(model, x)
     assert inputs.shape == (4, 15552)
-    again_head, again = trainable_part(model, x)
+    again_head, (again,) = trainable_part(model, x)
     assert again is inputs and again_head is head  # cached: computed once per array
     transform = split_fixed(model)[0]
     assert cached_features(transform, x.copy()) is inputs  # same images
     assert cached_features(transform, x[::-1].copy()) is not inputs
+    # With mirror views: the same features first, then the mirror images' (also cached).
+    _, (same, mirrored) = trainable_part(model, x, mirror=True)
+    assert same is inputs
+    assert mirrored is cached_features(transform, np.ascontiguousarray(x[:, :, ::-1]))
+    assert not np.allclose(mirrored, inputs)
     head.get_layer("classifier").kernel.assign(np.ones((15552, 3), np.float32))
     assert np.all(np.asarray(model.get_layer("classifier").kernel) == 1.0)  # shared weights

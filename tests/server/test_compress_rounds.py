@@ -113,3 +113,50 @@ def test_compression_is_refused_with_secagg_and_unknown_codecs_are_named() -> No
     with pytest.raises(PollenError, match="weights the server sends"):
         RunConfig(compress_down="topk:0.1").validate()
     RunConfig(compress="topk:5%", compress_down="int8", dp=True).validate()  # DP clips after
+
+
+def test_the_recorded_model_is_what_the_clients_decoded_with_the_statistics_kept(
+    compressing_clients,
+) -> None:
+    """With ``--compress-down``, each round evaluates, saves and checkpoints the weights as
+    the clients decoded them (their BatchNorm statistics describe those), while the server
+    goes on from its exact weights; the statistics themselves are kept exactly."""
+    compressing_clients["up"] = Int8()
+    rng = np.random.default_rng(4)
+    # (the fake clients send their arrays as a list: keys "0", "1")
+    kernel = rng.normal(size=(200, 50)).astype(np.float32)
+    variance = np.linspace(1e-3, 10.0, 50, dtype=np.float32)  # one int8 scale: small ones 0
+    start = ArrayRecord([kernel, variance])
+    kernel_key, stats_key = list(start)
+    saved, evaluated = {}, {}
+
+    class Observer:
+        def round_done(self, record, arrays, history, strategy) -> None:
+            saved[record.round] = arrays
+
+    def evaluate_fn(rnd, arrays):
+        evaluated[rnd] = arrays
+        return {"accuracy": 0.5}
+
+    grid = FakeGrid({1: _evaluator(_trainer("a", 0.01)), 2: _evaluator(_trainer("b", 0.03))})
+    settings = RoundSettings(
+        num_rounds=2, history=History(config={}), timeout=2.0, codec_down=Int8(),
+        bn_keys=lambda: [stats_key], observer=Observer(), evaluate_fn=evaluate_fn,
+    )  # fmt: skip
+    final = run_rounds(grid, _strategy(), start, settings)
+    last = saved[2]
+    assert evaluated[2] is last  # what is evaluated is what is saved
+    exact_kernel = final[kernel_key].numpy()
+    decoded = wire.as_received(ArrayRecord(array_dict={kernel_key: final[kernel_key]}), Int8())
+    np.testing.assert_array_equal(last[kernel_key].numpy(), decoded[kernel_key].numpy())
+    assert not np.array_equal(last[kernel_key].numpy(), exact_kernel)  # rounded, the server's not
+    step = np.abs(exact_kernel).max() / 127
+    assert np.abs(last[kernel_key].numpy() - exact_kernel).max() <= step / 2 * (1 + 1e-5)
+    # the statistics exactly as the server holds them, the smallest too
+    np.testing.assert_array_equal(last[stats_key].numpy(), final[stats_key].numpy())
+    assert last[stats_key].numpy()[0] > 0
+    # Without statistics to keep consistent, the exact weights are recorded.
+    saved.clear()
+    settings.bn_keys, settings.history = None, History(config={})
+    final = run_rounds(grid, _strategy(), start, settings)
+    np.testing.assert_array_equal(saved[2][kernel_key].numpy(), final[kernel_key].numpy())

@@ -111,12 +111,70 @@ def test_linear_softmax_closed_form_equals_per_example_gradients() -> None:
         np.testing.assert_allclose(summed[k], want, rtol=1e-4, atol=1e-6)
     # and the general (vectorised) path gives the same sums, loss and accuracy
     general = _per_example_fn(model)(
-        x.astype(np.float32), y, np.ones(len(x), np.float32), np.float32(clip)
+        x[:, None].astype(np.float32), y, np.ones(len(x), np.float32), np.float32(clip)
     )
     for got, want in zip(summed, general[0], strict=True):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-6)
     assert loss == pytest.approx(float(general[2]), rel=1e-4)
     assert correct == float(general[3])
+
+
+def _mean_gradient(model: keras.Model, views: list[np.ndarray], y: np.ndarray) -> list[np.ndarray]:
+    """One example's gradient averaged over its views, computed view by view."""
+    grads = [_own_gradient(model, v, y) for v in views]
+    return [np.mean([g[k] for g in grads], axis=0) for k in range(len(grads[0]))]
+
+
+@pytest.mark.parametrize("build", [_linear, _model], ids=["closed form", "general"])
+def test_with_two_views_each_example_adds_its_clipped_mean_gradient(build) -> None:
+    """Augmentation multiplicity: the mean over an example's views is clipped as one
+    gradient, so one example still moves the sum by at most the bound (measured)."""
+    model = build()
+    if build is _linear:
+        model.layers[-1].set_weights(
+            [np.random.default_rng(2).normal(0, 0.3, (6, 3)), np.array([0.1, -0.2, 0.05])]
+        )
+    x, y = _data(24)
+    other = x[:, ::-1].copy()  # a second view of each example (here: reversed features)
+    sgd = DPSGD(model)
+    assert (sgd.dense is not None) == (build is _linear)
+    own = [_mean_gradient(model, [x[i], other[i]], y[i]) for i in range(len(x))]
+    own_norms = np.array([np.sqrt(sum(float(np.sum(g**2)) for g in gs)) for gs in own])
+    clip = float(np.median(own_norms))
+    summed, norms, loss, correct = sgd.gradient([x, other], y, clip)
+    np.testing.assert_allclose(norms, own_norms, rtol=1e-4)
+    assert (own_norms > clip).sum() > 3 and (own_norms < clip).sum() > 0  # both cases occur
+    for k, got in enumerate(summed):
+        want = sum(gs[k] * min(1.0, clip / n) for gs, n in zip(own, own_norms, strict=True))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    for i in range(len(x)):  # each example alone: at most the bound, whatever its views
+        single, _, _, _ = sgd.gradient([x[i : i + 1], other[i : i + 1]], y[i : i + 1], clip)
+        assert np.sqrt(sum(float(np.sum(g**2)) for g in single)) <= clip * (1 + 1e-5)
+    # one view twice is that view alone
+    for got, want in zip(
+        sgd.gradient([x, x], y, clip)[0], sgd.gradient(x, y, clip)[0], strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    probs = (model.predict(x, verbose=0) + model.predict(other, verbose=0)) / 2
+    assert correct == float(np.sum(probs.argmax(axis=1) == y))  # the views' mean prediction
+    assert loss > 0
+
+
+def test_mirror_views_train_and_keep_the_accounting() -> None:
+    """``mirror``: the image and its mirror image are views of one example; the privacy
+    spent is that of the same steps without them."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 4, 4, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 64).astype(np.int64)
+    inputs = keras.Input((4, 4, 3))
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(flat))
+    base = dict(clip=1.0, noise_multiplier=1.0, batch_size=16, steps=4, learning_rate=0.1, seed=1)
+    plain = train_private(model, x, y, DPSettings(**base), steps_before=0, delta=1e-5)
+    mirrored = train_private(
+        model, x, y, DPSettings(**base, mirror=True), steps_before=0, delta=1e-5
+    )
+    assert mirrored.epsilon == plain.epsilon and mirrored.steps == plain.steps
 
 
 def test_only_a_single_softmax_dense_layer_takes_the_closed_form() -> None:
