@@ -239,9 +239,9 @@ class _RoundLoop:
         With ``codec_down`` and clients' BatchNorm statistics, that is the
         weights as the clients decoded them (``codec_down``'s rounding) with the
         statistics merged from their re-estimates, which describe *those*
-        weights: the server's exact weights with them scored 1.5-2 points lower
-        (docs/compression.md). The server keeps its exact weights for the next
-        round, so the rounding never accumulates.
+        weights: the server's exact weights with them scored 1.3 points lower
+        on the reference model (docs/compression.md). The server keeps its
+        exact weights for the next round, so the rounding never accumulates.
         """
         codec = self.settings.codec_down
         if codec is None or self.bn_keys is None:
